@@ -1,0 +1,93 @@
+"""The Quart app: routes from plugins, auth in front, JSON errors for every failure."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from quart import Blueprint, Response, g, has_request_context, jsonify, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..errors import ApiError
+from ..runtime import Agent
+from .auth import authenticate, authenticate_http, cors_headers, preflight
+from .views import PUBLIC_ATTR, AuthInfo
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+#: Messages for errors raised by Quart itself (routing, body size).
+_HTTP_MESSAGES = {
+    400: ("Bad request", "bad_request"),
+    404: ("Not found", "not_found"),
+    405: ("Method not allowed", "method_not_allowed"),
+    413: ("Request body too large", "payload_too_large"),
+    415: ("Content-Type must be application/json", "unsupported_media_type"),
+}
+
+
+def _error(status: int, message: str, code: str) -> Response:
+    response = jsonify({"error": message, "code": code})
+    response.status_code = status
+    return response
+
+
+def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
+    app = QuartTrio("lightd")
+    app.config.update(
+        MAX_CONTENT_LENGTH=agent.config.server.max_body_bytes,
+        PROPAGATE_EXCEPTIONS=False,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented key order
+    app.json.compact = True  # type: ignore[attr-defined]
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
+
+    @app.before_request
+    async def check_access() -> Response | None:
+        if request.method == "OPTIONS":
+            return preflight(agent)
+        if request.routing_exception is not None:
+            return None  # unknown route or method: answered as JSON 404/405 without auth
+        view = app.view_functions.get(request.endpoint or "")
+        if getattr(view, PUBLIC_ATTR, False):
+            g.lightd_auth = AuthInfo("public")
+            return None
+        g.lightd_auth = await authenticate_http(agent, view)
+        return None
+
+    @app.before_websocket
+    async def check_websocket() -> None:
+        if websocket.routing_exception is not None:
+            return
+        view = app.view_functions.get(websocket.endpoint or "")
+        token = websocket.args.get("token")
+        g.lightd_auth = await authenticate(agent, token, view, websocket._get_current_object())
+
+    @app.after_request
+    async def add_cors(response: Response) -> Response:
+        cors_headers(agent, response)
+        return response
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return _error(error.status, error.message, error.code)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        message, code = _HTTP_MESSAGES.get(status, (error.name, "http_error"))
+        response = _error(status, message, code)
+        if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))  # type: ignore[attr-defined]
+        return response
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        where = f"{request.method} {request.path}" if has_request_context() else "websocket"
+        log.error("unhandled error in %s", where, exc_info=error)
+        return _error(500, "Internal server error", "internal_error")
+
+    return app

@@ -1,0 +1,128 @@
+"""Request authentication (contract §2): vendor header → bearer token → origin.
+
+The order is the contract's: a request with neither header gets the vendor 403 first. The
+master token is compared in constant time; temporary tokens are looked up by hash. A
+single-use token is claimed only once every other check has passed, so a request refused
+for its origin does not burn it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from quart import Response, request
+from quart.wrappers import BaseRequestWebsocket
+
+from ..errors import Forbidden, Unauthorized
+from ..runtime import Agent
+from ..tokens import TOKENS, TemporaryToken
+from .views import CONTAINER_SCOPED_ATTR, AuthInfo
+
+__all__ = ["VENDOR_MEDIA_TYPE", "authenticate", "cors_headers", "preflight"]
+
+log = logging.getLogger(__name__)
+
+VENDOR_MEDIA_TYPE = "application/vnd.pkglatv1+json"
+INVALID_TOKEN = "Missing or invalid authorization token"
+
+
+def _has_vendor_type(accept: str) -> bool:
+    for item in accept.split(","):
+        if item.split(";", 1)[0].strip().lower() == VENDOR_MEDIA_TYPE:
+            return True
+    return False
+
+
+def _bearer(header: str) -> str | None:
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def origin_allowed(agent: Agent, origin: str | None) -> bool:
+    allowed = agent.config.server.allowed_origins
+    return not allowed or origin is None or origin in allowed
+
+
+def _check_origin(agent: Agent, conn: BaseRequestWebsocket) -> None:
+    if not origin_allowed(agent, conn.headers.get("Origin")):
+        raise Forbidden("Origin not allowed", code="origin_not_allowed")
+
+
+def _master_matches(agent: Agent, token: str) -> bool:
+    master = agent.config.authorization.token
+    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), master.encode("utf-8"))
+
+
+def _scope_allows(
+    record: TemporaryToken, view: Callable[..., Any] | None, conn: BaseRequestWebsocket
+) -> bool:
+    """May a token restricted to some containers reach this route?"""
+    if record.containers is None:
+        return True
+    internal_id = (conn.view_args or {}).get("internal_id")
+    if internal_id is not None:
+        return internal_id in record.containers
+    return bool(getattr(view, CONTAINER_SCOPED_ATTR, False))
+
+
+async def authenticate(
+    agent: Agent,
+    token: str | None,
+    view: Callable[..., Any] | None,
+    conn: BaseRequestWebsocket,
+) -> AuthInfo:
+    """Check ``token`` and the origin of ``conn`` (request or websocket); who is it?"""
+    if not agent.config.authorization.enabled:
+        log.warning("authorization disabled: %s accepted without a token", conn.path)
+        _check_origin(agent, conn)
+        return AuthInfo("disabled")
+    if token is None or not token.startswith("lightd_") or len(token) < 20:
+        raise Unauthorized(INVALID_TOKEN)
+    if _master_matches(agent, token):
+        _check_origin(agent, conn)
+        return AuthInfo("master")
+    registry = agent.stash[TOKENS]
+    record = registry.lookup(token)
+    if record is None or not _scope_allows(record, view, conn):
+        raise Unauthorized(INVALID_TOKEN)
+    _check_origin(agent, conn)
+    if record.remove_on_use:
+        if not registry.take(record):
+            raise Unauthorized(INVALID_TOKEN)
+        await registry.forget(record)
+    return AuthInfo("temporary", containers=record.containers, expires_at=record.expires_at)
+
+
+async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> AuthInfo:
+    if not _has_vendor_type(request.headers.get("Accept", "")):
+        raise Forbidden("Invalid vendor header", code="invalid_vendor")
+    token = _bearer(request.headers.get("Authorization", ""))
+    return await authenticate(agent, token, view, request._get_current_object())
+
+
+def cors_headers(agent: Agent, response: Response) -> None:
+    origin = request.headers.get("Origin")
+    if origin is None or not origin_allowed(agent, origin):
+        return
+    response.headers["Access-Control-Allow-Origin"] = (
+        origin if agent.config.server.allowed_origins else "*"
+    )
+    response.vary.add("Origin")
+
+
+def preflight(agent: Agent) -> Response:
+    """Answer a CORS preflight without auth (browsers send it without credentials)."""
+    if not origin_allowed(agent, request.headers.get("Origin")):
+        raise Forbidden("Origin not allowed", code="origin_not_allowed")
+    response = Response("", status=204)
+    response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+        "Access-Control-Request-Headers", "Accept, Authorization, Content-Type"
+    )
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response

@@ -1,0 +1,283 @@
+"""config.json: typed model, lookup, first-run creation and atomic rewriting.
+
+The file is the operator's: the agent reads it into frozen attrs classes (via the one
+converter) but keeps the raw JSON beside them, so a rewrite (``--token reset``) changes only
+what it means to change and every unknown key survives. Plugins add sections of their own
+through ``lightd_add_config_sections``; each is structured from the same file with its
+defaults filling what is absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cattrs.gen import make_dict_unstructure_fn, override
+
+from .converter import (
+    STRUCTURE_ERRORS,
+    converter,
+    describe_error,
+    field_check,
+    object_structure_fn,
+)
+from .errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV",
+    "TOKEN_PREFIX",
+    "AuthorizationConfig",
+    "Config",
+    "DockerConfig",
+    "LoadedConfig",
+    "PluginsConfig",
+    "RemoteConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "create_config",
+    "deep_merge",
+    "is_valid_token",
+    "load_config",
+    "locate_config",
+    "new_token",
+    "parse_config",
+    "redact",
+    "write_config",
+]
+
+CONFIG_ENV = "LIGHTD_CONFIG"
+TOKEN_PREFIX = "lightd_"
+MIN_TOKEN_LENGTH = 20
+CONFIG_FORMAT_VERSION = "0.2.1"
+
+
+def new_token() -> str:
+    """A fresh random token: ``lightd_`` + 32 hex digits (128 bits)."""
+    return TOKEN_PREFIX + secrets.token_hex(16)
+
+
+def is_valid_token(token: str) -> bool:
+    return token.startswith(TOKEN_PREFIX) and len(token) >= MIN_TOKEN_LENGTH
+
+
+def _port(value: int) -> bool:
+    return 0 <= value <= 65535
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "0.0.0.0"
+    #: 0 binds any free port (tests); the bound address is logged.
+    port: int = attrs.field(default=8070, validator=field_check(_port, "must be 0 to 65535"))
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: int = attrs.field(
+        default=8 * 1024 * 1024, validator=field_check(lambda v: v >= 1024, "must be >= 1024")
+    )
+    #: Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cut.
+    graceful_timeout: float = attrs.field(
+        default=5.0, validator=field_check(lambda v: v >= 0, "must be >= 0")
+    )
+
+
+@attrs.frozen(kw_only=True)
+class AuthorizationConfig:
+    enabled: bool = True
+    #: The master token; required, there is no usable default.
+    token: str = attrs.field(
+        validator=field_check(
+            is_valid_token, f"must start with {TOKEN_PREFIX} and be at least 20 characters"
+        ),
+    )
+
+
+@attrs.frozen
+class DockerConfig:
+    socket_path: str = "/var/run/docker.sock"
+    #: Seconds a single Docker control call may take before it is treated as a failure.
+    timeout: float = attrs.field(
+        default=60.0, validator=field_check(lambda v: v > 0, "must be > 0")
+    )
+
+
+@attrs.frozen
+class StorageConfig:
+    base_path: str = "./storage"
+    containers_path: str = "./storage/containers"
+    volumes_path: str = "./storage/volumes"
+
+
+@attrs.frozen
+class RemoteConfig:
+    enabled: bool = False
+    url: str = "https://panel.example/api"
+    token: str = ""
+
+
+@attrs.frozen
+class PluginsConfig:
+    #: Plugin names (built-in short names or entry-point names) not to load.
+    disabled: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    version: str = CONFIG_FORMAT_VERSION
+    server: ServerConfig = attrs.Factory(ServerConfig)
+    authorization: AuthorizationConfig
+    docker: DockerConfig = attrs.Factory(DockerConfig)
+    storage: StorageConfig = attrs.Factory(StorageConfig)
+    remote: RemoteConfig = attrs.Factory(RemoteConfig)
+    plugins: PluginsConfig = attrs.Factory(PluginsConfig)
+    #: Plugin sections by name, structured from their declared classes.
+    sections: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    def section(self, name: str) -> Any:
+        """A plugin's typed section (its defaults when the file has none)."""
+        return self.sections[name]
+
+
+converter.register_structure_hook(Config, object_structure_fn(Config, sections=override(omit=True)))
+converter.register_unstructure_hook(
+    Config, make_dict_unstructure_fn(Config, converter, sections=override(omit=True))
+)
+
+_CORE_KEYS = frozenset(a.name for a in attrs.fields(Config)) - {"sections"}
+
+
+@attrs.frozen
+class LoadedConfig:
+    """A parsed config file: where it lives, its raw JSON, and the typed view of it."""
+
+    path: Path
+    raw: dict[str, Any]
+    config: Config
+
+    @property
+    def directory(self) -> Path:
+        """Relative storage paths in the file are relative to the file's own folder."""
+        return self.path.parent
+
+
+def locate_config(cli_path: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``--config``, else ``$LIGHTD_CONFIG``, else ``./config.json``."""
+    environ = os.environ if environ is None else environ
+    chosen = cli_path or environ.get(CONFIG_ENV) or "config.json"
+    return Path(chosen).expanduser().absolute()
+
+
+def parse_config(raw: Any, sections: Mapping[str, type] | None = None) -> Config:
+    """Structure raw JSON into a ``Config``; the first bad key raises ``ConfigError``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", "the file must hold a JSON object")
+    try:
+        config = converter.structure(raw, Config)
+    except STRUCTURE_ERRORS as exc:
+        raise ConfigError(*describe_error(exc)) from None
+    parsed: dict[str, Any] = {}
+    for name, cls in (sections or {}).items():
+        if name in _CORE_KEYS:
+            raise ConfigError(name, "a plugin may not redefine a core section")
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(name, "must be an object")
+        try:
+            parsed[name] = converter.structure(value, cls)
+        except STRUCTURE_ERRORS as exc:
+            raise ConfigError(*describe_error(exc, name)) from None
+    return attrs.evolve(config, sections=parsed)
+
+
+def load_config(path: Path, sections: Mapping[str, type] | None = None) -> LoadedConfig:
+    """Read and validate ``path``; any problem raises ``ConfigError`` naming the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", "the file does not exist") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read the file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", "the file is not UTF-8 text") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise ConfigError("", f"not valid JSON ({where}: {exc.msg})") from None
+    return LoadedConfig(path=path, raw=raw, config=parse_config(raw, sections))
+
+
+def create_config(path: Path) -> LoadedConfig:
+    """Write a default config with a fresh master token (mode 0600) and return it."""
+    config = Config(authorization=AuthorizationConfig(token=new_token()))
+    raw: dict[str, Any] = converter.unstructure(config)
+    write_config(path, raw)
+    return LoadedConfig(path=path, raw=raw, config=config)
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it, objects merged key by key; neither is modified."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_config(
+    path: Path, raw: Mapping[str, Any], update: Mapping[str, Any] = {}
+) -> dict[str, Any]:
+    """Atomically write ``raw`` with ``update`` deep-merged over it; returns what was written.
+
+    The file is written beside its final place with mode 0600, synced, then renamed over
+    the old one, so a crash leaves either the old file or the new one, never half of each.
+    """
+    data = deep_merge(dict(raw), update)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return data
+
+
+_SECRET_KEYS = ("token", "secret", "password")
+
+
+def redact(value: Any) -> Any:
+    """A copy of config data with every secret replaced, for showing to API clients."""
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if (
+                isinstance(key, str)
+                and key.lower().endswith(_SECRET_KEYS)
+                and isinstance(item, str)
+            ):
+                out[key] = "lightd_***" if key.lower().endswith("token") else "***"
+            else:
+                out[key] = redact(item)
+        return out
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return copy.copy(value)

@@ -1,0 +1,141 @@
+"""Every error the agent raises on purpose, in one tree.
+
+::
+
+    AgentError                  base of everything below
+    ├── ConfigError             config.json is unreadable or invalid (CLI: one line, exit 2)
+    ├── PluginError             a plugin could not be loaded or does not match the hook specs
+    └── ApiError                answered to an API client as {"error": message}; carries a status
+        ├── BadRequest          400  invalid input (ValidationError: a field of a JSON body)
+        ├── Unauthorized        401  missing, wrong or expired token
+        ├── Forbidden           403  vendor header or origin refused
+        ├── NotFound            404  unknown resource or route
+        ├── MethodNotAllowed    405
+        ├── Conflict            409  the resource is in a state that forbids the request
+        ├── PayloadTooLarge     413
+        ├── UnsupportedMedia    415  a body that is not JSON
+        ├── TooManyRequests     429
+        └── DockerUnavailable   503  the Docker engine does not answer
+
+Plugins raise these (or subclasses) from their routes; the app turns them into responses.
+Anything else that escapes a route is a bug: it is logged with its traceback and answered
+as a bare 500 that reveals nothing.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AgentError",
+    "ApiError",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "DockerUnavailable",
+    "Forbidden",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "PluginError",
+    "TooManyRequests",
+    "Unauthorized",
+    "UnsupportedMedia",
+    "ValidationError",
+]
+
+
+class AgentError(Exception):
+    """Base class of the agent's own errors."""
+
+
+class ConfigError(AgentError):
+    """The configuration file is missing a piece, malformed, or holds a bad value.
+
+    ``key`` is the dotted path of the offending key (``server.port``), or ``""`` when the
+    file as a whole is at fault (unreadable, not JSON).
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class PluginError(AgentError):
+    """A plugin failed to load, or implements a hook that no spec declares."""
+
+
+class ApiError(AgentError):
+    """An error answered to the API client; ``status`` and ``code`` come from the class."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+
+    def to_body(self) -> dict[str, str]:
+        return {"error": self.message, "code": self.code}
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "bad_request"
+
+
+class ValidationError(BadRequest):
+    """A JSON body does not have the expected shape; the message names the first bad field."""
+
+    code = "invalid_field"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMedia(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class TooManyRequests(ApiError):
+    status = 429
+    code = "rate_limited"
+
+
+class DockerUnavailable(ApiError):
+    status = 503
+    code = "docker_unavailable"
+
+    def __init__(self, message: str = "Docker engine unreachable") -> None:
+        super().__init__(message)

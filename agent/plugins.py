@@ -1,0 +1,197 @@
+"""The plugin manager: built-in plugins, third-party entry points, and a typed facade.
+
+Built-in features are plugins like any other, listed in ``BUILTIN_PLUGINS`` under a short
+name. ``ESSENTIAL_PLUGINS`` cannot be disabled (without them there is no API to speak of);
+every other one, and every third-party plugin, can be switched off by name in config
+(``plugins.disabled``). Third-party plugins are found through the entry-point group
+``lightd.plugins``::
+
+    [project.entry-points."lightd.plugins"]
+    hello = "lightd_hello.plugin"
+
+Built-ins are registered first and entry points after, so third-party implementations of
+a hook run before the built-in ones (pluggy calls the last registered first).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Awaitable, Iterable, Mapping
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+if TYPE_CHECKING:
+    from quart import Blueprint
+
+    from .config import Config
+    from .runtime import Agent, Service
+    from .store import Migration
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "ESSENTIAL_PLUGINS",
+    "Hooks",
+    "describe_plugins",
+    "make_plugin_manager",
+]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "lightd.plugins"
+
+#: Short name → module, in registration order.
+BUILTIN_PLUGINS: Mapping[str, str] = {
+    "system": "agent.api.system",
+    "tokens": "agent.tokens",
+}
+
+ESSENTIAL_PLUGINS = frozenset({"system", "tokens"})
+
+
+def make_plugin_manager(
+    disabled: Iterable[str] = (),
+    *,
+    load_entrypoints: bool = True,
+    extra: Iterable[tuple[str, object]] = (),
+) -> pluggy.PluginManager:
+    """Build the manager: specs, built-ins, ``extra`` (tests), then entry points.
+
+    Raises ``PluginError`` when a plugin cannot be imported or implements a hook that no
+    spec declares (``check_pending``), so a typo in a plugin fails at start, loudly.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    disabled = set(disabled)
+    for name in sorted(disabled & ESSENTIAL_PLUGINS):
+        log.warning("plugin %r is essential and cannot be disabled", name)
+    disabled -= ESSENTIAL_PLUGINS
+    for name in disabled:
+        pm.set_blocked(name)
+    for name, module_name in BUILTIN_PLUGINS.items():
+        if name in disabled:
+            log.info("built-in plugin %r disabled by config", name)
+            continue
+        _register(pm, name, lambda module_name=module_name: importlib.import_module(module_name))
+    for name, plugin in extra:
+        if name not in disabled:
+            _register(pm, name, lambda plugin=plugin: plugin)
+    if load_entrypoints:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise PluginError(f"cannot load a plugin of {ENTRY_POINT_GROUP!r}: {exc}") from exc
+    installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    known = {name for name, p in pm.list_name_plugin() if p is not None}
+    known |= set(BUILTIN_PLUGINS) | installed
+    for name in sorted(disabled - known):
+        log.warning("plugins.disabled names %r, which is not an installed plugin", name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, name: str, load: Any) -> None:
+    try:
+        pm.register(load(), name=name)
+    except ImportError as exc:
+        raise PluginError(f"cannot import plugin {name!r}: {exc}") from exc
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"plugin {name!r} is invalid: {exc}") from exc
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """Name, origin, version and hooks of each registered plugin (for ``/system/info``)."""
+    versions = {
+        plugin: dist.version if dist else None for plugin, dist in pm.list_plugin_distinfo()
+    }
+    described = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        if plugin is None:
+            continue
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
+        described.append(
+            {
+                "name": name,
+                "builtin": name in BUILTIN_PLUGINS,
+                "version": versions.get(plugin),
+                "hooks": hooks,
+            }
+        )
+    return described
+
+
+class Hooks:
+    """Typed calls into the plugins; the core calls hooks only through this.
+
+    Declarations flatten their results; notifications await each awaitable an
+    implementation returned, in order.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._relay = pm.hook
+
+    def config_sections(self) -> dict[str, type]:
+        sections: dict[str, type] = {}
+        for result in self._relay.lightd_add_config_sections():
+            for name, cls in result.items():
+                if name in sections:
+                    raise PluginError(f"two plugins declare the config section {name!r}")
+                sections[name] = cls
+        return sections
+
+    def migrations(self) -> list[Migration]:
+        return [m for result in self._relay.lightd_add_migrations() for m in result]
+
+    def configure(self, agent: Agent) -> None:
+        self._relay.lightd_configure(agent=agent)
+
+    def services(self, agent: Agent) -> list[Service]:
+        # pluggy returns the last registered first; services start in registration order.
+        results = self._relay.lightd_add_services(agent=agent)
+        return [s for result in reversed(results) for s in result]
+
+    def routes(self, agent: Agent) -> list[Blueprint]:
+        results = self._relay.lightd_add_routes(agent=agent)
+        return [bp for result in reversed(results) for bp in result]
+
+    async def startup(self, agent: Agent) -> None:
+        await _await_all(self._relay.lightd_startup(agent=agent))
+
+    async def config_reloaded(self, agent: Agent, old: Config, new: Config) -> None:
+        await _await_all(self._relay.lightd_config_reloaded(agent=agent, old=old, new=new))
+
+    async def shutdown(self, agent: Agent) -> None:
+        await _await_all(self._relay.lightd_shutdown(agent=agent))
+
+    async def container_state_changed(
+        self, agent: Agent, internal_id: str, state: str, error: str | None = None
+    ) -> None:
+        await _await_all(
+            self._relay.lightd_container_state_changed(
+                agent=agent, internal_id=internal_id, state=state, error=error
+            )
+        )
+
+    async def container_deleted(self, agent: Agent, internal_id: str) -> None:
+        await _await_all(self._relay.lightd_container_deleted(agent=agent, internal_id=internal_id))
+
+    def volume_in_use(self, agent: Agent, volume_id: str) -> str | None:
+        result: str | None = self._relay.lightd_volume_in_use(agent=agent, volume_id=volume_id)
+        return result
+
+
+async def _await_all(results: Iterable[Awaitable[None] | None]) -> None:
+    for result in results:
+        if inspect.isawaitable(result):
+            await result

@@ -1,0 +1,181 @@
+"""The state store: one SQLite file under ``storage.base_path``.
+
+Everything that must outlive the agent lives here (temporary tokens now; volumes, the
+port pool, containers and the remote outbox later). Each owner of tables declares its
+schema as numbered ``Migration``s in its own namespace (``lightd_add_migrations``); the
+store applies the missing ones at open, each in its own transaction, and refuses a file
+written by a newer agent.
+
+SQLite calls block, so they run in a worker thread. One connection and a limiter of one
+token serialise them: SQLite admits one writer anyway, and a single connection means a
+transaction can never interleave with another caller's statements. ``write`` runs its
+function inside ``BEGIN IMMEDIATE … COMMIT``, so a multi-statement change (reserving a set
+of ports, queueing an update) is all-or-nothing and committed before the caller goes on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
+
+import attrs
+import trio
+
+from .errors import AgentError
+
+__all__ = ["Migration", "Store", "StoreError", "open_store"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+DB_NAME = "lightd.sqlite3"
+
+
+class StoreError(AgentError):
+    """The state store cannot be opened or migrated."""
+
+
+@attrs.frozen
+class Migration:
+    """One schema step of one owner; applied once, in ``version`` order, in a transaction."""
+
+    namespace: str
+    version: int
+    sql: str
+
+
+class Store:
+    """Async access to the SQLite file; see the module docstring for the threading rules."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def read(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn(conn, *args)`` off the event loop, outside any explicit transaction."""
+        return await trio.to_thread.run_sync(
+            lambda: fn(self._conn, *args, **kwargs), limiter=self._limiter
+        )
+
+    async def write(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn(conn, *args)`` in one immediate transaction; an exception rolls it back."""
+        return await trio.to_thread.run_sync(
+            lambda: self._transaction(fn, *args, **kwargs), limiter=self._limiter
+        )
+
+    async def execute(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
+        """One statement in its own transaction; returns its rows."""
+
+        def run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, tuple(params)).fetchall()
+
+        return await self.write(run)
+
+    def _transaction(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args, **kwargs)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def migrate(self, migrations: Iterable[Migration]) -> dict[str, int]:
+        """Apply what is missing (blocking: called from a thread); returns versions now."""
+        conn = self._conn
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (namespace TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+        current = dict(conn.execute("SELECT namespace, version FROM schema_migrations").fetchall())
+        by_namespace: dict[str, list[Migration]] = {}
+        for migration in migrations:
+            by_namespace.setdefault(migration.namespace, []).append(migration)
+        for namespace, steps in sorted(by_namespace.items()):
+            steps.sort(key=lambda m: m.version)
+            versions = [m.version for m in steps]
+            if versions != list(range(1, len(steps) + 1)):
+                raise StoreError(
+                    f"migrations of {namespace!r} must be numbered 1..n, got {versions}"
+                )
+            have = current.get(namespace, 0)
+            if have > len(steps):
+                raise StoreError(
+                    f"{self.path} holds schema {namespace!r} version {have}; this agent knows"
+                    f" only up to {len(steps)} (was it written by a newer lightd?)"
+                )
+            for step in steps[have:]:
+                self._apply(step)
+                current[namespace] = step.version
+        return current
+
+    def _apply(self, step: Migration) -> None:
+        if not step.namespace.replace("_", "").isalnum():
+            raise StoreError(f"bad migration namespace {step.namespace!r}")
+        conn = self._conn
+        script = (
+            f"BEGIN IMMEDIATE;\n{step.sql.strip().rstrip(';')};\n"
+            "INSERT INTO schema_migrations (namespace, version) VALUES"
+            f" ('{step.namespace}', {step.version})"
+            " ON CONFLICT(namespace) DO UPDATE SET version = excluded.version;\nCOMMIT;"
+        )
+        try:
+            conn.executescript(script)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"migration {step.namespace} v{step.version} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    # WAL + NORMAL: a committed transaction survives an agent crash (SIGKILL); only a
+    # power loss can take back the last few commits.
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+@asynccontextmanager
+async def open_store(base_path: Path, migrations: Iterable[Migration]) -> AsyncIterator[Store]:
+    """Open (creating if needed) and migrate the store in ``base_path``; closed on exit."""
+    path = base_path / DB_NAME
+    steps = list(migrations)
+
+    def open_and_migrate() -> Store:
+        try:
+            store = Store(_connect(path), path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from exc
+        try:
+            store.migrate(steps)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    store = await trio.to_thread.run_sync(open_and_migrate)
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close, limiter=store._limiter)

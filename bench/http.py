@@ -1,0 +1,428 @@
+"""HTTP throughput of the agent's API against a bare quart-trio app on the same server stack.
+
+Measures requests/s and p50/p99 latency with wrk (32 keep-alive connections, one thread) for
+  1. the agent's authenticated ``GET /remote/config``,
+  2. the agent's ``GET /api/v1/public/ping``,
+  3. a hello-world QuartTrio app served by ``hypercorn.trio.serve`` with the agent's hypercorn
+     settings: the ceiling, so the ratio isolates what the agent's own layers cost,
+each for a fixed duration after a short warm-up, then prints the agent/bare request-rate ratios.
+
+Target: each agent route serves at least 70 % of the bare app's requests/s.
+
+Run (needs ``wrk``: ``apt-get install wrk``; no Docker engine needed)::
+
+    .venv/bin/python bench/http.py [--duration 10] [--warmup 2] [--json]
+
+Exits 1 when a response was not 2xx/3xx or wrk saw socket errors: such figures are void.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from types import FrameType
+
+HERE = Path(__file__).resolve()
+CONNECTIONS = 32
+TARGET_RATIO = 0.70
+ACCEPT = "Application/vnd.pkglatv1+json"
+#: The agent's default ``server.graceful_timeout``, so the bare server matches it.
+GRACEFUL_TIMEOUT = 5.0
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = GRACEFUL_TIMEOUT + 10.0
+_MS_PER_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_LOG_PROBLEM = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+
+
+def _unshadow_stdlib_http() -> None:
+    """Drop this file's folder from sys.path: named http.py, it would shadow the stdlib ``http``.
+
+    Python puts the script's folder first on sys.path, so http.client, h11 and quart would
+    otherwise import this script. Every import that may reach ``http`` is done after this.
+    """
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One target's figures, as wrk reported them for the measured run."""
+
+    name: str
+    url: str
+    check_status: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A server subprocess, its log (shown when it fails) and where it listens."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (tiny race until the server binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One plain request, for readiness polling and a status check before loading a route."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(server: Server, path: str) -> None:
+    """Poll ``path`` until it answers 200, failing fast if the process dies."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if (code := server.proc.poll()) is not None:
+            raise RuntimeError(
+                f"{server.name} exited with {code} before it was ready; "
+                f"log:\n{log_tail(server.log)}"
+            )
+        with contextlib.suppress(OSError):
+            if http_get(server.port, path)[0] == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{server.name} not ready within {READY_TIMEOUT:.0f}s; log:\n{log_tail(server.log)}"
+    )
+
+
+def stop(server: Server) -> None:
+    """SIGINT (the agent's graceful stop), then SIGKILL if it overstays."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGINT)
+        try:
+            server.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            print(f"{server.name} ignored SIGINT for {STOP_TIMEOUT:.0f}s: killed", file=sys.stderr)
+            server.proc.kill()
+            server.proc.wait()
+
+
+@contextlib.contextmanager
+def running(
+    name: str, argv: Sequence[str], *, port: int, cwd: Path, log: Path, ready_path: str
+) -> Iterator[Server]:
+    """A ready server for the block's duration, stopped on the way out whatever happens.
+
+    Its own session keeps a terminal Ctrl-C from reaching it: the bench alone stops it, once.
+    """
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(name, proc, log, port)
+    try:
+        wait_ready(server, ready_path)
+        yield server
+    finally:
+        stop(server)
+
+
+def prepare_agent(folder: Path) -> tuple[Path, str, int]:
+    """Create a fresh agent config (via ``lightd --token what``) bound to a free local port."""
+    config = folder / "config.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(config), "--token", "what"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Current Token: (\S+)", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"lightd --token what failed ({done.returncode}):\n{done.stderr}")
+    raw = json.loads(config.read_text(encoding="utf-8"))
+    port = free_port()
+    raw["server"]["host"] = "127.0.0.1"
+    raw["server"]["port"] = port
+    config.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    return config, found[1], port
+
+
+def to_ms(value: str, unit: str) -> float:
+    return float(value) * _MS_PER_UNIT[unit]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The figures we report from wrk's text output (it has no machine-readable mode)."""
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    total = re.search(r"^\s*(\d+) requests in ", output, re.MULTILINE)
+    pct = {
+        p: re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+        for p in ("50", "99")
+    }
+    if rate is None or total is None or pct["50"] is None or pct["99"] is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    # wrk prints these two lines only when the count is non-zero; "Non-2xx" means status >= 400.
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    return {
+        "requests_per_s": float(rate[1]),
+        "p50_ms": to_ms(*pct["50"].groups()),
+        "p99_ms": to_ms(*pct["99"].groups()),
+        "requests": int(total[1]),
+        "non_2xx": int(non_2xx[1]) if non_2xx else 0,
+        "socket_errors": sum(int(n) for n in sock.groups()) if sock else 0,
+    }
+
+
+def run_wrk(url: str, headers: Sequence[str], seconds: int, connections: int) -> dict[str, Any]:
+    # One wrk thread: the machine has 2 cores, and the server (one trio worker) needs the other.
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
+    for header in headers:
+        argv += ["-H", header]
+    done = subprocess.run([*argv, url], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+def measure(
+    name: str, server: Server, path: str, headers: dict[str, str], args: argparse.Namespace
+) -> Result:
+    """Check the route answers 200, warm it up, then measure it for ``--duration`` seconds."""
+    print(f"measuring {name} ({args.warmup}s warm-up + {args.duration}s)", file=sys.stderr)
+    status, body = http_get(server.port, path, headers)
+    if status != 200:
+        print(f"!!! {name} answered {status}: {body[:300]!r}", file=sys.stderr)
+    lines = [f"{key}: {value}" for key, value in headers.items()]
+    url = server.url(path)
+    if args.warmup > 0:
+        run_wrk(url, lines, args.warmup, args.connections)
+    figures = run_wrk(url, lines, args.duration, args.connections)
+    return Result(name=name, url=url, check_status=status, **figures)
+
+
+def log_problems(path: Path) -> list[str]:
+    """ERROR/CRITICAL/traceback lines a server logged: load can break what one call does not."""
+    try:
+        return [
+            ln for ln in path.read_text(errors="replace").splitlines() if _LOG_PROBLEM.search(ln)
+        ]
+    except OSError:
+        return []
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the agent's two routes, then the bare app, one server running at a time."""
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="lightd-bench-") as tmp:
+        root = Path(tmp)
+        node = root / "node"  # the agent's config folder; its storage paths are relative to it
+        node.mkdir()
+        config, token, port = prepare_agent(node)
+        auth = {"Accept": ACCEPT, "Authorization": f"Bearer {token}"}
+        agent_argv = [sys.executable, "-m", "agent", "--config", str(config)]
+        agent_log = root / "agent.log"
+        with running(
+            "agent",
+            agent_argv,
+            port=port,
+            cwd=node,
+            log=agent_log,
+            ready_path="/api/v1/public/ping",
+        ) as agent:
+            results.append(measure("agent GET /remote/config", agent, "/remote/config", auth, args))
+            results.append(
+                measure("agent GET /api/v1/public/ping", agent, "/api/v1/public/ping", {}, args)
+            )
+        problems = log_problems(agent_log)
+        bare_port = free_port()
+        bare_argv = [sys.executable, str(HERE), "--serve-bare", str(bare_port)]
+        bare_log = root / "bare.log"
+        with running(
+            "bare", bare_argv, port=bare_port, cwd=root, log=bare_log, ready_path="/"
+        ) as bare:
+            results.append(measure("bare quart-trio GET /", bare, "/", {}, args))
+        problems += [f"bare: {line}" for line in log_problems(bare_log)]
+    bare_rate = results[-1].requests_per_s
+    ratios = {r.name: (r.requests_per_s / bare_rate if bare_rate else 0.0) for r in results[:-1]}
+    invalid = [
+        f"{r.name}: {r.non_2xx} non-2xx responses, {r.socket_errors} socket errors, "
+        f"check request answered {r.check_status}"
+        for r in results
+        if r.non_2xx or r.socket_errors or r.check_status != 200
+    ]
+    return {
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "wrk_threads": 1,
+        "results": [asdict(r) for r in results],
+        "ratios": ratios,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": all(v >= TARGET_RATIO for v in ratios.values()),
+        "valid": not invalid,
+        "invalid_reasons": invalid,
+        "server_log_problems": problems,
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    results = [Result(**r) for r in report["results"]]
+    width = max(len(r.name) for r in results)
+    print(
+        f"lightd HTTP bench: {report['connections']} keep-alive connections, wrk -t1, "
+        f"{report['duration_s']}s per target after {report['warmup_s']}s warm-up\n"
+    )
+    print(
+        f"{'target':<{width}}  {'req/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}"
+        f"  {'requests':>9}  {'non-2xx':>7}  {'sock err':>8}"
+    )
+    for r in results:
+        print(
+            f"{r.name:<{width}}  {r.requests_per_s:>9.1f}  {r.p50_ms:>8.2f}  {r.p99_ms:>8.2f}"
+            f"  {r.requests:>9}  {r.non_2xx:>7}  {r.socket_errors:>8}"
+        )
+    print()
+    target = report["target_ratio"]
+    label_width = max(len(name) for name in report["ratios"])
+    for name, ratio in report["ratios"].items():
+        verdict = "ok" if ratio >= target else "BELOW TARGET"
+        print(
+            f"ratio {name:<{label_width}} / bare: {ratio:6.1%}  (target >= {target:.0%})  {verdict}"
+        )
+    warn_loudly(report, sys.stdout)
+
+
+def warn_loudly(report: dict[str, Any], stream: Any) -> None:
+    """Void figures must not pass unnoticed: a bench of 401s or 500s measures nothing useful."""
+    if report["server_log_problems"]:
+        print("\nserver logs reported problems:", file=stream)
+        for line in report["server_log_problems"][:20]:
+            print(f"  {line}", file=stream)
+    if not report["valid"]:
+        bar = "!" * 78
+        print(
+            f"\n{bar}\n!!! INVALID RUN: some responses were errors; figures are void", file=stream
+        )
+        for reason in report["invalid_reasons"]:
+            print(f"!!!   {reason}", file=stream)
+        print(bar, file=stream)
+
+
+def serve_bare(port: int) -> None:
+    """Serve a hello-world QuartTrio app with the agent's hypercorn settings until SIGINT."""
+    import hypercorn.config
+    import hypercorn.trio
+    import trio
+    from quart_trio import QuartTrio
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    app = QuartTrio("bare")
+
+    @app.get("/")
+    async def hello() -> dict[str, str]:
+        return {"status": "ok", "message": "hello"}
+
+    # Same as agent/runtime.py: one trio worker, no access log, no Server header.
+    cfg = hypercorn.config.Config()
+    cfg.bind = [f"127.0.0.1:{port}"]
+    cfg.graceful_timeout = GRACEFUL_TIMEOUT
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    cfg.include_server_header = False
+
+    async def until_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                return
+
+    trio.run(partial(hypercorn.trio.serve, app, cfg, shutdown_trigger=until_signal))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    """SIGTERM acts like Ctrl-C, so the finally blocks stop the servers and remove the temp dir."""
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _unshadow_stdlib_http()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds measured per target")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_bare is not None:
+        serve_bare(args.serve_bare)
+        return 0
+    if args.duration < 1 or args.warmup < 0:
+        parser.error("--duration must be >= 1 and --warmup >= 0 (whole seconds, as wrk takes)")
+    if shutil.which("wrk") is None:
+        print("bench/http.py needs wrk on PATH: apt-get install wrk", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = run_bench(args)
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+        warn_loudly(report, sys.stderr)
+    else:
+        print_report(report)
+    return 0 if report["valid"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

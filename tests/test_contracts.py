@@ -1,0 +1,49 @@
+"""Meta-tests that keep the plugin contract honest (after datasette and pytest)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import agent
+from agent import hookspecs
+
+TESTS = Path(__file__).resolve().parent
+
+
+def hook_names() -> list[str]:
+    return [
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if name.startswith("lightd_")
+    ]
+
+
+def test_there_are_hooks() -> None:
+    assert len(hook_names()) >= 10
+
+
+def test_every_hook_spec_is_documented() -> None:
+    for name in hook_names():
+        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+        assert len(doc) > 40, f"{name} needs a docstring that says when it is called and why"
+        params = [p for p in inspect.signature(getattr(hookspecs, name)).parameters]
+        for param in params:
+            assert f":param {param}:" in doc, f"{name} does not document {param}"
+
+
+def test_every_hook_spec_has_a_test() -> None:
+    defined: set[str] = set()
+    for path in TESTS.rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                defined.add(node.name)
+    missing = [name for name in hook_names() if f"test_hook_{name}" not in defined]
+    assert missing == []
+
+
+def test_public_surface_is_sorted_and_complete() -> None:
+    assert agent.__all__ == sorted(agent.__all__)
+    for name in agent.__all__:
+        assert hasattr(agent, name)

@@ -1,0 +1,181 @@
+"""The Docker adapter against the real engine, including an engine that goes away."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from agent.docker import DockerEngine, docker_url
+
+from .conftest import ROOT, RunningAgent, StartAgent, api_client, wait_for
+
+
+def test_docker_host_wins_over_the_configured_socket() -> None:
+    assert docker_url("/var/run/docker.sock", {}) == "unix:///var/run/docker.sock"
+    assert docker_url("/var/run/docker.sock", {"DOCKER_HOST": "tcp://10.0.0.1:2375"}) == (
+        "tcp://10.0.0.1:2375"
+    )
+    assert docker_url("unix:///run/d.sock", {}) == "unix:///run/d.sock"
+
+
+def test_only_the_adapter_imports_docker() -> None:
+    offenders = []
+    for path in [*ROOT.joinpath("agent").rglob("*.py"), *ROOT.joinpath("plugins").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(n == "docker" or n.startswith("docker.") for n in names):
+                offenders.append(path.relative_to(ROOT))
+    assert offenders == [Path("agent/docker.py")]
+
+
+async def test_streams_and_control_calls_have_their_own_limiters() -> None:
+    engine = DockerEngine("unix:///nonexistent.sock")
+    default = trio.to_thread.current_default_thread_limiter()
+    assert engine.stream_limiter is not default and engine.control_limiter is not default
+    assert engine.stream_limiter is not engine.control_limiter
+    assert engine.stream_limiter.total_tokens > default.total_tokens
+
+
+async def test_engine_info_from_the_real_engine(
+    start_agent: StartAgent, config_path: Path, docker_host: str
+) -> None:
+    node = await start_agent(config_path, environ={"DOCKER_HOST": docker_host})
+    async with api_client(node.url) as c:
+        response = await c.get("/system/info")
+        ping = await c.get("/api/v1/public/ping")
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["docker"]["api_version"]
+    assert {p["name"] for p in info["plugins"]} >= {"system", "tokens"}
+    assert ping.json()["docker"] == "connected"
+    assert node.agent.docker.info is not None
+    limiter = node.agent.docker.control_limiter
+    client = node.agent.docker._client
+    assert client is not None
+    # docker-py's connection pool is raised above its default of 10.
+    assert client.api.adapters["http+docker://"].max_pool_size == 64
+    assert limiter.borrowed_tokens == 0
+
+
+async def _relay(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    try:
+        while data := await a.receive_some(65536):
+            await b.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        with trio.move_on_after(1, shield=True):
+            await b.aclose()
+
+
+async def serve_forwarder(
+    listen: Path, target: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A unix-socket relay standing in for an engine that comes and goes."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await trio.Path(listen).unlink(missing_ok=True)
+    await sock.bind(str(listen))
+    sock.listen()
+    listener = trio.SocketListener(sock)
+
+    async def handle(client: trio.SocketStream) -> None:
+        upstream = await trio.open_unix_socket(target)
+        async with trio.open_nursery() as n:
+            n.start_soon(_relay, client, upstream)
+            n.start_soon(_relay, upstream, client)
+
+    try:
+        await trio.serve_listeners(handle, [listener], task_status=task_status)
+    finally:
+        listen.unlink(missing_ok=True)  # noqa: ASYNC240 - cleanup must not checkpoint
+
+
+async def test_unreachable_engine_then_reconnect(
+    start_agent: StartAgent,
+    make_config: Callable[..., Path],
+    docker_host: str,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    if not docker_host.startswith("unix://"):
+        pytest.fail("this test relays to a unix-socket engine")
+    sock = tmp_path / "engine.sock"
+    node = await start_agent(make_config(), environ={"DOCKER_HOST": f"unix://{sock}"})
+    node.agent.docker.retry_max = 0.3
+    async with api_client(node.url) as c:
+
+        async def docker_status() -> str:
+            return (await c.get("/api/v1/public/ping")).json()["docker"]
+
+        # No engine: the agent serves anyway; Docker-backed routes say 503.
+        assert await docker_status() == "unreachable"
+        down = await c.get("/system/info")
+        assert down.status_code == 503
+        assert down.json()["error"] == "Docker engine unreachable"
+        assert (await c.get("/remote/config")).status_code == 200
+
+        # The engine appears: the agent connects by itself.
+        relay = trio.CancelScope()
+
+        async def run_relay(*, task_status: trio.TaskStatus[None]) -> None:
+            with relay:
+                await serve_forwarder(
+                    sock, docker_host.removeprefix("unix://"), task_status=task_status
+                )
+
+        await nursery.start(run_relay)
+
+        async def connected() -> bool:
+            return await docker_status() == "connected"
+
+        await wait_for(connected, what="the agent to connect")
+        assert (await c.get("/system/info")).status_code == 200
+
+        # It goes away: the next call fails cleanly as 503, and the agent notices.
+        relay.cancel()
+
+        async def gone() -> bool:
+            return (await c.get("/system/info")).status_code == 503
+
+        await wait_for(gone, what="503 after the engine left")
+        await wait_for(lambda: _is(docker_status, "unreachable"), what="ping to say unreachable")
+
+        # And back again.
+        relay2 = trio.CancelScope()
+
+        async def run_relay2(*, task_status: trio.TaskStatus[None]) -> None:
+            with relay2:
+                await serve_forwarder(
+                    sock, docker_host.removeprefix("unix://"), task_status=task_status
+                )
+
+        await nursery.start(run_relay2)
+        await wait_for(connected, what="the agent to reconnect")
+        assert (await c.get("/system/info")).status_code == 200
+        relay2.cancel()
+
+
+async def _is(fn: Callable[[], object], value: str) -> bool:
+    return await fn() == value  # type: ignore[misc]
+
+
+async def test_docker_call_outside_the_engine_lifecycle_is_503() -> None:
+    engine = DockerEngine("unix:///nonexistent/docker.sock")
+    from agent.errors import DockerUnavailable
+
+    with pytest.raises(DockerUnavailable, match="Docker engine unreachable"):
+        await engine.call(lambda client: client.ping())
+
+
+async def test_agent_with_engine_serves_http(running: RunningAgent) -> None:
+    async with httpx.AsyncClient(base_url=running.url) as c:
+        assert (await c.get("/api/v1/public/ping")).status_code == 200
