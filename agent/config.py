@@ -71,6 +71,9 @@ def _port(value: int) -> bool:
     return 0 <= value <= 65535
 
 
+_positive = field_check(lambda v: v > 0, "must be > 0")
+
+
 @attrs.frozen
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -101,9 +104,7 @@ class AuthorizationConfig:
 class DockerConfig:
     socket_path: str = "/var/run/docker.sock"
     #: Seconds a single Docker control call may take before it is treated as a failure.
-    timeout: float = attrs.field(
-        default=60.0, validator=field_check(lambda v: v > 0, "must be > 0")
-    )
+    timeout: float = attrs.field(default=60.0, validator=_positive)
 
 
 @attrs.frozen
@@ -118,6 +119,16 @@ class RemoteConfig:
     enabled: bool = False
     url: str = "https://panel.example/api"
     token: str = ""
+    #: Seconds between ``GET {url}/health`` heartbeats.
+    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
+    #: Also report runtime states (starting, running, stopping, offline).
+    report_power_state: bool = False
+    #: Seconds one request to the panel may take.
+    timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Updates kept while the panel is unreachable; the oldest are dropped beyond this.
+    outbox_max: int = attrs.field(
+        default=100_000, validator=field_check(lambda v: v >= 1, "must be >= 1")
+    )
 
 
 @attrs.frozen

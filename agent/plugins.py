@@ -51,6 +51,10 @@ ENTRY_POINT_GROUP = "lightd.plugins"
 BUILTIN_PLUGINS: Mapping[str, str] = {
     "system": "agent.api.system",
     "tokens": "agent.tokens",
+    "volumes": "plugins.volumes",
+    "archives": "plugins.archives",
+    "port_pool": "plugins.port_pool",
+    "remote_sync": "plugins.remote_sync",
 }
 
 ESSENTIAL_PLUGINS = frozenset({"system", "tokens"})

@@ -1,0 +1,1 @@
+"""Built-in plugin ``volumes``: not implemented yet (see the issue that adds it)."""
