@@ -17,6 +17,7 @@ from .config import (
     CONFIG_ENV,
     create_config,
     is_valid_token,
+    load_config,
     locate_config,
     new_token,
     write_config,
@@ -39,6 +40,7 @@ examples:
   lightd --config /etc/lightd/config.json --dev
   lightd --token what             print the master token
   lightd --token reset            replace it with a new random token
+  lightd --servers 2              page 2 of this node's containers
   echo lightd_mysecret0123456789 | lightd --token set
 
   curl -H 'Accept: Application/vnd.pkglatv1+json' \\
@@ -66,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("what", "reset", "set"),
         help="what: print the master token; reset: write a new random one; "
         "set: read one from standard input",
+    )
+    parser.add_argument(
+        "--servers",
+        metavar="PAGE",
+        nargs="?",
+        const=1,
+        type=int,
+        help="list this node's containers, 5 per page (default page 1), and exit",
     )
     parser.add_argument("--version", action="version", version=f"lightd {__version__}")
     return parser
@@ -151,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.token:
             return token_command(args.token, path)
+        if args.servers is not None:
+            from .containers.listing import render
+
+            sys.stdout.write(render(load_config(path), args.servers))
+            return 0
         from .runtime import open_agent, serve_agent
 
         async def run() -> None:

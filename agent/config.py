@@ -105,6 +105,9 @@ class DockerConfig:
     socket_path: str = "/var/run/docker.sock"
     #: Seconds a single Docker control call may take before it is treated as a failure.
     timeout: float = attrs.field(default=60.0, validator=_positive)
+    #: Host folders under which a container's ``mount`` may bind host paths (none: no
+    #: extra mounts at all).
+    allowed_mounts: tuple[str, ...] = ()
 
 
 @attrs.frozen

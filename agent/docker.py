@@ -13,19 +13,39 @@ as ``503 {"error": "Docker engine unreachable"}``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import attrs
 import docker
+import httpx
 import requests
 import trio
 
-from .errors import DockerUnavailable
+from .errors import AgentError, DockerUnavailable
 
-__all__ = ["DockerEngine", "EngineInfo", "docker_url"]
+__all__ = [
+    "AttachStream",
+    "DockerEngine",
+    "DockerError",
+    "DockerNotFound",
+    "EngineInfo",
+    "container_states",
+    "docker_url",
+]
+
+
+class DockerError(AgentError):
+    """The engine answered, and refused (the message is the engine's explanation)."""
+
+
+class DockerNotFound(DockerError):
+    """The engine has no such object (container, image)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +71,50 @@ def docker_url(socket_path: str, environ: Mapping[str, str] | None = None) -> st
 @attrs.frozen
 class EngineInfo:
     version: str
+    #: The API version spoken with the engine (negotiated: the lower of both sides').
     api_version: str
     os: str
     arch: str
+
+
+class AttachStream:
+    """A container's attached stdin/stdout/stderr, trio-native (no thread per read).
+
+    Non-TTY containers multiplex output as frames: an 8-byte header (stream id, 3 zero
+    bytes, big-endian length) then the payload. ``receive`` returns the next payload
+    chunk of stdout/stderr; ``send`` writes to the container's stdin.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def _fill(self, size: int) -> bool:
+        while len(self._buffer) < size:
+            chunk = await self._stream.read(65536)
+            if not chunk:
+                return False
+            self._buffer += chunk
+        return True
+
+    async def receive(self) -> bytes | None:
+        """The next output frame's payload, or ``None`` when the container's output ends."""
+        while True:
+            if not await self._fill(8):
+                return None
+            length = int.from_bytes(self._buffer[4:8], "big")
+            if not await self._fill(8 + length):
+                return None
+            payload = bytes(self._buffer[8 : 8 + length])
+            del self._buffer[: 8 + length]
+            if payload:
+                return payload
+
+    async def send(self, data: bytes) -> None:
+        await self._stream.write(data)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class DockerEngine:
@@ -69,13 +130,20 @@ class DockerEngine:
         #: Calls that hold a thread for a long time (events, logs, attach, stats).
         self.stream_limiter = trio.CapacityLimiter(512)
         self._client: docker.DockerClient | None = None
+        self._http: httpx.AsyncClient | None = None
         self.info: EngineInfo | None = None
         self.last_error: str | None = None
         self._probe_now = trio.Event()
+        self._connected = trio.Event()
 
     @property
     def available(self) -> bool:
         return self._client is not None
+
+    async def wait_available(self) -> None:
+        """Return once the engine answers (at once if it does now)."""
+        while self._client is None:
+            await self._connected.wait()
 
     async def call(self, fn: Callable[[docker.DockerClient], T]) -> T:
         """Run ``fn(client)`` in a control thread; ``DockerUnavailable`` if the engine is away."""
@@ -98,11 +166,16 @@ class DockerEngine:
         except _UNREACHABLE as exc:
             self._lost(client, exc)
             raise DockerUnavailable() from None
+        except docker.errors.NotFound as exc:
+            raise DockerNotFound(_explain(exc)) from None
+        except docker.errors.APIError as exc:
+            raise DockerError(_explain(exc)) from None
 
     def _lost(self, client: docker.DockerClient, exc: BaseException) -> None:
         if self._client is client:
             log.warning("Docker engine at %s stopped answering: %s", self.base_url, _short(exc))
             self._client = None
+            self._connected = trio.Event()
             self.last_error = _short(exc)
             self._probe_now.set()
             client.close()
@@ -118,7 +191,7 @@ class DockerEngine:
             raise
         return client, EngineInfo(
             version=str(raw.get("Version", "")),
-            api_version=str(raw.get("ApiVersion", "")),
+            api_version=str(client.api._version),
             os=str(raw.get("Os", "")),
             arch=str(raw.get("Arch", "")),
         )
@@ -149,6 +222,9 @@ class DockerEngine:
                         self.last_error = _short(exc)
                     else:
                         self._client, self.info, self.last_error = client, info, None
+                        if self._http is None:
+                            self._http = self._native_client()
+                        self._connected.set()
                         delay = 0.5
                         log.info(
                             "Docker engine %s (API %s) at %s",
@@ -176,6 +252,119 @@ class DockerEngine:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+            if self._http is not None:
+                with trio.CancelScope(shield=True):
+                    await self._http.aclose()
+
+    # -- trio-native streams (httpx over the same socket): no thread per stream ------------
+
+    def _native_client(self) -> httpx.AsyncClient:
+        url = self.base_url
+        if url.startswith("unix://"):
+            transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"))
+            return httpx.AsyncClient(transport=transport, base_url="http://docker")
+        return httpx.AsyncClient(base_url=url.replace("tcp://", "http://", 1))
+
+    def _native(self) -> tuple[httpx.AsyncClient, str]:
+        if self._client is None or self._http is None or self.info is None:
+            raise DockerUnavailable()
+        return self._http, f"/v{self.info.api_version}"
+
+    @asynccontextmanager
+    async def attach(self, container_id: str) -> AsyncIterator[AttachStream]:
+        """Attach to a container's stdio (before or after it starts); closed on exit.
+
+        Attaching before ``start`` loses no output; one attach serves both the console
+        reader and the stdin writer.
+        """
+        http, prefix = self._native()
+        request = http.build_request(
+            "POST",
+            f"{prefix}/containers/{container_id}/attach",
+            params={"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1"},
+            headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+            timeout=httpx.Timeout(self.timeout, read=None),
+        )
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            self._probe_now.set()
+            raise DockerUnavailable() from exc
+        try:
+            if response.status_code == 404:
+                raise DockerNotFound(f"No such container: {container_id}")
+            if response.status_code != 101:
+                body = (await response.aread()).decode("utf-8", "replace")
+                raise DockerError(_short(Exception(body or f"attach: {response.status_code}")))
+            stream = AttachStream(response.extensions["network_stream"])
+            try:
+                yield stream
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def watch_events(
+        self,
+        filters: Mapping[str, list[str]],
+        handle: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Stream engine events matching ``filters`` to ``handle`` until the stream ends.
+
+        Reports ready once the engine has accepted the subscription, so an event caused
+        by a call made after ``started()`` is never missed. Raises ``DockerUnavailable``
+        when the engine is away or the stream breaks.
+        """
+        http, prefix = self._native()
+        try:
+            async with http.stream(
+                "GET",
+                f"{prefix}/events",
+                params={"filters": json.dumps(filters)},
+                timeout=httpx.Timeout(self.timeout, read=None),
+            ) as response:
+                if response.status_code != 200:
+                    raise DockerError(f"events: HTTP {response.status_code}")
+                task_status.started()
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        await handle(json.loads(line))
+        except httpx.TransportError as exc:
+            self._probe_now.set()
+            raise DockerUnavailable() from exc
+
+
+def container_states(base_url: str, labels: list[str], *, timeout: float = 5) -> dict[str, str]:
+    """Blocking, for the CLI: Docker's status of each labelled container, by internal id.
+
+    Empty when the engine does not answer (the caller shows the state as unknown).
+    """
+    try:
+        client = docker.DockerClient(base_url=base_url, version="auto", timeout=timeout)
+    except (docker.errors.DockerException, *_UNREACHABLE):
+        return {}
+    try:
+        listed = client.api.containers(all=True, filters={"label": labels})
+    except (docker.errors.DockerException, *_UNREACHABLE):
+        return {}
+    finally:
+        client.close()
+    return {
+        (item.get("Labels") or {}).get("lightd.internal_id", ""): str(item.get("State", ""))
+        for item in listed
+        if (item.get("Labels") or {}).get("lightd.role") == "server"
+    }
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    explanation = exc.explanation
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode("utf-8", "replace")
+    return _short(Exception(explanation or str(exc)))
 
 
 def _short(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from quart import Blueprint
 
     from .config import Config
+    from .containers.install import InstallJob
     from .runtime import Agent, Service
     from .store import Migration
 
@@ -182,4 +183,19 @@ def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
 
     :param agent: the running agent.
     :param volume_id: the volume about to be deleted.
+    """
+
+
+@hookspec(firstresult=True)
+def lightd_run_install_script(agent: Agent, job: InstallJob) -> Awaitable[None] | None:
+    """Run a container's install script; return an awaitable that does it.
+
+    Called during an install when the container has an ``install_script``. The awaitable
+    finishes when the script succeeded and raises ``InstallFailed(reason)`` when it did
+    not; see ``InstallJob`` for what the runner must do (inside a container, never on the
+    host). The built-in ``install_scripts`` plugin implements it; with no implementation
+    an install with a script fails.
+
+    :param agent: the running agent.
+    :param job: the script, image, paths, limits and output callbacks of this run.
     """

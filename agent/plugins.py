@@ -55,9 +55,11 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
     "archives": "plugins.archives",
     "port_pool": "plugins.port_pool",
     "remote_sync": "plugins.remote_sync",
+    "containers": "agent.containers.routes",
+    "install_scripts": "plugins.install_scripts",
 }
 
-ESSENTIAL_PLUGINS = frozenset({"system", "tokens"})
+ESSENTIAL_PLUGINS = frozenset({"system", "tokens", "containers"})
 
 
 def make_plugin_manager(

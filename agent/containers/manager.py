@@ -1,0 +1,546 @@
+"""The containers of this node: registry, Docker mapping, reconciliation, events.
+
+``Containers`` owns one ``ContainerSupervisor`` per container, started in its own
+nursery (a service of the agent's root nursery), the agent's single Docker events
+stream, and the reconciliation of records, Docker objects and pool ports at start and
+after the engine comes back (contract §10): running servers are adopted, interrupted
+installs fail, Docker containers and port reservations whose record is gone are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..converter import converter, field_check
+from ..docker import DockerError, DockerNotFound
+from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
+from ..interfaces import PORT_POOL, VOLUMES, PortRequest
+from ..store import Migration, Store
+from .install import InstallFailed, InstallJob
+from .models import ContainerRecord, CreateRequest, PortBinding, PortSpec
+from .supervisor import ContainerSupervisor
+
+if TYPE_CHECKING:
+    from ..runtime import Agent
+
+__all__ = [
+    "MIGRATIONS",
+    "Containers",
+    "ContainersSettings",
+    "CrashRestart",
+    "check_port_specs",
+]
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "lightd.managed"
+LABEL_ID = "lightd.internal_id"
+LABEL_ROLE = "lightd.role"
+#: Which agent owns a container: agents sharing an engine never touch each other's.
+LABEL_NODE = "lightd.node"
+
+
+@attrs.frozen
+class CrashRestart:
+    """Restart a crashed server, at most ``max_restarts`` times in ``window`` seconds."""
+
+    enabled: bool = False
+    max_restarts: int = attrs.field(
+        default=3, validator=field_check(lambda v: v >= 0, "must be >= 0")
+    )
+    window: float = attrs.field(
+        default=600.0, validator=field_check(lambda v: v > 0, "must be > 0")
+    )
+
+
+@attrs.frozen
+class ContainersSettings:
+    """Config section ``containers``."""
+
+    #: Seconds an install script may run.
+    install_timeout: float = attrs.field(
+        default=3600.0, validator=field_check(lambda v: v > 0, "must be > 0")
+    )
+    #: Seconds a stop (or restart, reinstall, rebind) waits before SIGKILL.
+    stop_timeout: float = attrs.field(
+        default=30.0, validator=field_check(lambda v: v >= 0, "must be >= 0")
+    )
+    #: Console lines kept per container for ``request_logs``.
+    history_lines: int = attrs.field(
+        default=1000, validator=field_check(lambda v: 1 <= v <= 100_000, "must be 1 to 100000")
+    )
+    crash_restart: CrashRestart = attrs.Factory(CrashRestart)
+
+
+MIGRATIONS = [
+    Migration(
+        "containers",
+        1,
+        """
+        CREATE TABLE containers_records (
+            internal_id TEXT PRIMARY KEY,
+            data TEXT NOT NULL
+        );
+        CREATE TABLE containers_node (id TEXT NOT NULL);
+        INSERT INTO containers_node VALUES (lower(hex(randomblob(8))))
+        """,
+    )
+]
+
+
+def check_port_specs(specs: Sequence[PortSpec]) -> None:
+    """Each entry names a pool port (``ip`` + ``port``) or asks for any (``container_port``)."""
+    for spec in specs:
+        if spec.container_port is None and (spec.ip is None or spec.port is None):
+            raise BadRequest("ports: each entry needs ip and port, or container_port")
+        if spec.protocol not in ("tcp", "udp", "both"):
+            raise BadRequest(f"Invalid protocol: {spec.protocol}", code="invalid_protocol")
+        if spec.container_port is not None and not 1 <= spec.container_port <= 65535:
+            raise BadRequest(f"Invalid port: {spec.container_port}", code="invalid_port")
+
+
+class Repository:
+    """Container records in the state store, one JSON document per container."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def node_id(self) -> str:
+        rows = await self._store.read(
+            lambda conn: conn.execute("SELECT id FROM containers_node").fetchall()
+        )
+        return str(rows[0]["id"])
+
+    async def load(self) -> list[ContainerRecord]:
+        rows = await self._store.read(
+            lambda conn: conn.execute("SELECT data FROM containers_records").fetchall()
+        )
+        return [converter.structure(json.loads(row["data"]), ContainerRecord) for row in rows]
+
+    async def insert(self, record: ContainerRecord) -> bool:
+        """Add a record; ``False`` if the id is taken."""
+
+        def insert(conn: sqlite3.Connection) -> bool:
+            try:
+                conn.execute(
+                    "INSERT INTO containers_records VALUES (?, ?)",
+                    (record.internal_id, _dump(record)),
+                )
+            except sqlite3.IntegrityError:
+                return False
+            return True
+
+        return await self._store.write(insert)
+
+    async def save(self, record: ContainerRecord) -> None:
+        await self._store.execute(
+            "UPDATE containers_records SET data = ? WHERE internal_id = ?",
+            (_dump(record), record.internal_id),
+        )
+
+    async def delete(self, internal_id: str) -> None:
+        await self._store.execute(
+            "DELETE FROM containers_records WHERE internal_id = ?", (internal_id,)
+        )
+
+
+def _dump(record: ContainerRecord) -> str:
+    return json.dumps(converter.unstructure(record), separators=(",", ":"))
+
+
+class Containers:
+    def __init__(self, agent: Agent, settings: ContainersSettings) -> None:
+        self.agent = agent
+        self.docker = agent.docker
+        self.settings = settings
+        self.repo = Repository(agent.store)
+        self._supervisors: dict[str, ContainerSupervisor] = {}
+        self._finished: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self.reconciled = trio.Event()
+        #: This agent's id on the engine (label ``lightd.node``), read from the store.
+        self.node_id = ""
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def get(self, internal_id: str) -> ContainerSupervisor:
+        supervisor = self._supervisors.get(internal_id)
+        if supervisor is None:
+            raise NotFound("Container not found", code="container_not_found")
+        return supervisor
+
+    def find(self, internal_id: str) -> ContainerSupervisor | None:
+        return self._supervisors.get(internal_id)
+
+    def all(self) -> list[ContainerSupervisor]:
+        return [self._supervisors[k] for k in sorted(self._supervisors)]
+
+    def using_volume(self, volume_id: str) -> str | None:
+        for supervisor in self.all():
+            if supervisor.record.volume_id == volume_id:
+                return supervisor.internal_id
+        return None
+
+    def data_path(self, internal_id: str) -> Path:
+        return self.agent.paths.containers / internal_id
+
+    async def notify(self, internal_id: str, state: str, error: str | None = None) -> None:
+        await self.agent.hooks.container_state_changed(self.agent, internal_id, state, error)
+
+    # -- the service --------------------------------------------------------------------
+
+    def _labels(self, *extra: str) -> list[str]:
+        return [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self.node_id}", *extra]
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.node_id = await self.repo.node_id()
+        records = await self.repo.load()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for record in records:
+                if record.install_state == "installing":
+                    record = attrs.evolve(
+                        record,
+                        install_state="failed",
+                        error="Installation interrupted",
+                        updated_at=int(time.time()),
+                    )
+                    await self.repo.save(record)
+                    await self.notify(record.internal_id, "failed", "Installation interrupted")
+                await self._start_supervisor(record)
+            nursery.start_soon(self._watch)
+            if self.docker.available:
+                with trio.move_on_after(30):
+                    await self.reconciled.wait()
+            task_status.started()
+
+    async def _start_supervisor(self, record: ContainerRecord) -> ContainerSupervisor:
+        assert self._nursery is not None
+        supervisor = ContainerSupervisor(self, record)
+        finished = trio.Event()
+        self._supervisors[record.internal_id] = supervisor
+        self._finished[record.internal_id] = finished
+
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await supervisor.run(task_status=task_status)
+            finally:
+                finished.set()
+
+        await self._nursery.start(run)
+        return supervisor
+
+    async def _watch(self) -> None:
+        """Follow Docker events for our containers; reconcile whenever the stream (re)starts."""
+        filters = {"label": self._labels(), "type": ["container"]}
+        while True:
+            await self.docker.wait_available()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.docker.watch_events, filters, self._on_event)
+                    await self.reconcile()
+                    self.reconciled.set()
+            except (DockerUnavailable, DockerError) as exc:
+                log.warning("Docker events stream ended: %s", exc)
+            await trio.sleep(0.5)
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        attributes = event.get("Actor", {}).get("Attributes", {})
+        if attributes.get(LABEL_ROLE, "server") != "server":
+            return
+        supervisor = self._supervisors.get(attributes.get(LABEL_ID, ""))
+        if supervisor is None or event.get("id") != supervisor.record.container_id:
+            return
+        action = event.get("Action") or event.get("status")
+        if action == "oom":
+            supervisor.on_oom()
+        elif action == "die":
+            await supervisor.on_exit(int(attributes.get("exitCode", 0) or 0), oom=False)
+
+    async def reconcile(self) -> None:
+        """Make the agent's records, Docker and the port pool agree (contract §10)."""
+        listed = await self.docker.call(
+            lambda c: c.api.containers(all=True, filters={"label": self._labels()})
+        )
+        for item in listed:
+            labels = item.get("Labels") or {}
+            internal_id = labels.get(LABEL_ID, "")
+            role = labels.get(LABEL_ROLE, "server")
+            supervisor = self._supervisors.get(internal_id)
+            running = item.get("State") == "running"
+            if supervisor is None or role != "server":
+                if supervisor is None or supervisor.record.install_state != "installing":
+                    log.info(
+                        "removing orphaned Docker container %s (%s)", item["Id"][:12], internal_id
+                    )
+                    await self._remove(item["Id"])
+                continue
+            if (
+                running
+                and supervisor.state == "offline"
+                and supervisor.record.install_state == "ready"
+            ):
+                log.info("%s: adopting the running server", internal_id)
+                await supervisor.adopt(item["Id"])
+            elif (
+                not running
+                and supervisor.state != "offline"
+                and item["Id"] == supervisor.record.container_id
+            ):
+                info = await self.docker.call(
+                    lambda c, cid=item["Id"]: c.api.inspect_container(cid)
+                )
+                await supervisor.on_exit(int(info["State"].get("ExitCode", 0)), oom=False)
+        pool = self.agent.stash.get(PORT_POOL)
+        if pool is not None:
+            for owner, entries in (await pool.held()).items():
+                supervisor = self._supervisors.get(owner)
+                if supervisor is None:
+                    log.info("releasing ports held by unknown container %s", owner)
+                    await pool.release(owner)
+                elif not supervisor.busy_with("rebind") and {(e.ip, e.port) for e in entries} != {
+                    (p.ip, p.port) for p in supervisor.record.ports
+                }:
+                    # A rebind cut short by a crash: the record says which ports it uses.
+                    log.info("%s: realigning held ports with its record", owner)
+                    await self.set_ports(owner, supervisor.record.ports)
+
+    # -- Docker mapping -----------------------------------------------------------------
+
+    def docker_options(
+        self, record: ContainerRecord, *, role: str, entrypoint: list[str] | None = None
+    ) -> dict[str, Any]:
+        """``containers.create`` arguments for the server (or install) container."""
+        volume = self.agent.paths.volumes / record.volume_id
+        data = self.data_path(record.internal_id)
+        first = record.ports[0] if record.ports else None
+        memory = record.limits.memory
+        environment = {
+            "SERVER_IP": first.ip if first else "",
+            "SERVER_PORT": str(first.port) if first else "",
+            "SERVER_MEMORY": str(memory // (1024 * 1024)) if memory else "0",
+            "STARTUP": record.startup_command,
+            **record.environment,
+        }
+        volumes = {
+            str(volume): {"bind": "/home/container", "mode": "rw"},
+            str(data): {"bind": "/app/data", "mode": "ro"},
+        }
+        for target, source in record.mount.items():
+            volumes[source] = {"bind": target, "mode": "rw"}
+        options: dict[str, Any] = {
+            "image": record.image,
+            "entrypoint": entrypoint or ["/bin/sh", "/app/data/entrypoint.sh"],
+            "command": [],
+            "working_dir": "/home/container",
+            "environment": environment,
+            "labels": {
+                LABEL_MANAGED: "true",
+                LABEL_NODE: self.node_id,
+                LABEL_ID: record.internal_id,
+                LABEL_ROLE: role,
+            },
+            "volumes": volumes,
+            "stdin_open": True,
+            "tty": False,
+            "detach": True,  # with stdin_open, keeps StdinOnce false (notes, pitfall 17)
+            "pids_limit": record.limits.pids,
+            "security_opt": ["no-new-privileges"],
+            "privileged": False,
+            "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}},
+        }
+        if role == "server":
+            options["name"] = f"lightd-{record.internal_id}"
+            ports: dict[str, Any] = {}
+            for p in record.ports:
+                for proto in ("tcp", "udp") if p.protocol == "both" else (p.protocol,):
+                    ports.setdefault(f"{p.container_port}/{proto}", []).append((p.ip, p.port))
+            options["ports"] = {k: v[0] if len(v) == 1 else v for k, v in ports.items()}
+        if memory:
+            options["mem_limit"] = memory
+            options["memswap_limit"] = memory + record.limits.swap
+        if record.limits.cpu:
+            options["nano_cpus"] = int(record.limits.cpu * 1e9)
+        return options
+
+    async def ensure_image(self, image: str, message: Callable[[str], None]) -> None:
+        """Use the local image, else pull it with progress messages."""
+        try:
+            await self.docker.call(lambda c: c.api.inspect_image(image))
+            return
+        except DockerNotFound:
+            pass
+        message(f"Pulling image: {image}")
+        last = time.monotonic()
+
+        def pull(client: Any) -> None:
+            nonlocal last
+            # docker-py splits "repo:tag" itself and pulls only "latest" when no tag is named.
+            for item in client.api.pull(image, stream=True, decode=True):
+                if "error" in item:
+                    raise InstallFailed(item["error"])
+                status = item.get("status")
+                if status and time.monotonic() - last > 1:
+                    last = time.monotonic()
+                    trio.from_thread.run_sync(message, f"Pulling image: {image}: {status}")
+
+        try:
+            await self.docker.stream(pull)
+        except (DockerError, InstallFailed) as exc:
+            raise InstallFailed(f"Failed to pull image {image}: {exc}") from None
+        message(f"Image pulled: {image}")
+
+    async def remove_docker_container(self, internal_id: str, *, role: str | None) -> None:
+        """Remove this container's Docker containers (of one role, or all)."""
+        label = self._labels(f"{LABEL_ID}={internal_id}")
+        if role:
+            label.append(f"{LABEL_ROLE}={role}")
+        listed = await self.docker.call(
+            lambda c: c.api.containers(all=True, filters={"label": label})
+        )
+        for item in listed:
+            await self._remove(item["Id"])
+
+    async def _remove(self, container_id: str) -> None:
+        with contextlib.suppress(DockerNotFound):
+            await self.docker.call(
+                lambda c: c.api.remove_container(container_id, force=True, v=True)
+            )
+
+    async def run_install_script(self, job: InstallJob) -> None:
+        runner = self.agent.pm.hook.lightd_run_install_script(agent=self.agent, job=job)
+        if runner is None:
+            raise InstallFailed("Install scripts are not available (plugin disabled)")
+        await runner
+
+    # -- ports --------------------------------------------------------------------------
+
+    async def reserve_ports(
+        self, internal_id: str, specs: Sequence[PortSpec]
+    ) -> tuple[PortBinding, ...]:
+        """Reserve ``specs`` for ``internal_id`` (all or none) and map them to bindings."""
+        if not specs:
+            return ()
+        pool = self.agent.stash.get(PORT_POOL)
+        if pool is None:
+            raise BadRequest("Port not found in network pool", code="port_not_in_pool")
+        requests = [PortRequest(s.ip, s.port, s.protocol) for s in specs]
+        reserved = await pool.reserve(internal_id, requests)
+        return tuple(
+            PortBinding(
+                ip=entry.ip,
+                port=entry.port,
+                protocol=spec.protocol,
+                container_port=spec.container_port or entry.port,
+            )
+            for spec, entry in zip(specs, reserved, strict=True)
+        )
+
+    async def set_ports(self, internal_id: str, ports: Sequence[PortBinding]) -> None:
+        """Make ``ports`` exactly what ``internal_id`` holds (frees the others)."""
+        pool = self.agent.stash.get(PORT_POOL)
+        if pool is not None:
+            await pool.replace(internal_id, [PortRequest(p.ip, p.port, p.protocol) for p in ports])
+
+    # -- create / delete ----------------------------------------------------------------
+
+    def check_create(self, request: CreateRequest) -> None:
+        """The contract's checks that need no I/O, with its exact messages."""
+        if request.start_pattern is not None:
+            try:
+                re.compile(request.start_pattern)
+            except re.error as exc:
+                raise BadRequest(
+                    f"Invalid start_pattern: {exc}", code="invalid_start_pattern"
+                ) from None
+        allowed = [os.path.realpath(p) for p in self.agent.config.docker.allowed_mounts]
+        for source in request.mount.values():
+            real = os.path.realpath(source) if os.path.isabs(source) else None
+            if real is None or not any(
+                real == root or real.startswith(root.rstrip("/") + "/") for root in allowed
+            ):
+                raise BadRequest(f"Mount not allowed: {source}", code="mount_not_allowed")
+        check_port_specs(request.ports)
+
+    async def create(self, request: CreateRequest) -> ContainerSupervisor:
+        self.check_create(request)
+        if request.internal_id in self._supervisors:
+            raise Conflict("Container already exists", code="container_exists")
+        volumes = self.agent.stash.get(VOLUMES)
+        if volumes is None or await volumes.path(request.volume_id) is None:
+            raise NotFound("Volume not found", code="volume_not_found")
+        ports = await self.reserve_ports(request.internal_id, request.ports)
+        now = int(time.time())
+        record = ContainerRecord(
+            internal_id=request.internal_id,
+            image=request.image,
+            volume_id=request.volume_id,
+            startup_command=request.startup_command,
+            start_pattern=request.start_pattern,
+            ports=ports,
+            limits=request.limits,
+            mount=dict(request.mount),
+            install_script=request.install_script,
+            environment=dict(request.environment),
+            stop_command=request.stop_command,
+            install_image=request.install_image,
+            install_state="installing",
+            container_id=None,
+            error=None,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            inserted = await self.repo.insert(record)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release(request.internal_id)
+            raise
+        if not inserted:
+            raise Conflict("Container already exists", code="container_exists")
+        supervisor = await self._start_supervisor(record)
+        supervisor.submit("install", start_after=request.start_on_completion)
+        return supervisor
+
+    async def _release(self, internal_id: str) -> None:
+        pool = self.agent.stash.get(PORT_POOL)
+        if pool is not None:
+            await pool.release(internal_id)
+
+    async def delete(self, internal_id: str) -> None:
+        """Forget the container, cancel whatever it was doing, remove its Docker objects,
+        free its ports and its data folder. The volume stays."""
+        supervisor = self.get(internal_id)
+        if not self.docker.available:
+            raise DockerUnavailable()
+        del self._supervisors[internal_id]
+        supervisor.cancel()
+        # Forget it first: a crash from here on leaves only orphans that reconcile removes.
+        await self.repo.delete(internal_id)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(30):
+                await self._finished.pop(internal_id).wait()
+            try:
+                await self.remove_docker_container(internal_id, role=None)
+            except (DockerError, DockerUnavailable) as exc:
+                log.warning("%s: Docker cleanup left for reconciliation: %s", internal_id, exc)
+            await self._release(internal_id)
+            await trio.to_thread.run_sync(
+                lambda: shutil.rmtree(self.data_path(internal_id), ignore_errors=True)
+            )
+            supervisor.hub.message("Container deleted")
+            supervisor.hub.close()
+            await self.agent.hooks.container_deleted(self.agent, internal_id)

@@ -1,0 +1,152 @@
+"""Built-in plugin ``containers``: the routes of contract §7 and the containers service.
+
+Config section ``containers`` (install timeout, stop timeout, console history, crash
+restart policy). Answers ``lightd_volume_in_use`` for the volumes plugin. Reads
+(``GET``) are served from the agent's own state, never from Docker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint
+
+from ..api.views import container_scoped, current_auth, read_json
+from ..converter import structure
+from ..errors import BadRequest, Conflict, DockerUnavailable
+from ..hookspecs import hookimpl
+from ..runtime import Agent, Service
+from . import CONTAINERS
+from .manager import MIGRATIONS, Containers, ContainersSettings, check_port_specs
+from .models import CreateRequest, RebindRequest, ReinstallRequest, StopRequest, valid_internal_id
+
+
+@hookimpl
+def lightd_add_config_sections() -> dict[str, type]:
+    return {"containers": ContainersSettings}
+
+
+@hookimpl
+def lightd_add_migrations() -> list[Any]:
+    return MIGRATIONS
+
+
+@hookimpl
+def lightd_configure(agent: Agent) -> None:
+    agent.stash[CONTAINERS] = Containers(agent, agent.config.section("containers"))
+
+
+@hookimpl
+def lightd_add_services(agent: Agent) -> list[Service]:
+    return [Service("containers", agent.stash[CONTAINERS].serve)]
+
+
+@hookimpl
+def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
+    return agent.stash[CONTAINERS].using_volume(volume_id)
+
+
+def _summary(supervisor: Any) -> dict[str, Any]:
+    record = supervisor.record
+    return {
+        "internal_id": record.internal_id,
+        "container_id": record.container_id,
+        "install_state": record.install_state,
+        "image": record.image,
+        "ports": [
+            {"ip": p.ip, "port": p.port, "protocol": p.protocol, "container_port": p.container_port}
+            for p in record.ports
+        ],
+        "state": supervisor.state,
+    }
+
+
+@hookimpl
+def lightd_add_routes(agent: Agent) -> list[Blueprint]:
+    containers = agent.stash[CONTAINERS]
+    bp = Blueprint("containers", __name__)
+
+    def need_docker() -> None:
+        if not agent.docker.available:
+            raise DockerUnavailable()
+
+    @bp.post("/containers")
+    async def create() -> dict[str, Any]:
+        data = await read_json()
+        if isinstance(data, dict) and "internal_id" in data:
+            internal_id = data["internal_id"]
+            if not isinstance(internal_id, str) or not valid_internal_id(internal_id):
+                raise BadRequest("Invalid internal_id", code="invalid_internal_id")
+        request = structure(data, CreateRequest)
+        need_docker()
+        supervisor = await containers.create(request)
+        return {
+            "message": "Container creation started",
+            "internal_id": supervisor.internal_id,
+            "state": "installing",
+        }
+
+    @bp.get("/containers")
+    @container_scoped
+    async def list_containers() -> dict[str, Any]:
+        auth = current_auth()
+        return {"containers": [_summary(s) for s in containers.all() if auth.allows(s.internal_id)]}
+
+    @bp.get("/containers/<internal_id>")
+    async def get_container(internal_id: str) -> dict[str, Any]:
+        return containers.get(internal_id).view()
+
+    @bp.delete("/containers/<internal_id>")
+    async def delete_container(internal_id: str) -> dict[str, Any]:
+        await containers.delete(internal_id)
+        return {"message": "Container deleted successfully"}
+
+    def power(kind: str, message: str) -> Any:
+        async def view(internal_id: str) -> dict[str, Any]:
+            supervisor = containers.get(internal_id)
+            need_docker()
+            args: dict[str, Any] = {}
+            if kind == "stop":
+                args["grace"] = (await read_json(StopRequest)).timeout
+            supervisor.submit(kind, **args)
+            return {"message": message, "internal_id": internal_id}
+
+        view.__name__ = f"power_{kind}"
+        return view
+
+    for kind, message in (
+        ("start", "Container start initiated"),
+        ("kill", "Container kill initiated"),
+        ("restart", "Container restart initiated"),
+        ("stop", "Container stop initiated"),
+    ):
+        bp.add_url_rule(
+            f"/containers/<internal_id>/{kind}", view_func=power(kind, message), methods=["POST"]
+        )
+
+    @bp.post("/containers/<internal_id>/reinstall")
+    async def reinstall(internal_id: str) -> dict[str, Any]:
+        supervisor = containers.get(internal_id)
+        body = await read_json(ReinstallRequest)
+        need_docker()
+        supervisor.submit("reinstall", image=body.image, install_script=body.install_script)
+        return {"message": "Container reinstall started", "internal_id": internal_id}
+
+    @bp.post("/containers/<internal_id>/rebind-network")
+    async def rebind(internal_id: str) -> dict[str, Any]:
+        supervisor = containers.get(internal_id)
+        body = await read_json(RebindRequest)
+        need_docker()
+        if supervisor._installing():
+            raise Conflict("Cannot rebind network while container is installing", code="installing")
+        check_port_specs(body.ports)
+        old = supervisor.record.ports
+        ports = await containers.reserve_ports(internal_id, body.ports)
+        try:
+            supervisor.submit("rebind", ports=ports)
+        except Conflict:
+            await containers.set_ports(internal_id, old)
+            raise
+        return {"message": "Network rebinding started", "internal_id": internal_id}
+
+    return [bp]

@@ -1,0 +1,501 @@
+"""One supervisor per container: its state machine, power queue and console.
+
+Everything that changes a container goes through its supervisor's queue and runs one at
+a time, in order (contract §7.4). Requests are validated against the state the container
+will be in once the queued actions have run, then queued; an answered request is never
+dropped. A kill goes to the head of the queue and removes pending starts: a kill always
+wins. The Docker ``die`` event (from the agent's single events stream) ends a run; a die
+that no stop or kill asked for is a crash.
+
+The console is one attach per run, opened before ``start`` so no output is lost: it
+feeds the hub (history, subscribers), matches ``start_pattern`` on every line, and
+carries stdin (commands, the ``stop_command``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..docker import AttachStream, DockerError, DockerNotFound
+from ..errors import AgentError, Conflict, DockerUnavailable
+from .hub import EventHub
+from .install import InstallFailed, InstallJob
+from .models import ContainerRecord, PortBinding, RuntimeState
+
+if TYPE_CHECKING:
+    from .manager import Containers
+
+__all__ = ["ContainerSupervisor"]
+
+log = logging.getLogger(__name__)
+
+#: A console line longer than this is cut there (and still ends with a newline).
+MAX_LINE = 64 * 1024
+
+
+@attrs.define
+class Action:
+    kind: str
+    args: dict[str, Any] = attrs.Factory(dict)
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+def entrypoint_script(startup_command: str) -> str:
+    return (
+        "#!/bin/sh\n"
+        "# Written by lightd at every install; edit the startup command instead.\n"
+        "cd /home/container || exit 1\n"
+        f"exec /bin/sh -c {shlex.quote(startup_command)}\n"
+    )
+
+
+class ContainerSupervisor:
+    def __init__(self, manager: Containers, record: ContainerRecord) -> None:
+        self.manager = manager
+        self.record = record
+        self.state: RuntimeState = "offline"
+        self.hub = EventHub(history_lines=manager.settings.history_lines)
+        self.exit_code: int | None = None
+        self.started_at: float | None = None
+        self._queue: deque[Action] = deque()
+        self._wake = trio.Event()
+        self._current: Action | None = None
+        self._current_scope: trio.CancelScope | None = None
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._stream: AttachStream | None = None
+        self._console_scope: trio.CancelScope | None = None
+        self._stop_asked = False
+        self._exited = trio.Event()
+        self._oom = False
+        self._crashes: deque[float] = deque()
+        self._pattern = re.compile(record.start_pattern) if record.start_pattern else None
+
+    @property
+    def internal_id(self) -> str:
+        return self.record.internal_id
+
+    # -- the supervisor's life ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._work()
+
+    def cancel(self) -> None:
+        """Stop everything this supervisor does (the container is being deleted)."""
+        self._queue.clear()
+        self._scope.cancel()
+
+    async def _work(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            action = self._queue.popleft()
+            self._current = action
+            try:
+                with trio.CancelScope() as scope:
+                    self._current_scope = scope
+                    await getattr(self, f"_do_{action.kind}")(**action.args)
+            except (AgentError, OSError) as exc:
+                log.warning("%s: %s failed: %s", self.internal_id, action.kind, exc)
+                self.hub.message(f"Error: {_reason(exc)}")
+            finally:
+                self._current = None
+                self._current_scope = None
+                action.done.set()
+
+    # -- requests (validated now, run later, in order) ------------------------------------
+
+    def _projected_running(self) -> bool:
+        """Will the server be up once the queued actions have run?"""
+        running = self.state != "offline"
+        actions = [self._current] if self._current else []
+        for action in [*actions, *self._queue]:
+            if action.kind in ("start", "restart"):
+                running = True
+            elif action.kind in ("kill", "stop", "reinstall"):
+                running = False
+        return running
+
+    def busy_with(self, kind: str) -> bool:
+        """Is an action of ``kind`` running or queued?"""
+        return any(
+            a.kind == kind for a in [*([self._current] if self._current else []), *self._queue]
+        )
+
+    def _installing(self) -> bool:
+        """Installing now, or an install is queued or running."""
+        actions = [self._current, *self._queue] if self._current else self._queue
+        return self.record.install_state == "installing" or any(
+            a.kind in ("install", "reinstall") for a in actions
+        )
+
+    def submit(self, kind: str, **args: Any) -> Action:
+        """Validate a power or change request against the projected state and queue it.
+
+        Raises ``Conflict`` with the contract's message when it cannot be done.
+        """
+        ready = self.record.install_state == "ready" and not self._installing()
+        if kind == "start":
+            if not ready:
+                raise Conflict("Container is not ready", code="not_ready")
+            if self._projected_running():
+                raise Conflict("Container is already running", code="already_running")
+        elif kind in ("kill", "stop"):
+            if not self._projected_running():
+                raise Conflict("Container is not running", code="not_running")
+        elif kind == "restart":
+            if not ready:
+                raise Conflict("Container is not ready", code="not_ready")
+        elif kind == "reinstall":
+            if self._installing():
+                raise Conflict("Container is already being installed", code="installing")
+        elif kind == "rebind" and self._installing():
+            raise Conflict("Cannot rebind network while container is installing", code="installing")
+        action = Action(kind, args)
+        if kind == "kill":
+            # A kill always wins: pending starts are dropped and it runs next.
+            for dropped in [a for a in self._queue if a.kind in ("start", "restart")]:
+                self._queue.remove(dropped)
+                dropped.done.set()
+            self._queue.appendleft(action)
+        else:
+            self._queue.append(action)
+        self._wake.set()
+        return action
+
+    async def send_command(self, text: str) -> None:
+        """Write a console command to the server's stdin (a newline is added if missing)."""
+        if self._stream is None or self.state == "offline":
+            raise Conflict("Container is not running", code="not_running")
+        if not text.endswith("\n"):
+            text += "\n"
+        await self._stream.send(text.encode("utf-8"))
+
+    # -- state --------------------------------------------------------------------------
+
+    async def _set_state(self, state: RuntimeState) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        if state != "offline":
+            self.hub.event(state)
+        await self.manager.notify(self.internal_id, state)
+
+    async def _set_record(self, **changes: Any) -> None:
+        self.record = attrs.evolve(self.record, updated_at=int(time.time()), **changes)
+        await self.manager.repo.save(self.record)
+
+    # -- install ------------------------------------------------------------------------
+
+    async def _do_install(self, start_after: bool = False) -> None:
+        record = self.record
+        if record.install_state != "installing":
+            await self._set_record(install_state="installing", error=None)
+        self.hub.event("installing")
+        await self.manager.notify(self.internal_id, "installing")
+        try:
+            await self._install_steps()
+        except (InstallFailed, DockerError, DockerUnavailable, OSError) as exc:
+            reason = _reason(exc)
+            await self._set_record(install_state="failed", error=reason)
+            self.hub.message(f"Error: {reason}")
+            await self.manager.notify(self.internal_id, "failed", reason)
+            return
+        await self._set_record(install_state="ready", error=None)
+        self.hub.event("installed")
+        await self.manager.notify(self.internal_id, "ready")
+        if start_after:
+            self._queue.appendleft(Action("start"))
+
+    async def _install_steps(self) -> None:
+        record = self.record
+        manager = self.manager
+        await manager.ensure_image(record.image, self.hub.message)
+        if record.install_script:
+            image = record.install_image or record.image
+            if image != record.image:
+                await manager.ensure_image(image, self.hub.message)
+            job = InstallJob(
+                internal_id=record.internal_id,
+                image=image,
+                script=record.install_script,
+                data_path=manager.data_path(record.internal_id),
+                log_path=manager.data_path(record.internal_id) / "install.log",
+                timeout=manager.settings.install_timeout,
+                limits=record.limits,
+                console=self.hub.console,
+                message=self.hub.message,
+                docker_options=lambda **extra: manager.docker_options(
+                    self.record, role="install", **extra
+                ),
+            )
+            self.hub.message("Running install script")
+            await manager.run_install_script(job)
+            self.hub.message("Install script finished")
+        await self._recreate()
+
+    async def _recreate(self) -> str:
+        """Write entrypoint.sh and (re)create the server container, not started."""
+        manager = self.manager
+        record = self.record
+        data = manager.data_path(record.internal_id)
+        script = entrypoint_script(record.startup_command)
+        await trio.to_thread.run_sync(_write_text, data / "entrypoint.sh", script)
+        await manager.remove_docker_container(record.internal_id, role="server")
+        options = manager.docker_options(record, role="server")
+        container = await manager.docker.call(lambda c: c.containers.create(**options))
+        await self._set_record(container_id=container.id)
+        return str(container.id)
+
+    # -- power --------------------------------------------------------------------------
+
+    async def _ensure_container(self) -> str:
+        container_id = self.record.container_id
+        if container_id:
+            try:
+                await self.manager.docker.call(lambda c: c.api.inspect_container(container_id))
+                return container_id
+            except DockerNotFound:
+                log.info("%s: Docker container vanished; recreating it", self.internal_id)
+        await self.manager.ensure_image(self.record.image, self.hub.message)
+        return await self._recreate()
+
+    async def _do_start(self) -> None:
+        if self.record.install_state != "ready":
+            raise Conflict("Container is not ready")
+        if self.state != "offline":
+            return
+        container_id = await self._ensure_container()
+        self._stop_asked = False
+        self._oom = False
+        self._exited = trio.Event()
+        await self._set_state("starting")
+        try:
+            await self._attach(container_id)
+            await self.manager.docker.call(lambda c: c.api.start(container_id))
+        except BaseException:
+            self._close_console()
+            with trio.CancelScope(shield=True):
+                await self._set_state("offline")
+            raise
+        self.started_at = time.time()
+        self.exit_code = None
+        self.hub.message("Container started")
+        if self._pattern is None:
+            await self._set_state("running")
+
+    async def _do_kill(self) -> None:
+        if self.state == "offline":
+            return
+        self._stop_asked = True
+        await self._set_state("stopping")
+        container_id = self.record.container_id
+        try:
+            await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGKILL"))
+        except DockerError as exc:
+            log.info("%s: kill: %s", self.internal_id, exc)  # already exited
+        await self._wait_exit(10)
+
+    async def _do_stop(self, grace: float | None = None) -> None:
+        if self.state == "offline":
+            return
+        if grace is None:
+            grace = self.manager.settings.stop_timeout
+        self._stop_asked = True
+        await self._set_state("stopping")
+        container_id = self.record.container_id
+        command = self.record.stop_command
+        try:
+            if command and self._stream is not None:
+                await self.send_command(command)
+            else:
+                await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGTERM"))
+        except (DockerError, Conflict, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("%s: stop: %s", self.internal_id, exc)
+        with trio.move_on_after(grace):
+            await self._exited.wait()
+        if self.state != "offline":
+            try:
+                await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGKILL"))
+            except DockerError as exc:
+                log.info("%s: kill after stop: %s", self.internal_id, exc)
+            await self._wait_exit(10)
+
+    async def _do_restart(self) -> None:
+        await self._do_stop()
+        await self._do_start()
+        self.hub.message("Container restarted")
+
+    async def _do_reinstall(self, image: str | None, install_script: str | None) -> None:
+        await self._do_stop()
+        changes: dict[str, Any] = {"install_state": "installing", "error": None}
+        if image is not None:
+            changes["image"] = image
+        if install_script is not None:
+            changes["install_script"] = install_script or None
+        await self._set_record(**changes)
+        await self._do_install()
+
+    async def _do_rebind(self, ports: tuple[PortBinding, ...]) -> None:
+        """Recreate the server with ``ports`` (already reserved next to the old ones)."""
+        was_running = self.state != "offline"
+        old = self.record.ports
+        try:
+            await self._do_stop()
+            await self._set_record(ports=ports)
+            await self._recreate()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                # All or none: back to the old bindings, the new ports given back.
+                await self._set_record(ports=old)
+                await self.manager.set_ports(self.internal_id, old)
+            raise
+        await self.manager.set_ports(self.internal_id, ports)
+        self.hub.message("Network rebound")
+        if was_running:
+            await self._do_start()
+
+    async def _wait_exit(self, seconds: float) -> None:
+        """Wait for the die event; if it never comes, ask Docker and settle the state."""
+        with trio.move_on_after(seconds):
+            await self._exited.wait()
+            return
+        container_id = self.record.container_id
+        try:
+            info = await self.manager.docker.call(lambda c: c.api.inspect_container(container_id))
+            running = bool(info["State"]["Running"])
+            code = int(info["State"].get("ExitCode", 0))
+        except DockerNotFound:
+            running, code = False, 0
+        if not running:
+            await self.on_exit(code, oom=False)
+
+    # -- console ------------------------------------------------------------------------
+
+    async def _attach(self, container_id: str) -> None:
+        self._close_console()
+        assert self._nursery is not None
+        await self._nursery.start(self._serve_console, container_id)
+
+    def _close_console(self) -> None:
+        if self._console_scope is not None:
+            self._console_scope.cancel()
+            self._console_scope = None
+        self._stream = None
+
+    async def _serve_console(
+        self, container_id: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._console_scope = scope
+            async with self.manager.docker.attach(container_id) as stream:
+                self._stream = stream
+                task_status.started()
+                await self._read_console(stream)
+        if self._console_scope is scope:
+            self._console_scope = None
+            self._stream = None
+
+    async def _read_console(self, stream: AttachStream) -> None:
+        pending = b""
+        while (chunk := await stream.receive()) is not None:
+            data = pending + chunk
+            parts = data.split(b"\n")
+            pending = parts.pop()
+            while len(pending) >= MAX_LINE:
+                parts.append(pending[:MAX_LINE])
+                pending = pending[MAX_LINE:]
+            if parts:
+                await self._lines([p.decode("utf-8", "replace") + "\n" for p in parts])
+        if pending:
+            await self._lines([pending.decode("utf-8", "replace") + "\n"])
+
+    async def _lines(self, lines: list[str]) -> None:
+        self.hub.console(lines)
+        pattern = self._pattern
+        if self.state == "starting" and pattern and any(pattern.search(li) for li in lines):
+            self.hub.message("Server started")
+            await self._set_state("running")
+
+    # -- Docker events ------------------------------------------------------------------
+
+    def on_oom(self) -> None:
+        self._oom = True
+
+    async def on_exit(self, exit_code: int, *, oom: bool) -> None:
+        """The server process ended (die event, or found ended)."""
+        if self.state == "offline":
+            return
+        self.exit_code = exit_code
+        crashed = not self._stop_asked
+        self._close_console()
+        self.hub.event("exit")
+        if crashed:
+            why = " (out of memory)" if (oom or self._oom) else ""
+            self.hub.message(f"Container crashed (exit code {exit_code}){why}")
+        else:
+            self.hub.message("Container stopped")
+        self.state = "offline"
+        self._exited.set()
+        await self.manager.notify(self.internal_id, "offline")
+        if crashed:
+            self._maybe_restart()
+
+    def _maybe_restart(self) -> None:
+        policy = self.manager.settings.crash_restart
+        if not policy.enabled:
+            return
+        now = time.monotonic()
+        while self._crashes and now - self._crashes[0] > policy.window:
+            self._crashes.popleft()
+        if len(self._crashes) >= policy.max_restarts:
+            self.hub.message("Crash restart limit reached; not restarting")
+            return
+        self._crashes.append(now)
+        self.hub.message("Restarting after crash")
+        self._queue.append(Action("start"))
+        self._wake.set()
+
+    async def adopt(self, container_id: str) -> None:
+        """A server already running when the agent started: re-attach, mark running."""
+        if self.record.container_id != container_id:
+            await self._set_record(container_id=container_id)
+        self._stop_asked = False
+        self._exited = trio.Event()
+        await self._attach(container_id)
+        self.started_at = time.time()
+        await self._set_state("running")
+
+    def view(self) -> dict[str, Any]:
+        body = self.record.describe()
+        body["state"] = self.state
+        body["exit_code"] = self.exit_code
+        body["started_at"] = int(self.started_at) if self.started_at else None
+        return body
+
+
+def _write_text(path: Any, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(path)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, DockerUnavailable):
+        return "Docker engine unreachable"
+    return str(exc) or type(exc).__name__
