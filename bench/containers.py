@@ -1,0 +1,217 @@
+"""Container life-cycle costs of the agent next to raw docker-py, measured in one run.
+
+Prints, each beside its baseline:
+
+* create → ready (no install script) vs a raw ``containers.create``  (target: ≤ raw + 50 ms)
+* start → running (no start pattern) vs a raw ``container.start``     (target: ≤ raw + 50 ms)
+* ``GET /containers/:id`` p50 vs a raw inspect p50                     (target: ≤ raw)
+* 20 concurrent creates until all ready vs 20 raw concurrent creates   (target: ≤ 1.5 x)
+* reconciling 100 running containers after an agent restart            (target: ≤ 5 s)
+
+Run: ``.venv/bin/python bench/containers.py [--runs 15] [--reconcile 100]``. Needs the
+Docker engine of ``scripts/docker-engine.sh`` (``DOCKER_HOST``) and its test image.
+Every container it makes is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+
+IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
+VENDOR = "Application/vnd.pkglatv1+json"
+POLL = 0.002
+
+
+@contextmanager
+def agent(folder: Path) -> Iterator[tuple[httpx.Client, Path]]:
+    """Run the agent as its own process (as in production) and give a client of it."""
+    config = folder / "config.json"
+    token = "lightd_" + "b" * 32
+    if not config.exists():
+        config.write_text(
+            json.dumps(
+                {
+                    "server": {"host": "127.0.0.1", "port": 0},
+                    "authorization": {"token": token},
+                    "containers": {"stop_timeout": 2},
+                }
+            )
+        )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        url = ""
+        while not url:
+            line = proc.stderr.readline()
+            if not line:
+                raise SystemExit("the agent exited before listening")
+            if "listening on " in line:
+                url = line.rsplit("listening on ", 1)[1].strip()
+        headers = {"Accept": VENDOR, "Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+            yield client, config
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_until(client: httpx.Client, internal_id: str, **expected: Any) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        body = client.get(f"/containers/{internal_id}").json()
+        if all(body.get(k) == v for k, v in expected.items()):
+            return
+        if body.get("install_state") == "failed":
+            raise SystemExit(f"{internal_id} failed: {body.get('error')}")
+        time.sleep(POLL)
+    raise SystemExit(f"{internal_id} never reached {expected}")
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def measure(
+    client: httpx.Client, raw: docker.DockerClient, args: argparse.Namespace
+) -> dict[str, tuple[float, float]]:
+    """The single-call and concurrent figures, agent next to raw docker-py."""
+    label = {"lightd.bench": "1"}
+    volume = client.post("/volumes").json()["volume_id"]
+
+    def body(internal_id: str) -> dict[str, Any]:
+        return {
+            "internal_id": internal_id,
+            "image": IMAGE,
+            "volume_id": volume,
+            "startup_command": "sleep 3600",
+        }
+
+    def agent_create(internal_id: str) -> None:
+        client.post("/containers", json=body(internal_id)).raise_for_status()
+        wait_until(client, internal_id, install_state="ready")
+
+    def agent_start(internal_id: str) -> None:
+        client.post(f"/containers/{internal_id}/start").raise_for_status()
+        wait_until(client, internal_id, state="running")
+
+    creates, raw_creates, starts, raw_starts = [], [], [], []
+    made: list[Any] = []
+    for n in range(args.runs):
+        creates.append(timed(lambda n=n: agent_create(f"bench-{n}")))
+        starts.append(timed(lambda n=n: agent_start(f"bench-{n}")))
+        raw_creates.append(
+            timed(
+                lambda: made.append(
+                    raw.containers.create(
+                        IMAGE, ["sleep", "3600"], labels=label, stdin_open=True, detach=True
+                    )
+                )
+            )
+        )
+        raw_starts.append(timed(made[-1].start))
+    results = {
+        "create → ready": (median(creates), median(raw_creates)),
+        "start → running": (median(starts), median(raw_starts)),
+    }
+    gets = [timed(lambda: client.get("/containers/bench-0")) for _ in range(200)]
+    inspects = [timed(lambda: raw.api.inspect_container(made[0].id)) for _ in range(200)]
+    results["GET /containers/:id p50"] = (median(gets), median(inspects))
+
+    def agent_batch() -> None:
+        ids = [f"batch-{n}" for n in range(args.concurrent)]
+        with ThreadPoolExecutor(args.concurrent) as pool:
+            list(pool.map(lambda i: client.post("/containers", json=body(i)), ids))
+        for internal_id in ids:
+            wait_until(client, internal_id, install_state="ready")
+
+    def raw_batch() -> None:
+        with ThreadPoolExecutor(args.concurrent) as pool:
+            list(
+                pool.map(
+                    lambda _: raw.containers.create(IMAGE, ["sleep", "3600"], labels=label),
+                    range(args.concurrent),
+                )
+            )
+
+    results[f"{args.concurrent} concurrent creates"] = (timed(agent_batch), timed(raw_batch))
+    for n in range(args.reconcile):
+        client.post("/containers", json=body(f"rec-{n}")).raise_for_status()
+    for n in range(args.reconcile):
+        wait_until(client, f"rec-{n}", install_state="ready")
+        client.post(f"/containers/rec-{n}/start").raise_for_status()
+    for n in range(args.reconcile):
+        wait_until(client, f"rec-{n}", state="running")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="samples per single-call figure")
+    parser.add_argument("--concurrent", type=int, default=20)
+    parser.add_argument("--reconcile", type=int, default=100, help="containers to reconcile")
+    args = parser.parse_args()
+    raw = docker.from_env(max_pool_size=64)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lightd-bench-") as tmp:
+            with agent(Path(tmp)) as (client, config):
+                results = measure(client, raw, args)
+            # The agent is down now; its containers keep running. Restart it.
+            start = time.perf_counter()
+            with agent(config.parent) as (client, _):
+                listed = client.get("/containers").json()["containers"]
+                reconcile = time.perf_counter() - start
+                running = sum(
+                    1
+                    for c in listed
+                    if c["internal_id"].startswith("rec-") and c["state"] == "running"
+                )
+                for c in listed:
+                    client.delete(f"/containers/{c['internal_id']}")
+    finally:
+        for c in raw.containers.list(all=True, filters={"label": "lightd.bench=1"}):
+            c.remove(force=True)
+        raw.close()
+
+    print(f"lightd container bench: {args.runs} samples per figure, image {IMAGE}\n")
+    print(f"{'figure':34} {'agent':>10} {'raw docker':>11} {'diff':>10} {'ratio':>7}")
+    for name, (ours, base) in results.items():
+        print(f"{name:34} {ours:8.1f}ms {base:9.1f}ms {ours - base:+8.1f}ms {ours / base:6.2f}×")
+    print(
+        f"\nreconcile {args.reconcile} running containers after restart: {reconcile:.2f} s"
+        f" (process start → API answers; {running}/{args.reconcile} adopted as running;"
+        " target ≤ 5 s)"
+    )
+    print("targets: create/start ≤ raw + 50 ms; GET ≤ raw inspect; concurrent ≤ 1.5×")
+
+
+if __name__ == "__main__":
+    main()
