@@ -279,15 +279,15 @@ _SECRET_KEYS = ("token", "secret", "password")
 
 
 def redact(value: Any) -> Any:
-    """A copy of config data with every secret replaced, for showing to API clients."""
+    """A copy of config data with every secret replaced, for showing to API clients.
+
+    An empty secret stays empty: that it is unset is worth seeing, and reveals nothing.
+    """
     if isinstance(value, Mapping):
         out = {}
         for key, item in value.items():
-            if (
-                isinstance(key, str)
-                and key.lower().endswith(_SECRET_KEYS)
-                and isinstance(item, str)
-            ):
+            secret = isinstance(key, str) and key.lower().endswith(_SECRET_KEYS)
+            if secret and isinstance(item, str) and item:
                 out[key] = "lightd_***" if key.lower().endswith("token") else "***"
             else:
                 out[key] = redact(item)

@@ -137,7 +137,11 @@ async def test_remote_config_is_redacted(
 ) -> None:
     remote_token = new_token()
     path = make_config(
-        {"remote": {"token": remote_token}, "_note": "kept", "custom": {"api_secret": "s3"}}
+        {
+            "remote": {"token": remote_token},
+            "_note": "kept",
+            "custom": {"api_secret": "s3", "password": ""},
+        }
     )
     node = await start_agent(path)
     async with api_client(node.url) as c:
@@ -147,6 +151,7 @@ async def test_remote_config_is_redacted(
     assert body["authorization"]["token"] == "lightd_***"
     assert body["remote"]["token"] == "lightd_***"
     assert body["custom"]["api_secret"] == "***"
+    assert body["custom"]["password"] == ""  # unset stays visibly unset
     assert body["_note"] == "kept"
     assert body["server"]["max_body_bytes"] == 8 * 1024 * 1024  # defaults are shown
     assert MASTER not in response.text and remote_token not in response.text
