@@ -1,1 +1,0 @@
-"""Built-in plugin ``port_pool``: not implemented yet (see the issue that adds it)."""

@@ -1,0 +1,146 @@
+"""Pool values and their rules: addresses, port numbers, protocols, the ``network`` section.
+
+No I/O here. Every value that enters the pool, from a request body, a URL or the
+``PortPoolService`` interface, goes through one of the ``parse_*`` functions, so the
+store only ever holds normalised values and the error messages are the contract's own
+(``Invalid IP address: <ip>``, ``Invalid port: <port>``, ``Invalid protocol: <p>``).
+
+Addresses: any IPv4 or IPv6 literal the ``ipaddress`` module accepts, stored in its
+compressed form (``2001:DB8:0::1`` → ``2001:db8::1``); an IPv4-mapped IPv6 address is
+the IPv4 address it maps (``::ffff:10.0.0.1`` → ``10.0.0.1``: one host address, one
+identity); a zone (``fe80::1%eth0``) is refused, Docker cannot bind one. The wildcards
+``0.0.0.0`` and ``::`` are ordinary entries. Pool order is by address (IPv4 first, then
+IPv6, numerically), then port: ``ip_key`` is the sortable form the store indexes.
+
+Protocols: an entry is ``tcp``, ``udp`` or ``both``; a request for ``tcp`` or ``udp`` is
+served by an entry of the same protocol or a ``both`` one, a request for ``both`` only by
+a ``both`` entry (``covers``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+
+import attrs
+
+from agent.converter import field_check
+from agent.errors import BadRequest
+
+__all__ = [
+    "PROTOCOLS",
+    "NetworkConfig",
+    "covers",
+    "display",
+    "echo",
+    "ip_key",
+    "parse_ip",
+    "parse_path_port",
+    "parse_port",
+    "parse_protocol",
+]
+
+PROTOCOLS = ("tcp", "udp", "both")
+#: Bits a protocol takes on an entry: two requests of one reservation may share a
+#: ``both`` entry only when their bits do not overlap (tcp to one container port, udp to
+#: another).
+PROTOCOL_BITS = {"tcp": 1, "udp": 2, "both": 3}
+_ECHO_LIMIT = 100
+_CHAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,27}")
+
+
+def echo(value: object) -> str:
+    """A client's value, as an error message quotes it: strings as they are, anything
+    else as JSON, both cut short so a huge value cannot bloat the answer."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= _ECHO_LIMIT else text[:_ECHO_LIMIT] + "…"
+
+
+def parse_ip(value: object) -> str:
+    """A normalised IP address, or ``BadRequest("Invalid IP address: <value>")``."""
+    if isinstance(value, str) and 2 <= len(value) <= 64:
+        text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            pass
+        else:
+            if isinstance(address, ipaddress.IPv6Address):
+                if address.scope_id is not None:
+                    raise BadRequest(f"Invalid IP address: {echo(value)}", code="invalid_ip")
+                if address.ipv4_mapped is not None:
+                    return str(address.ipv4_mapped)
+            return address.compressed
+    raise BadRequest(f"Invalid IP address: {echo(value)}", code="invalid_ip")
+
+
+def parse_port(value: object) -> int:
+    """A port 1 to 65535 from a JSON integer (``"80"``, ``80.0`` and ``true`` are not), or
+    ``BadRequest("Invalid port: <value>")``."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise BadRequest(f"Invalid port: {echo(value)}", code="invalid_port")
+
+
+def parse_path_port(text: str) -> int:
+    """A port from a URL segment: ASCII digits only, then as ``parse_port``."""
+    if text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535:
+        return int(text)
+    raise BadRequest(f"Invalid port: {echo(text)}", code="invalid_port")
+
+
+def parse_protocol(value: object) -> str:
+    """``tcp``, ``udp`` or ``both`` (exactly, lower case), or
+    ``BadRequest("Invalid protocol: <value>")``."""
+    if isinstance(value, str) and value in PROTOCOLS:
+        return value
+    raise BadRequest(f"Invalid protocol: {echo(value)}", code="invalid_protocol")
+
+
+def covers(entry: str, wanted: str) -> bool:
+    """Can a pool entry of protocol ``entry`` serve a request for ``wanted``?"""
+    return entry == wanted or entry == "both"
+
+
+def ip_key(ip: str) -> bytes:
+    """Sort key of a normalised address: version byte, then the packed address."""
+    address = ipaddress.ip_address(ip)
+    return bytes((address.version,)) + address.packed
+
+
+def display(ip: str, port: int) -> str:
+    """``ip:port`` as messages write it; an IPv6 address in brackets (``[::1]:25565``)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _chain_name(value: str) -> bool:
+    return bool(_CHAIN.fullmatch(value))
+
+
+@attrs.frozen
+class NetworkConfig:
+    """The ``network`` section of config.json (every key optional)."""
+
+    #: Keep one iptables ACCEPT rule per pool port (per protocol) in ``firewall_chain``.
+    manage_firewall: bool = False
+    #: The iptables and ip6tables programs (names looked up on PATH, or paths). A missing
+    #: one is a warning at start, and that address family gets no rules.
+    iptables: str = "iptables"
+    ip6tables: str = "ip6tables"
+    #: The chain the agent owns: it holds the pool's rules and nothing else; at start it
+    #: is made to match the pool exactly (rules of the chain that no pool port explains
+    #: are deleted).
+    firewall_chain: str = attrs.field(
+        default="LIGHTD-PORTS",
+        validator=field_check(_chain_name, "must be 1-28 characters of A-Z a-z 0-9 _ . -"),
+    )
+    #: The chain that jumps to ``firewall_chain`` (the jump is inserted first).
+    firewall_parent: str = attrs.field(
+        default="INPUT",
+        validator=field_check(_chain_name, "must be 1-28 characters of A-Z a-z 0-9 _ . -"),
+    )
+    #: Seconds one iptables call may take (it waits for the xtables lock meanwhile).
+    firewall_timeout: float = attrs.field(
+        default=10.0, validator=field_check(lambda v: v > 0, "must be > 0")
+    )
