@@ -88,8 +88,10 @@ def _setup_logging(dev: bool) -> None:
         stream=sys.stderr,
     )
     if not dev:
-        # docker-py's HTTP layer logs every request at DEBUG only; keep INFO readable.
+        # docker-py's HTTP layer logs every request at DEBUG only, httpx (remote sync) at
+        # INFO; keep INFO readable.
         logging.getLogger("urllib3").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _fail(path: Path, error: ConfigError) -> int:

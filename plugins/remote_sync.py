@@ -1,1 +1,0 @@
-"""Built-in plugin ``remote_sync``: not implemented yet (see the issue that adds it)."""
