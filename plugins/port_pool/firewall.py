@@ -198,8 +198,16 @@ class Firewall:
                 self.applied.add(rule)
         return True
 
+    async def wanted(self) -> set[Rule]:
+        """The rules the pool needs, in the families that have a program."""
+        return {r for r in rules_for(await self._targets()) if r[0] in self._programs}
+
+    async def in_sync(self) -> bool:
+        """No pass is due and the chain holds exactly what the pool needs."""
+        return not self._wake.is_set() and self.applied == await self.wanted()
+
     async def _reconcile(self) -> None:
-        wanted = {r for r in rules_for(await self._targets()) if r[0] in self._programs}
+        wanted = await self.wanted()
         chain = self._config.firewall_chain
         for rule in sorted(self.applied - wanted, key=_order):
             args = rule_args(rule)
