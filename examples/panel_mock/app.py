@@ -183,10 +183,14 @@ class PanelState:
         if self.data_file is None or not self.data_file.exists():
             return
         with self.data_file.open(encoding="utf-8") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                entry = json.loads(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut short by a crash: skip it, keep the rest
+                    log.warning("%s line %d is not JSON; skipped", self.data_file, number)
+                    continue
                 if isinstance(entry.get("event_id"), str):
                     self.seen.add(entry["event_id"])
                 self.received.append(entry)
