@@ -19,6 +19,7 @@ a ``both`` entry (``covers``).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -60,19 +61,27 @@ def echo(value: object) -> str:
 def parse_ip(value: object) -> str:
     """A normalised IP address, or ``BadRequest("Invalid IP address: <value>")``."""
     if isinstance(value, str) and 2 <= len(value) <= 64:
-        text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            pass
-        else:
-            if isinstance(address, ipaddress.IPv6Address):
-                if address.scope_id is not None:
-                    raise BadRequest(f"Invalid IP address: {echo(value)}", code="invalid_ip")
-                if address.ipv4_mapped is not None:
-                    return str(address.ipv4_mapped)
-            return address.compressed
+        normal = _normal_ip(value)
+        if normal is not None:
+            return normal
     raise BadRequest(f"Invalid IP address: {echo(value)}", code="invalid_ip")
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_ip(text: str) -> str | None:
+    """Cached: a node has few addresses, and reservations parse them on the hot path."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            return None
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+    return address.compressed
 
 
 def parse_port(value: object) -> int:

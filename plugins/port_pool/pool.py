@@ -36,7 +36,7 @@ from .model import PROTOCOL_BITS, covers, display, ip_key, parse_ip, parse_port,
 if TYPE_CHECKING:
     from agent.store import Store
 
-__all__ = ["MIGRATIONS", "Entry", "PortPool", "PortPoolError"]
+__all__ = ["MIGRATIONS", "TAKE_SQL", "Entry", "PortPool", "PortPoolError"]
 
 T = TypeVar("T")
 
@@ -65,7 +65,9 @@ MIGRATIONS = [
 ]
 
 _COLUMNS = "ip, port, protocol, in_use, owner"
-_TAKE = (
+#: Take one named entry for an owner (none if it is another's, marked, or of another
+#: protocol). ``bench/ports.py`` runs the same statement raw, as the ceiling.
+TAKE_SQL = (
     "UPDATE port_pool_ports SET in_use = 1, owner = ?1 WHERE ip = ?2 AND port = ?3"
     " AND (owner = ?1 OR in_use = 0) AND (protocol = ?4 OR protocol = 'both')"
     " RETURNING protocol"
@@ -161,7 +163,7 @@ def _want(request: PortRequest) -> _Want:
 
 
 def _refusal(conn: sqlite3.Connection, want: _Want) -> Exception:
-    """Why a specific entry could not be taken (called only once ``_TAKE`` missed)."""
+    """Why a specific entry could not be taken (called only once ``TAKE_SQL`` missed)."""
     assert want.ip is not None and want.port is not None
     row = conn.execute(
         "SELECT protocol, in_use, owner FROM port_pool_ports WHERE ip = ? AND port = ?",
@@ -201,7 +203,7 @@ def _take(
         if bits.get(key, 0) & mask:
             raise Conflict(f"Port already in use: {display(*key)}", code="port_requested_twice")
         bits[key] = bits.get(key, 0) | mask
-        rows = conn.execute(_TAKE, (owner, want.ip, want.port, want.protocol)).fetchall()
+        rows = conn.execute(TAKE_SQL, (owner, want.ip, want.port, want.protocol)).fetchall()
         if not rows:
             raise _refusal(conn, want)
         taken[index] = PoolPort(want.ip, want.port, rows[0][0])

@@ -278,9 +278,9 @@ async def test_rules_follow_the_pool(
             accept("10.0.0.1", "tcp", 25565),
             accept("10.0.0.1", "udp", 25565),
         ]
-        await c.post("/network/ports/bulk", json={"ip": "2001:db8::1", "start": 1, "end": 50})
+        await c.post("/network/ports/bulk", json={"ip": "2001:db8::1", "start": 1, "end": 8})
         await settle(running)
-        assert len(v6.rules()) == 50
+        assert len(v6.rules()) == 8
         # Reserving and marking ports does not touch the firewall.
         calls = len(v4.calls) + len(v6.calls)
         await running.agent.stash[PORT_POOL].reserve("srv-1", [PortRequest("2001:db8::1", 7)])
@@ -290,7 +290,7 @@ async def test_rules_follow_the_pool(
         await c.delete("/network/ports/10.0.0.1/25565")
         await c.post(
             "/network/ports/bulk-delete",
-            json={"ports": [{"ip": "2001:db8::1", "port": p} for p in range(2, 51)]},
+            json={"ports": [{"ip": "2001:db8::1", "port": p} for p in range(2, 9)]},
         )
         await settle(running)
         assert v4.rules() == []
