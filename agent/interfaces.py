@@ -23,7 +23,10 @@ __all__ = ["PORT_POOL", "VOLUMES", "PoolPort", "PortPoolService", "PortRequest",
 @attrs.frozen
 class PortRequest:
     """A port a container asks for: a given pool entry, or (``ip``/``port`` None) any free
-    entry of ``protocol`` (the [alias] ``{"container_port", "protocol"}`` form)."""
+    entry of ``protocol`` (the [alias] ``{"container_port", "protocol"}`` form). Only one of
+    them None narrows "any free" to that address or port number. The pool normalises
+    ``ip`` (``2001:DB8::1`` names ``2001:db8::1``); a ``both`` entry serves a ``tcp`` or
+    ``udp`` request, otherwise the protocols must be equal."""
 
     ip: str | None
     port: int | None
@@ -45,8 +48,12 @@ class PortPoolService(Protocol):
     Errors (``agent.errors`` classes, answered to the API client as they are):
     ``BadRequest("Port not found in network pool")`` for an entry not in the pool,
     ``Conflict("Port already in use: <ip>:<port>")`` for an entry owned by another
-    container or marked in use by hand, ``NotFound("No available ports in pool")`` when
-    no free entry is left for an "any free" request.
+    container or marked in use by hand, or named twice for overlapping protocols in one
+    call, ``NotFound("No available ports in pool")`` when no free entry is left for an
+    "any free" request, ``BadRequest("Port protocol mismatch: …")`` when the entry's
+    protocol cannot serve the request, and the contract's ``Invalid IP address: …``,
+    ``Invalid port: …``, ``Invalid protocol: …`` for a malformed request. ``<ip>:<port>``
+    is written ``[<ip>]:<port>`` for IPv6.
     """
 
     async def reserve(self, owner: str, requests: Sequence[PortRequest]) -> list[PoolPort]:
