@@ -1,1 +1,781 @@
-"""Built-in plugin ``archives``: not implemented yet (see the issue that adds it)."""
+"""Built-in plugin ``archives``: compress and decompress inside a volume (contract §5).
+
+Formats: ``zip``, ``tar``, ``tar.gz``, ``tar.bz2`` and [ext] ``tar.xz``, with the standard
+library only. Every file touched goes through ``agent.safepath``; volumes are reached only
+through ``agent.stash[VOLUMES]`` (the ``VolumeService`` of the volumes plugin).
+
+Compression walks the sources beneath the volume root without following any link, stores
+links as links (and repeated hard links as hard links), skips the archive being written
+(by identity, not by name) and renames the finished archive into place, refusing to
+replace anything there.
+
+Extraction is all-or-nothing. Entries are validated one by one as they stream in and
+written into a private folder inside the destination, resolved with no link followed at
+all (so "link, then write through it" cannot work); absolute names, ``..``, device files,
+links or hard links leaving the destination, and the size and entry-count limits fail the
+whole request with ``400 Invalid archive: <reason>``. Only a complete, valid tree is then
+moved into place (``safepath.merge_tree``: existing files replaced, folders merged, every
+move undone if one fails); the private folder is removed in every case.
+
+Hooks: ``lightd_add_config_sections`` (section ``archives``), ``lightd_configure``
+(the worker limiter), ``lightd_add_routes``.
+
+Config section ``archives``: ``max_total_bytes`` (10 GiB) uncompressed bytes one archive
+may hold, ``max_entries`` (100 000) entries one archive may hold, ``workers`` (2)
+archives processed at once (others wait their turn).
+
+Routes: ``POST /volumes/:id/compress``, ``POST /volumes/:id/decompress`` (and its [alias]
+body ``{"root","file"}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import lzma
+import os
+import secrets
+import shutil
+import stat
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import attrs
+import trio
+from quart import Blueprint
+
+from agent import BadRequest, NotFound, hookimpl
+from agent.api import read_json
+from agent.converter import field_check
+from agent.interfaces import VOLUMES
+from agent.runtime import Agent, StashKey
+from agent.safepath import (
+    CHUNK,
+    NAME_MAX,
+    TEMP_PREFIX,
+    FileExists,
+    FileOperationFailed,
+    FolderExists,
+    InvalidPath,
+    NoSpace,
+    PathNotFound,
+    RelPath,
+    Root,
+    WalkEntry,
+    merge_tree,
+    parse,
+)
+
+__all__ = ["FORMATS", "ArchivesConfig", "InvalidArchive", "compress", "decompress", "detect"]
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: Format name → the extension ``output_name`` gets unless it already ends with it.
+FORMATS = {
+    "zip": ".zip",
+    "tar": ".tar",
+    "tar.gz": ".tar.gz",
+    "tar.bz2": ".tar.bz2",
+    "tar.xz": ".tar.xz",
+}
+_SUFFIXES = (
+    (".tar.gz", "tar.gz"),
+    (".tgz", "tar.gz"),
+    (".tar.bz2", "tar.bz2"),
+    (".tbz2", "tar.bz2"),
+    (".tbz", "tar.bz2"),
+    (".tar.xz", "tar.xz"),
+    (".txz", "tar.xz"),
+    (".zip", "zip"),
+    (".tar", "tar"),
+)
+#: Largest GNU long-name or pax header we parse (tarfile reads them whole into memory).
+MAX_HEADER_BYTES = 1 << 20
+MAX_LINK_TARGET = 4095
+GZIP_LEVEL = 6  # what gzip(1) and zip(1) use by default; tarfile's own default is 9
+
+
+def _positive(value: int) -> bool:
+    return value > 0
+
+
+@attrs.frozen
+class ArchivesConfig:
+    #: Uncompressed bytes one archive may expand to.
+    max_total_bytes: int = attrs.field(
+        default=10 * 1024**3, validator=field_check(_positive, "must be > 0")
+    )
+    #: Entries (files, folders, links) one archive may hold.
+    max_entries: int = attrs.field(default=100_000, validator=field_check(_positive, "must be > 0"))
+    #: Archives compressed or extracted at the same time; more wait for a free worker.
+    workers: int = attrs.field(
+        default=2, validator=field_check(lambda v: 1 <= v <= 16, "must be 1 to 16")
+    )
+
+
+class InvalidArchive(BadRequest):
+    """400 ``Invalid archive: <reason>``; nothing of the archive is left in the volume."""
+
+    code = "invalid_archive"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Invalid archive: {reason}")
+
+
+def _show(name: str) -> str:
+    """An archive entry name as quoted in an error (it is the archive's text, not ours)."""
+    return name if len(name) <= 120 else name[:117] + "..."
+
+
+def detect(name: str, head: bytes) -> str | None:
+    """The archive format from its name, else [ext] from its first bytes."""
+    lower = name.lower()
+    for suffix, fmt in _SUFFIXES:
+        if lower.endswith(suffix):
+            return fmt
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if head.startswith(b"BZh"):
+        return "tar.bz2"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "tar.xz"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def entry_path(name: str, *, what: str = "entry") -> RelPath:
+    """An archive entry name as a path inside the destination, or ``InvalidArchive``."""
+    if "\x00" in name:
+        raise InvalidArchive(f"NUL byte in {what} name")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":" and name[0].isalpha()):
+        raise InvalidArchive(f"absolute {what} name: {_show(name)}")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise InvalidArchive(f"{what} name with '..': {_show(name)}")
+    if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+        raise InvalidArchive(f"{what} name too long: {_show(name)}")
+    return RelPath(parts, name)
+
+
+def link_stays_inside(link: RelPath, target: str) -> bool:
+    """Whether a relative link target, read from the link's folder, never climbs above
+    the destination (every prefix checked, not only the end)."""
+    if not target or target.startswith("/") or "\x00" in target:
+        return False
+    depth = len(link.parts) - 1
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            return False
+    return True
+
+
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    NotImplementedError,  # a zip compression method the standard library lacks
+    RuntimeError,  # zipfile: "File … is encrypted, password required"
+    OSError,  # gzip.BadGzipFile, bz2 "Invalid data stream", reading the archive itself
+)
+
+
+def _corrupt(exc: BaseException) -> InvalidArchive:
+    if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
+        return InvalidArchive("encrypted entries are not supported")
+    if isinstance(exc, NotImplementedError):
+        return InvalidArchive("unsupported compression method")
+    if isinstance(exc, EOFError) or "unexpected end" in str(exc):
+        return InvalidArchive("unexpected end of data")
+    return InvalidArchive("corrupt or unreadable data")
+
+
+def _reading(fn: Callable[[], T]) -> T:
+    """Call into zipfile/tarfile; whatever they raise means the archive is bad."""
+    try:
+        return fn()
+    except _CORRUPT as exc:
+        raise _corrupt(exc) from None
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses the headers tarfile would read whole into memory when they are huge."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+        if (
+            self.type
+            in (
+                tarfile.GNUTYPE_LONGNAME,
+                tarfile.GNUTYPE_LONGLINK,
+                tarfile.XHDTYPE,
+                tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE,
+            )
+            and self.size > MAX_HEADER_BYTES
+        ):
+            raise InvalidArchive("oversized header")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+@attrs.define
+class _Extractor:
+    """Writes validated entries into ``tree`` (a no-links root) and keeps the budgets."""
+
+    tree: Root
+    max_total: int
+    max_entries: int
+    checkpoint: Callable[[], None]
+    count: int = 0
+    total: int = 0
+    dirs: dict[tuple[str, ...], tuple[int, float]] = attrs.Factory(dict)
+    links: list[RelPath] = attrs.Factory(list)
+
+    def entry(self, name: str) -> RelPath:
+        self.count += 1
+        if self.count > self.max_entries:
+            raise InvalidArchive("too large")
+        return entry_path(name)
+
+    def budget(self, size: int) -> None:
+        self.total += max(size, 0)
+        if self.total > self.max_total:
+            raise InvalidArchive("too large")
+
+    @contextlib.contextmanager
+    def writing(self, rel: RelPath) -> Iterator[None]:
+        """Safe-path refusals while building the tree are the archive's fault."""
+        try:
+            yield
+        except (FileExists, FolderExists):
+            raise InvalidArchive(f"conflicting entries: {_show(rel.text)}") from None
+        except InvalidPath as exc:
+            if exc.code == "path_through_link":
+                raise InvalidArchive(f"entry goes through a link: {_show(rel.text)}") from None
+            if exc.code == "path_escapes_volume":
+                raise InvalidArchive(f"entry escapes the destination: {_show(rel.text)}") from None
+            raise InvalidArchive(f"unusable entry ({exc.reason}): {_show(rel.text)}") from None
+        except PathNotFound:
+            raise InvalidArchive(f"unusable entry: {_show(rel.text)}") from None
+
+    def add_dir(self, rel: RelPath, mode: int, mtime: float) -> None:
+        if not rel.parts:
+            return  # the archive's "./": the destination itself
+        with self.writing(rel):
+            self.tree.make_dirs(rel)
+        self.dirs[rel.parts] = (mode & 0o777, mtime)
+
+    def add_file(
+        self, rel: RelPath, mode: int, mtime: float, read: Callable[[int], bytes], size: int
+    ) -> None:
+        self.budget(size)
+        if not rel.parts:
+            raise InvalidArchive(f"file entry without a name: {_show(rel.text)}")
+        with self.writing(rel):
+            self.tree.make_dirs(rel.parent)
+            fd = self.tree.create_file(rel, 0o600)
+        try:
+            written = 0
+            while True:
+                self.checkpoint()
+                chunk = _reading(lambda: read(CHUNK))
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > size:  # more data than the header declared: a lie
+                    raise InvalidArchive("too large")
+                _write_all(fd, chunk)
+            os.fchmod(fd, mode & 0o777)
+            os.utime(fd, (mtime, mtime))
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        finally:
+            os.close(fd)
+
+    def add_symlink(self, rel: RelPath, target: str) -> None:
+        if len(target) > MAX_LINK_TARGET or not link_stays_inside(rel, target):
+            raise InvalidArchive(f"link points outside the destination: {_show(rel.text)}")
+        with self.writing(rel):
+            self.tree.make_dirs(rel.parent)
+            self.tree.symlink(rel, target)
+        self.links.append(rel)
+
+    def add_hardlink(self, rel: RelPath, target_name: str) -> None:
+        try:
+            target = entry_path(target_name, what="hard link target")
+        except InvalidArchive:
+            raise InvalidArchive(
+                f"hard link points outside the destination: {_show(rel.text)}"
+            ) from None
+        with self.writing(rel):
+            self.tree.make_dirs(rel.parent)
+        try:
+            self.tree.hardlink(target, rel)
+        except (PathNotFound, InvalidPath):
+            raise InvalidArchive(
+                f"hard link target is not a file of the archive: {_show(rel.text)}"
+            ) from None
+        except (FileExists, FolderExists):
+            raise InvalidArchive(f"conflicting entries: {_show(rel.text)}") from None
+
+    def finish(self) -> None:
+        """Folder modes last (a read-only folder must not block its own entries), then
+        every link resolved by the kernel beneath the tree: one that leaves it (through
+        other links of the archive) fails the archive."""
+        for parts, (mode, mtime) in sorted(self.dirs.items(), key=lambda kv: -len(kv[0])):
+            self.checkpoint()
+            try:
+                fd = self.tree.open_fd(parts, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue  # replaced by a later entry of the same name: nothing to set
+            try:
+                os.fchmod(fd, mode | 0o700)  # we must still be able to move and clean it
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+        follow = Root(self.tree.fd, owned=False)
+        for rel in self.links:
+            self.checkpoint()
+            try:
+                os.close(follow.open_fd(rel.parts, os.O_PATH))
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    raise InvalidArchive(
+                        f"link points outside the destination: {_show(rel.text)}"
+                    ) from None
+                # dangling or a loop: inside the destination, harmless
+
+    def from_zip(self, fh: BinaryIO) -> None:
+        zf = _reading(lambda: zipfile.ZipFile(fh))
+        with zf:
+            infos = zf.infolist()
+            if len(infos) > self.max_entries:
+                raise InvalidArchive("too large")
+            if sum(i.file_size for i in infos) > self.max_total:
+                raise InvalidArchive("too large")
+            for info in infos:
+                self.checkpoint()
+                rel = self.entry(info.filename)
+                unix = info.external_attr >> 16
+                mtime = _zip_time(info.date_time)
+                kind = stat.S_IFMT(unix)
+                if kind == stat.S_IFLNK:
+                    if info.file_size > MAX_LINK_TARGET:
+                        raise InvalidArchive(f"link target too long: {_show(rel.text)}")
+                    data = _reading(lambda info=info: zf.read(info))
+                    self.add_symlink(rel, os.fsdecode(data))
+                elif info.is_dir() or kind == stat.S_IFDIR:
+                    self.add_dir(rel, stat.S_IMODE(unix) or 0o755, mtime)
+                elif kind not in (0, stat.S_IFREG):
+                    raise InvalidArchive(f"device or special file: {_show(rel.text)}")
+                else:
+                    stream = _reading(lambda info=info: zf.open(info))
+                    with stream:
+                        self.add_file(
+                            rel, stat.S_IMODE(unix) or 0o644, mtime, stream.read, info.file_size
+                        )
+
+    def from_tar(self, fh: BinaryIO, fmt: str) -> None:
+        mode = {"tar": "r:", "tar.gz": "r:gz", "tar.bz2": "r:bz2", "tar.xz": "r:xz"}[fmt]
+
+        def open_tar() -> tarfile.TarFile:
+            return tarfile.open(fileobj=fh, mode=mode, tarinfo=_BoundedTarInfo, copybufsize=CHUNK)
+
+        with _reading(open_tar) as tf:
+            while True:
+                self.checkpoint()
+                member = _reading(tf.next)
+                if member is None:
+                    return
+                tf.members.clear()  # stream through: tarfile keeps no list of 100 000 entries
+                rel = self.entry(member.name)
+                if member.isdir():
+                    self.add_dir(rel, member.mode, member.mtime)
+                elif member.issym():
+                    self.add_symlink(rel, member.linkname)
+                elif member.islnk():
+                    self.add_hardlink(rel, member.linkname)
+                elif member.ischr() or member.isblk() or member.isfifo():
+                    raise InvalidArchive(f"device or special file: {_show(rel.text)}")
+                elif member.isreg():
+                    stream = _reading(lambda m=member: tf.extractfile(m))
+                    assert stream is not None
+                    self.add_file(rel, member.mode, member.mtime, stream.read, member.size)
+                else:
+                    raise InvalidArchive(f"unsupported entry type: {_show(rel.text)}")
+
+
+def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> float:
+    try:
+        return datetime(*date_time).timestamp()
+    except (ValueError, OverflowError):
+        return time.time()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _disk_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace()
+    log.warning("archive operation failed: %s", exc)
+    return FileOperationFailed(exc)
+
+
+def decompress(
+    folder: Path,
+    archive: RelPath,
+    destination: RelPath,
+    max_total: int,
+    max_entries: int,
+    *,
+    checkpoint: Callable[[], None],
+) -> None:
+    """Extract ``archive`` into ``destination`` (both in the volume at ``folder``)."""
+    with _open_volume(folder) as root, root.open_file(archive) as fh:
+        head = _reading(lambda: fh.read(512))
+        fh.seek(0)
+        fmt = detect(archive.name or "", head)
+        if fmt is None:
+            raise InvalidArchive("unsupported or unrecognised format")
+        created = root.make_dirs(destination)
+        try:
+            _extract(root, fh, fmt, destination, max_total, max_entries, checkpoint)
+        except BaseException:
+            root.remove_created(created)  # a refused archive leaves not even its folder
+            raise
+
+
+def _extract(
+    root: Root,
+    fh: BinaryIO,
+    fmt: str,
+    destination: RelPath,
+    max_total: int,
+    max_entries: int,
+    checkpoint: Callable[[], None],
+) -> None:
+    """Extract into a private folder inside the destination, then move into place."""
+    dest_fd = root.open_dir(destination)
+    work = f"{TEMP_PREFIX}extract-{secrets.token_hex(6)}"
+    try:
+        os.mkdir(work, 0o700, dir_fd=dest_fd)
+        with Root.open_at(dest_fd, work) as scratch:
+            os.mkdir("tree", 0o700, dir_fd=scratch.fd)
+            os.mkdir("backup", 0o700, dir_fd=scratch.fd)
+            with (
+                Root.open_at(scratch.fd, "tree", no_links=True) as tree,
+                Root.open_at(scratch.fd, "backup") as backup,
+            ):
+                extractor = _Extractor(tree, max_total, max_entries, checkpoint)
+                if fmt == "zip":
+                    extractor.from_zip(fh)
+                else:
+                    extractor.from_tar(fh, fmt)
+                extractor.finish()
+                merge_tree(
+                    tree.fd, dest_fd, backup.fd, prefix=str(destination), checkpoint=checkpoint
+                )
+    except OSError as exc:
+        raise _disk_error(exc) from exc
+    finally:
+        try:
+            _remove_tree(dest_fd, work)
+        finally:
+            os.close(dest_fd)
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    try:
+        shutil.rmtree(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("could not remove the extraction folder %s: %s", name, exc)
+
+
+def _open_volume(folder: Path) -> Root:
+    try:
+        return Root.open(folder)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise NotFound("Volume not found", code="volume_not_found") from None
+        raise
+
+
+# --- compression -----------------------------------------------------------------------------
+
+
+class _ExactReader:
+    """Reads exactly ``size`` bytes of a file that may change while we archive it: a
+    file that shrank is padded with zeros (tar needs the declared size), growth ignored."""
+
+    def __init__(self, fh: BinaryIO, size: int, checkpoint: Callable[[], None]) -> None:
+        self.fh = fh
+        self.left = size
+        self.checkpoint = checkpoint
+
+    def read(self, n: int = -1) -> bytes:
+        self.checkpoint()
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.fh.read(n) if n else b""
+        if len(data) < n:
+            data += bytes(n - len(data))
+        self.left -= len(data)
+        return data
+
+
+def _sources(root: Root, sources: list[RelPath] | None) -> list[RelPath]:
+    """The sources to archive: as given, minus duplicates and those inside another."""
+    if sources is None:
+        return [RelPath((), ".")]
+    chosen: list[RelPath] = []
+    for source in sorted(sources, key=lambda s: len(s.parts)):
+        if any(source.is_within(other) for other in chosen):
+            continue
+        root.stat(source, follow=False)  # a 404 naming the source, before any work
+        chosen.append(source)
+    return sorted(chosen, key=lambda s: s.parts)
+
+
+def _entries(
+    root: Root, sources: list[RelPath], skip: tuple[int, int], checkpoint: Callable[[], None]
+) -> Iterator[WalkEntry]:
+    for source in sources:
+        yield from root.walk(
+            source, skip=lambda st: (st.st_dev, st.st_ino) == skip, checkpoint=checkpoint
+        )
+
+
+def compress(
+    folder: Path,
+    sources: list[RelPath] | None,
+    output: RelPath,
+    fmt: str,
+    *,
+    checkpoint: Callable[[], None],
+) -> int:
+    """Write the archive ``output`` of ``sources`` (default: the whole volume); its size."""
+    with _open_volume(folder) as root:
+        chosen = _sources(root, sources)
+        with root.atomic(output, replace=False, keep_mode=False) as out:
+            entries = _entries(root, chosen, out.identity, checkpoint)
+            try:
+                if fmt == "zip":
+                    _write_zip(out.file, entries, checkpoint)
+                else:
+                    _write_tar(out.file, fmt, entries, checkpoint)
+            except OSError as exc:
+                raise _disk_error(exc) from exc
+        return out.size
+
+
+def _write_tar(
+    out: BinaryIO, fmt: str, entries: Iterator[WalkEntry], checkpoint: Callable[[], None]
+) -> None:
+    options: dict[str, Any] = {}
+    if fmt == "tar.gz":
+        options["compresslevel"] = GZIP_LEVEL
+    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[fmt]
+    hardlinks: dict[tuple[int, int], str] = {}
+    with tarfile.open(
+        fileobj=out, mode=mode, format=tarfile.PAX_FORMAT, copybufsize=CHUNK, **options
+    ) as tf:
+        for entry in entries:
+            st = entry.stat
+            info = tarfile.TarInfo(entry.path)
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.mtime = int(st.st_mtime)
+            info.uid, info.gid = st.st_uid, st.st_gid
+            if entry.kind == "directory":
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            elif entry.kind == "symlink":
+                target = Root.read_link(entry)
+                if target is None:
+                    continue
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                tf.addfile(info)
+            elif entry.kind == "file":
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in hardlinks:
+                    info.type, info.linkname = tarfile.LNKTYPE, hardlinks[key]
+                    tf.addfile(info)
+                    continue
+                fh = Root.open_entry(entry)
+                if fh is None:
+                    continue
+                with fh:
+                    info.size = os.fstat(fh.fileno()).st_size
+                    tf.addfile(info, _ExactReader(fh, info.size, checkpoint))  # type: ignore[arg-type]
+                if st.st_nlink > 1:
+                    hardlinks[key] = entry.path
+            # sockets, FIFOs, device nodes: not data, not archived
+
+
+def _write_zip(out: BinaryIO, entries: Iterator[WalkEntry], checkpoint: Callable[[], None]) -> None:
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for entry in entries:
+            st = entry.stat
+            try:
+                entry.path.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(
+                    f"A zip archive cannot store this file name: {_show(entry.path)!r}",
+                    code="unsupported_file_name",
+                ) from None
+            when = time.localtime(max(st.st_mtime, 315532800))[:6]
+            if when[0] > 2107:
+                when = (2107, 12, 31, 23, 59, 58)
+            perm = stat.S_IMODE(st.st_mode)
+            if entry.kind == "directory":
+                info = zipfile.ZipInfo(entry.path + "/", when)
+                info.external_attr = ((stat.S_IFDIR | perm) << 16) | 0x10
+                zf.writestr(info, b"")
+            elif entry.kind == "symlink":
+                target = Root.read_link(entry)
+                if target is None:
+                    continue
+                info = zipfile.ZipInfo(entry.path, when)
+                info.create_system = 3
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                zf.writestr(info, os.fsencode(target), compress_type=zipfile.ZIP_STORED)
+            elif entry.kind == "file":
+                fh = Root.open_entry(entry)
+                if fh is None:
+                    continue
+                with fh:
+                    info = zipfile.ZipInfo(entry.path, when)
+                    info.create_system = 3
+                    info.external_attr = (stat.S_IFREG | perm) << 16
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    info.file_size = os.fstat(fh.fileno()).st_size
+                    with zf.open(info, "w") as sink:
+                        while chunk := fh.read(CHUNK):
+                            checkpoint()
+                            sink.write(chunk)
+
+
+# --- plugin ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CompressBody:
+    format: str
+    output_name: str | None = None
+    output: str | None = None  # the original daemon's name for output_name
+    sources: list[str] | None = None
+
+
+@attrs.frozen
+class DecompressBody:
+    archive_path: str | None = None
+    destination: str | None = None
+    root: str | None = None  # [alias] {"root","file"}: archive root/file, extracted into root
+    file: str | None = None
+
+
+def _legacy_join(root: str, name: str) -> str:
+    base = root.strip("/")
+    return f"{base}/{name}" if base else name
+
+
+def output_path(name: str, fmt: str) -> RelPath:
+    """``output_name`` with the format's extension appended unless already there."""
+    parse(name)
+    extension = FORMATS[fmt]
+    return parse(name if name.lower().endswith(extension) else name + extension)
+
+
+ARCHIVE_WORKERS: StashKey[trio.CapacityLimiter] = StashKey("archives.workers")
+
+
+@hookimpl
+def lightd_add_config_sections() -> dict[str, type]:
+    return {"archives": ArchivesConfig}
+
+
+@hookimpl
+def lightd_configure(agent: Agent) -> None:
+    agent.stash[ARCHIVE_WORKERS] = trio.CapacityLimiter(agent.config.section("archives").workers)
+
+
+@hookimpl
+def lightd_add_routes(agent: Agent) -> list[Blueprint]:
+    limiter = agent.stash[ARCHIVE_WORKERS]
+    bp = Blueprint("archives", __name__)
+
+    async def folder_of(volume_id: str) -> Path:
+        volumes = agent.stash.get(VOLUMES)
+        folder = None if volumes is None else await volumes.path(volume_id)
+        if folder is None:
+            raise NotFound("Volume not found", code="volume_not_found")
+        return folder
+
+    async def run(fn: Callable[..., T], *args: Any) -> T:
+        """Off the event loop, on this plugin's limiter; cancellation (client gone, agent
+        stopping) reaches the worker at its next checkpoint and it cleans up."""
+        return await trio.to_thread.run_sync(
+            lambda: fn(*args, checkpoint=trio.from_thread.check_cancelled), limiter=limiter
+        )
+
+    @bp.post("/volumes/<volume_id>/compress")
+    async def compress_view(volume_id: str) -> dict[str, Any]:
+        folder = await folder_of(volume_id)
+        body = await read_json(CompressBody)
+        if body.format not in FORMATS:
+            raise BadRequest(f"Unsupported format: {body.format}", code="unsupported_format")
+        name = body.output_name if body.output_name is not None else body.output
+        if name is None:
+            raise BadRequest("output_name: is required", code="invalid_field")
+        output = output_path(name, body.format)
+        sources = None if body.sources is None else [parse(s) for s in body.sources]
+        if sources == []:
+            raise BadRequest("sources: must not be empty", code="invalid_field")
+        size = await run(compress, folder, sources, output, body.format)
+        return {"message": "Compression successful", "archive_path": str(output), "size": size}
+
+    @bp.post("/volumes/<volume_id>/decompress")
+    async def decompress_view(volume_id: str) -> dict[str, Any]:
+        folder = await folder_of(volume_id)
+        body = await read_json(DecompressBody)
+        if body.archive_path is not None:
+            archive = parse(body.archive_path)
+            destination = archive.parent if body.destination is None else parse(body.destination)
+        elif body.root is not None and body.file is not None:
+            parse(body.file)  # an absolute or ".." file is refused on its own
+            archive = parse(_legacy_join(body.root, body.file))
+            destination = parse(body.root.strip("/"), empty_is_root=True)
+        else:
+            raise BadRequest("archive_path: is required", code="invalid_field")
+        if not archive.parts:
+            raise InvalidArchive("not a file")
+        config: ArchivesConfig = agent.config.section("archives")
+        await run(
+            decompress, folder, archive, destination, config.max_total_bytes, config.max_entries
+        )
+        return {"message": "Decompression successful", "destination": str(destination)}
+
+    return [bp]

@@ -1,1 +1,491 @@
-"""Built-in plugin ``volumes``: not implemented yet (see the issue that adds it)."""
+"""Built-in plugin ``volumes``: the volume registry and the safe file API (contract §5).
+
+A volume is the folder ``{storage.volumes_path}/{volume_id}`` (UUID v4), the same folder
+the containers supervisor bind-mounts. Every file operation goes through
+``agent.safepath`` (resolved beneath a descriptor of the volume root, never following a
+link out of it) and runs in a worker thread on this plugin's own limiters, so the event
+loop never waits on a disk.
+
+Hooks:
+    ``lightd_add_config_sections`` (section ``volumes``), ``lightd_add_migrations``
+    (namespace ``volumes``: table ``volumes_registry``), ``lightd_configure`` (publishes
+    the registry as ``agent.stash[VOLUMES]``, the ``VolumeService`` the supervisor and the
+    archives plugin use), ``lightd_add_routes``.
+
+Config section ``volumes``:
+    ``workers`` (8) threads for quick operations (write, mkdir, list);
+    ``long_workers`` (2) threads for copies of whole trees;
+    ``fsync_writes`` (false) fsync each written file and its folder before answering.
+
+Routes:
+    ``POST /volumes`` (201), ``GET /volumes`` [ext], ``DELETE /volumes/:id`` [ext] (409
+    while ``lightd_volume_in_use`` names a container), ``POST /volumes/:id/files``
+    (``encoding: base64`` [ext]), ``POST /volumes/:id/folders``, ``POST /volumes/:id/copy``,
+    ``GET /volumes/:id/files?path=``; [alias] ``POST /volumes/:id/write`` and
+    ``POST /volumes/:id/create-folder``.
+
+The registry lives in the state store and is cached in memory (loaded on first use);
+folders named like a volume id found under ``volumes_path`` without a row (volumes made
+by the original daemon, whose registry was memory-only) are adopted at that load.
+Deletion renames the folder out of the way first, so a volume is either whole and
+registered or gone; leftovers of an interrupted deletion are swept at the next load.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+from quart import Blueprint, request
+
+from agent import BadRequest, Conflict, Migration, NotFound, hookimpl
+from agent.api import read_json
+from agent.converter import field_check
+from agent.interfaces import VOLUMES
+from agent.runtime import Agent, StashKey
+from agent.safepath import RelPath, Root, parse
+from agent.store import Store
+
+__all__ = [
+    "FILE_WORKERS",
+    "REGISTRY",
+    "FileWorkers",
+    "Volume",
+    "VolumeRegistry",
+    "VolumesConfig",
+    "valid_volume_id",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_VOLUME_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_TRASH_PREFIX = ".trash-"
+
+
+def _workers(value: int) -> bool:
+    return 1 <= value <= 64
+
+
+@attrs.frozen
+class VolumesConfig:
+    #: Worker threads for quick file operations (write, mkdir, list).
+    workers: int = attrs.field(default=8, validator=field_check(_workers, "must be 1 to 64"))
+    #: Worker threads for long ones (copies of whole trees); they never take a quick slot.
+    long_workers: int = attrs.field(default=2, validator=field_check(_workers, "must be 1 to 64"))
+    #: fsync each written file and its folder before answering (slower; power-loss safe).
+    fsync_writes: bool = False
+
+
+@attrs.frozen
+class Volume:
+    volume_id: str
+    created_at: int
+
+
+def valid_volume_id(value: str) -> str | None:
+    """The canonical (lowercase) id, or ``None`` for anything that is not a UUID v4."""
+    lowered = value.lower()
+    return lowered if _VOLUME_ID.fullmatch(lowered) else None
+
+
+class FileWorkers:
+    """The threads file work runs on: dedicated limiters (never trio's shared default),
+    one for quick operations and one for long ones, so a big copy cannot starve writes."""
+
+    def __init__(self, quick: int, long: int) -> None:
+        self.quick = trio.CapacityLimiter(quick)
+        self.long = trio.CapacityLimiter(long)
+
+    async def run(self, fn: Callable[..., T], *args: Any, long: bool = False) -> T:
+        """Run ``fn(*args, checkpoint=…)`` in a worker thread. ``checkpoint`` raises
+        ``trio.Cancelled`` in the thread once this task is cancelled, so long work stops
+        early and cleans up after itself instead of running on unobserved."""
+        return await trio.to_thread.run_sync(
+            partial(fn, *args, checkpoint=trio.from_thread.check_cancelled),
+            limiter=self.long if long else self.quick,
+        )
+
+
+FILE_WORKERS: StashKey[FileWorkers] = StashKey("volumes.file_workers")
+
+
+class VolumeRegistry:
+    """The volumes of this node (implements ``agent.interfaces.VolumeService``)."""
+
+    def __init__(self, store: Store, root: Path, clock: Callable[[], float]) -> None:
+        self._store = store
+        self.root = root
+        self._clock = clock
+        self._volumes: dict[str, Volume] | None = None
+        self._lock = trio.Lock()
+
+    async def _loaded(self) -> dict[str, Volume]:
+        if self._volumes is None:
+            async with self._lock:
+                if self._volumes is None:
+                    self._volumes = await self._load()
+        return self._volumes
+
+    async def _load(self) -> dict[str, Volume]:
+        rows = await self._store.read(
+            lambda conn: conn.execute(
+                "SELECT volume_id, created_at FROM volumes_registry"
+            ).fetchall()
+        )
+        volumes = {r["volume_id"]: Volume(r["volume_id"], r["created_at"]) for r in rows}
+        found = await trio.to_thread.run_sync(_scan_and_sweep, self.root)
+        adopted = [Volume(vid, created) for vid, created in found if vid not in volumes]
+        if adopted:
+
+            def insert(conn: sqlite3.Connection) -> None:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO volumes_registry VALUES (?, ?)",
+                    [(v.volume_id, v.created_at) for v in adopted],
+                )
+
+            await self._store.write(insert)
+            volumes.update((v.volume_id, v) for v in adopted)
+            log.info("adopted %d existing volume folder(s) into the registry", len(adopted))
+        return volumes
+
+    async def path(self, volume_id: str) -> Path | None:
+        """The host folder of a registered volume (what Docker bind-mounts), or ``None``."""
+        canonical = valid_volume_id(volume_id)
+        if canonical is None or canonical not in await self._loaded():
+            return None
+        return self.root / canonical
+
+    async def get(self, volume_id: str) -> Volume:
+        canonical = valid_volume_id(volume_id)
+        volume = (await self._loaded()).get(canonical or "")
+        if volume is None:
+            raise NotFound("Volume not found", code="volume_not_found")
+        return volume
+
+    async def list(self) -> list[Volume]:
+        volumes = await self._loaded()
+        return sorted(volumes.values(), key=lambda v: (v.created_at, v.volume_id))
+
+    async def create(self) -> Volume:
+        volumes = await self._loaded()
+        volume = Volume(str(uuid.uuid4()), int(self._clock()))
+        folder = self.root / volume.volume_id
+        await trio.to_thread.run_sync(_make_volume_folder, folder)
+        try:
+            await self._store.execute(
+                "INSERT INTO volumes_registry VALUES (?, ?)", (volume.volume_id, volume.created_at)
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(folder.rmdir)
+            raise
+        volumes[volume.volume_id] = volume
+        return volume
+
+    async def delete(self, volume: Volume) -> None:
+        """Unregister and remove a volume: the folder is first renamed aside (atomic),
+        then the row deleted, then the renamed tree removed."""
+        volumes = await self._loaded()
+        trash = f"{_TRASH_PREFIX}{volume.volume_id}-{secrets.token_hex(4)}"
+        moved = await trio.to_thread.run_sync(_rename_aside, self.root, volume.volume_id, trash)
+        try:
+            await self._store.execute(
+                "DELETE FROM volumes_registry WHERE volume_id = ?", (volume.volume_id,)
+            )
+        except BaseException:
+            if moved:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_rename_aside, self.root, trash, volume.volume_id)
+            raise
+        volumes.pop(volume.volume_id, None)
+        if moved:
+            with trio.CancelScope(shield=True):  # the volume is gone; finish the cleanup
+                await trio.to_thread.run_sync(_remove_trash, self.root, trash)
+
+
+#: The registry itself, for this plugin's routes (others use ``agent.stash[VOLUMES]``).
+REGISTRY: StashKey[VolumeRegistry] = StashKey("volumes.registry")
+
+
+def _make_volume_folder(folder: Path) -> None:
+    folder.mkdir()
+    os.chmod(folder, 0o755)  # exact, whatever the umask: the container user must enter it
+
+
+def _scan_and_sweep(root: Path) -> list[tuple[str, int]]:
+    """Volume folders on disk (id, mtime), after removing leftovers of deletions."""
+    found = []
+    with Root.open(root) as volumes_dir, os.scandir(volumes_dir.fd) as it:
+        for entry in it:
+            if entry.name.startswith(_TRASH_PREFIX) and entry.is_dir(follow_symlinks=False):
+                _remove_trash(root, entry.name)
+            elif entry.is_dir(follow_symlinks=False) and _VOLUME_ID.fullmatch(entry.name):
+                found.append((entry.name, int(entry.stat(follow_symlinks=False).st_mtime)))
+    return found
+
+
+def _rename_aside(root: Path, name: str, new_name: str) -> bool:
+    with Root.open(root) as volumes_dir:
+        try:
+            os.rename(name, new_name, src_dir_fd=volumes_dir.fd, dst_dir_fd=volumes_dir.fd)
+        except FileNotFoundError:
+            return False  # the folder was already gone; unregistering is all that is left
+    return True
+
+
+def _remove_trash(root: Path, name: str) -> None:
+    with Root.open(root) as volumes_dir:
+        try:
+            shutil.rmtree(name, dir_fd=volumes_dir.fd)
+        except OSError as exc:
+            log.error("could not remove the deleted volume folder %s: %s", name, exc)
+
+
+def open_volume(folder: Path) -> Root:
+    """The ``Root`` of a registered volume's folder (a 404 if the folder vanished)."""
+    try:
+        return Root.open(folder)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            log.warning("volume folder %s is missing or not a folder", folder)
+            raise NotFound("Volume not found", code="volume_not_found") from None
+        raise
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+_ENCODINGS = ("utf-8", "utf8", "base64")
+
+
+@attrs.frozen
+class WriteBody:
+    path: str
+    content: str
+    encoding: str = attrs.field(
+        default="utf-8",
+        validator=field_check(lambda v: v.lower() in _ENCODINGS, "must be utf-8 or base64"),
+    )
+
+
+@attrs.frozen
+class LegacyWriteBody:
+    """[alias] ``POST /volumes/:id/write``: the original daemon's body."""
+
+    filename: str
+    content: str | None = None
+
+
+@attrs.frozen
+class FolderBody:
+    path: str
+
+
+@attrs.frozen
+class LegacyFolderBody:
+    """[alias] ``POST /volumes/:id/create-folder``: ``root`` ``/`` is the volume root."""
+
+    root: str
+    name: str
+
+
+@attrs.frozen
+class CopyBody:
+    source: str
+    destination: str
+    is_folder: Any = None  # [alias] the original's field; the kind is read from the disk
+
+
+def decode_content(content: str, encoding: str) -> bytes:
+    if encoding.lower() == "base64":
+        try:
+            return base64.b64decode("".join(content.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("content: invalid base64", code="invalid_field") from None
+    try:
+        return content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("content: not valid UTF-8 text", code="invalid_field") from None
+
+
+def legacy_join(root: str, name: str) -> str:
+    """The original's ``root``/``name`` pair as one volume path (``/`` = the root)."""
+    base = root.strip("/")
+    return f"{base}/{name}" if base else name
+
+
+# --- blocking work (worker threads) --------------------------------------------------------
+
+
+def _write(
+    folder: Path, rel: RelPath, data: bytes, fsync: bool, *, checkpoint: Callable[[], None]
+) -> None:
+    with open_volume(folder) as root:
+        root.write_file(rel, data, fsync=fsync)
+
+
+def _mkdir(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> None:
+    with open_volume(folder) as root:
+        root.make_dirs(rel)
+
+
+def _copy(
+    folder: Path, source: RelPath, destination: RelPath, *, checkpoint: Callable[[], None]
+) -> None:
+    with open_volume(folder) as root:
+        root.copy(source, destination, checkpoint=checkpoint)
+
+
+def _list(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> list[dict[str, Any]]:
+    with open_volume(folder) as root:
+        return [
+            {
+                "name": e.name,
+                "type": e.kind,
+                "size": e.size,
+                "modified": e.modified,
+                "mode": f"{e.mode & 0o777:o}",
+            }
+            for e in root.list_dir(rel)
+        ]
+
+
+# --- hooks ---------------------------------------------------------------------------------
+
+
+@hookimpl
+def lightd_add_config_sections() -> dict[str, type]:
+    return {"volumes": VolumesConfig}
+
+
+@hookimpl
+def lightd_add_migrations() -> list[Migration]:
+    return [
+        Migration(
+            "volumes",
+            1,
+            """
+            CREATE TABLE volumes_registry (
+                volume_id TEXT PRIMARY KEY,
+                created_at INTEGER NOT NULL
+            )
+            """,
+        )
+    ]
+
+
+@hookimpl
+def lightd_configure(agent: Agent) -> None:
+    config: VolumesConfig = agent.config.section("volumes")
+    registry = VolumeRegistry(agent.store, agent.paths.volumes, agent.clock)
+    agent.stash[REGISTRY] = registry
+    agent.stash[VOLUMES] = registry
+    agent.stash[FILE_WORKERS] = FileWorkers(config.workers, config.long_workers)
+
+
+@hookimpl
+def lightd_add_routes(agent: Agent) -> list[Blueprint]:
+    registry = agent.stash[REGISTRY]
+    workers = agent.stash[FILE_WORKERS]
+    bp = Blueprint("volumes", __name__)
+
+    def view(volume: Volume) -> dict[str, Any]:
+        return {
+            "volume_id": volume.volume_id,
+            "path": str(registry.root / volume.volume_id),
+            "created_at": volume.created_at,
+        }
+
+    async def folder_of(volume_id: str) -> Path:
+        volume = await registry.get(volume_id)
+        return registry.root / volume.volume_id
+
+    async def write(volume_id: str, text: str, data: bytes) -> dict[str, str]:
+        folder = await folder_of(volume_id)
+        rel = parse(text)
+        fsync = agent.config.section("volumes").fsync_writes
+        await workers.run(_write, folder, rel, data, fsync)
+        return {"message": "File written successfully", "path": str(rel)}
+
+    async def make_folder(volume_id: str, text: str) -> dict[str, str]:
+        folder = await folder_of(volume_id)
+        rel = parse(text)
+        await workers.run(_mkdir, folder, rel)
+        return {"message": "Folder created successfully", "path": str(rel)}
+
+    @bp.post("/volumes")
+    async def create_volume() -> tuple[dict[str, Any], int]:
+        await read_json()  # none or {}; a body that is not JSON is still a 400/415
+        return view(await registry.create()), 201
+
+    @bp.get("/volumes")
+    async def list_volumes() -> dict[str, Any]:
+        return {"volumes": [view(v) for v in await registry.list()]}
+
+    @bp.delete("/volumes/<volume_id>")
+    async def delete_volume(volume_id: str) -> dict[str, str]:
+        volume = await registry.get(volume_id)
+        user = agent.hooks.volume_in_use(agent, volume.volume_id)
+        if user is not None:
+            raise Conflict(f"Volume is in use by container {user}", code="volume_in_use")
+        await registry.delete(volume)
+        return {"message": "Volume deleted successfully"}
+
+    @bp.post("/volumes/<volume_id>/files")
+    async def write_file(volume_id: str) -> dict[str, str]:
+        await registry.get(volume_id)
+        body = await read_json(WriteBody)
+        return await write(volume_id, body.path, decode_content(body.content, body.encoding))
+
+    @bp.post("/volumes/<volume_id>/write")
+    async def write_file_alias(volume_id: str) -> dict[str, str]:
+        await registry.get(volume_id)
+        body = await read_json(LegacyWriteBody)
+        return await write(volume_id, body.filename, decode_content(body.content or "", "utf-8"))
+
+    @bp.post("/volumes/<volume_id>/folders")
+    async def create_folder(volume_id: str) -> dict[str, str]:
+        await registry.get(volume_id)
+        body = await read_json(FolderBody)
+        return await make_folder(volume_id, body.path)
+
+    @bp.post("/volumes/<volume_id>/create-folder")
+    async def create_folder_alias(volume_id: str) -> dict[str, str]:
+        await registry.get(volume_id)
+        body = await read_json(LegacyFolderBody)
+        return await make_folder(volume_id, legacy_join(body.root, body.name))
+
+    @bp.post("/volumes/<volume_id>/copy")
+    async def copy(volume_id: str) -> dict[str, str]:
+        folder = await folder_of(volume_id)
+        body = await read_json(CopyBody)
+        source, destination = parse(body.source), parse(body.destination)
+        await workers.run(_copy, folder, source, destination, long=True)
+        return {
+            "message": "Copied successfully",
+            "source": str(source),
+            "destination": str(destination),
+        }
+
+    @bp.get("/volumes/<volume_id>/files")
+    async def list_files(volume_id: str) -> dict[str, Any]:
+        folder = await folder_of(volume_id)
+        rel = parse(request.args.get("path", ""), empty_is_root=True)
+        return {"files": await workers.run(_list, folder, rel)}
+
+    return [bp]
