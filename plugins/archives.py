@@ -394,7 +394,29 @@ class _Extractor:
                             rel, stat.S_IMODE(unix) or 0o644, mtime, stream.read, info.file_size
                         )
 
+    def precheck_tar(self, fh: BinaryIO) -> None:
+        """For an uncompressed tar, count entries and sizes from the headers alone (the
+        data is skipped by seeking) so an archive over the limits is refused before one
+        file is written. Compressed tars are checked as they stream: a header pass would
+        cost a whole second decompression."""
+
+        def open_tar() -> tarfile.TarFile:
+            return tarfile.open(fileobj=fh, mode="r:", tarinfo=_BoundedTarInfo)
+
+        count = total = 0
+        with _reading(open_tar) as tf:
+            while (member := _reading(tf.next)) is not None:
+                self.checkpoint()
+                tf.members.clear()
+                count += 1
+                total += member.size if member.isreg() else 0
+                if count > self.max_entries or total > self.max_total:
+                    raise InvalidArchive("too large")
+        fh.seek(0)
+
     def from_tar(self, fh: BinaryIO, fmt: str) -> None:
+        if fmt == "tar":
+            self.precheck_tar(fh)
         mode = {"tar": "r:", "tar.gz": "r:gz", "tar.bz2": "r:bz2", "tar.xz": "r:xz"}[fmt]
 
         def open_tar() -> tarfile.TarFile:
