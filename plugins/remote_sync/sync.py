@@ -223,6 +223,9 @@ class RemoteSync:
         self.status = LinkStatus()
         #: Every update with ``seq <= cursor`` is done (delivered or rejected).
         self.cursor = 0
+        #: Updates after the cursor, kept in memory so that the status route costs no
+        #: query; counted at start, re-synced whenever the sender finds the outbox empty.
+        self.pending: int | None = None
         self._flushed = 0
         self._work = Wakeup()  # new updates, or the link changed: the sender looks again
         self._kick = Wakeup()  # the link changed or the panel is back: cut a back-off short
@@ -278,6 +281,8 @@ class RemoteSync:
             # Failing the caller (a container's state change) would not save the update.
             log.error("could not queue the %s update about %s: %s", state, internal_id, exc)
             return
+        if self.pending is not None:
+            self.pending += 1 - result.dropped
         if result.dropped:
             self.status.dropped += result.dropped
             log.error(
@@ -458,6 +463,7 @@ class RemoteSync:
     ) -> None:
         """The outbox sender service: delivers stored updates in order, for ever."""
         async with self.open_client() as client:
+            self.pending = await self.outbox.count(self.cursor)
             task_status.started()
             try:
                 await self._deliver_forever(client)
@@ -473,6 +479,7 @@ class RemoteSync:
                 continue
             batch = await self.outbox.fetch(self.cursor, FETCH_BATCH)
             if not batch:
+                self.pending = 0
                 await self.flush()
                 await self._work.wait()
                 continue
@@ -490,6 +497,8 @@ class RemoteSync:
 
     def _done(self, update: QueuedUpdate, attempt: Attempt) -> None:
         self.cursor = update.seq
+        if self.pending:
+            self.pending -= 1
         self.backoff.reset()
         self.status.retry_at = None
         self._ok()
@@ -516,7 +525,7 @@ class RemoteSync:
         elif self._should_warn():
             level = logging.WARNING
         if level > logging.DEBUG:
-            pending = await self.outbox.count(self.cursor)
+            pending = await self.pending_updates()
             log.log(
                 level,
                 "panel at %s did not take update about %s (%s); %d update(s) queued,"
@@ -541,6 +550,12 @@ class RemoteSync:
             await self.outbox.delete_upto(upto)
             self._flushed = max(self._flushed, upto)
 
+    async def pending_updates(self) -> int:
+        """Queued updates not yet delivered (or rejected)."""
+        if self.pending is None:
+            return await self.outbox.count(self.cursor)
+        return max(0, self.pending)
+
     async def describe(self) -> dict[str, Any]:
         """The body of ``GET /remote/status``."""
         config = self.config
@@ -552,7 +567,7 @@ class RemoteSync:
             "healthy": status.healthy,
             "last_ok": status.last_ok,
             "last_error": status.last_error,
-            "pending_updates": await self.outbox.count(self.cursor),
+            "pending_updates": await self.pending_updates(),
             "enabled": config.enabled,
             "url": config.url,
             "report_power_state": config.report_power_state,
