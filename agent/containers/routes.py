@@ -3,6 +3,9 @@
 Config section ``containers`` (install timeout, stop timeout, console history, crash
 restart policy). Answers ``lightd_volume_in_use`` for the volumes plugin. Reads
 (``GET``) are served from the agent's own state, never from Docker.
+
+Also the container WebSocket of §8 (``agent.api.ws``) and its config sections
+``websocket``, ``console`` and ``stats``; a config reload applies the console settings.
 """
 
 from __future__ import annotations
@@ -12,18 +15,27 @@ from typing import Any
 from quart import Blueprint
 
 from ..api.views import container_scoped, current_auth, read_json
+from ..api.ws import WebSocketSettings, websocket_blueprint
+from ..config import Config
 from ..converter import structure
 from ..errors import BadRequest, Conflict, DockerUnavailable
 from ..hookspecs import hookimpl
 from ..runtime import Agent, Service
 from . import CONTAINERS
+from .console import ConsoleSettings
 from .manager import MIGRATIONS, Containers, ContainersSettings, check_port_specs
 from .models import CreateRequest, RebindRequest, ReinstallRequest, StopRequest, valid_internal_id
+from .stats import StatsSettings
 
 
 @hookimpl
 def lightd_add_config_sections() -> dict[str, type]:
-    return {"containers": ContainersSettings}
+    return {
+        "containers": ContainersSettings,
+        "console": ConsoleSettings,
+        "websocket": WebSocketSettings,
+        "stats": StatsSettings,
+    }
 
 
 @hookimpl
@@ -39,6 +51,13 @@ def lightd_configure(agent: Agent) -> None:
 @hookimpl
 def lightd_add_services(agent: Agent) -> list[Service]:
     return [Service("containers", agent.stash[CONTAINERS].serve)]
+
+
+@hookimpl
+def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
+    history = new.section("containers").history_lines
+    for supervisor in agent.stash[CONTAINERS].all():
+        supervisor.hub.configure(new.section("console"), history)
 
 
 @hookimpl
@@ -149,4 +168,4 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             raise
         return {"message": "Network rebinding started", "internal_id": internal_id}
 
-    return [bp]
+    return [bp, websocket_blueprint(agent, containers)]

@@ -26,9 +26,11 @@ import trio
 
 from ..docker import AttachStream, DockerError, DockerNotFound
 from ..errors import AgentError, Conflict, DockerUnavailable
+from .console import LineSplitter
 from .hub import EventHub
 from .install import InstallFailed, InstallJob
 from .models import ContainerRecord, PortBinding, RuntimeState
+from .stats import StatsReader, StatsSettings
 
 if TYPE_CHECKING:
     from .manager import Containers
@@ -36,9 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["ContainerSupervisor"]
 
 log = logging.getLogger(__name__)
-
-#: A console line longer than this is cut there (and still ends with a newline).
-MAX_LINE = 64 * 1024
 
 
 @attrs.define
@@ -62,7 +61,14 @@ class ContainerSupervisor:
         self.manager = manager
         self.record = record
         self.state: RuntimeState = "offline"
-        self.hub = EventHub(history_lines=manager.settings.history_lines)
+        self.hub = EventHub.for_config(manager.agent.config, manager.settings.history_lines)
+        self.stats = StatsReader(
+            manager.docker,
+            self.hub,
+            self,
+            lambda: manager.agent.config.sections.get("stats") or StatsSettings(),
+        )
+        self._stdin = trio.Lock()
         self.exit_code: int | None = None
         self.started_at: float | None = None
         self._queue: deque[Action] = deque()
@@ -89,6 +95,7 @@ class ContainerSupervisor:
         with self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.hub.run)
                 task_status.started()
                 await self._work()
 
@@ -178,11 +185,13 @@ class ContainerSupervisor:
 
     async def send_command(self, text: str) -> None:
         """Write a console command to the server's stdin (a newline is added if missing)."""
-        if self._stream is None or self.state == "offline":
+        stream = self._stream
+        if stream is None or self.state == "offline":
             raise Conflict("Container is not running", code="not_running")
         if not text.endswith("\n"):
             text += "\n"
-        await self._stream.send(text.encode("utf-8"))
+        async with self._stdin:  # one writer: concurrent sends would interleave
+            await stream.send(text.encode("utf-8"))
 
     # -- state --------------------------------------------------------------------------
 
@@ -404,24 +413,21 @@ class ContainerSupervisor:
             async with self.manager.docker.attach(container_id) as stream:
                 self._stream = stream
                 task_status.started()
-                await self._read_console(stream)
+                async with trio.open_nursery() as run:
+                    run.start_soon(self.stats.run, container_id)
+                    await self._read_console(stream)
+                    run.cancel_scope.cancel()
         if self._console_scope is scope:
             self._console_scope = None
             self._stream = None
 
     async def _read_console(self, stream: AttachStream) -> None:
-        pending = b""
+        splitter = LineSplitter()
         while (chunk := await stream.receive()) is not None:
-            data = pending + chunk
-            parts = data.split(b"\n")
-            pending = parts.pop()
-            while len(pending) >= MAX_LINE:
-                parts.append(pending[:MAX_LINE])
-                pending = pending[MAX_LINE:]
-            if parts:
-                await self._lines([p.decode("utf-8", "replace") + "\n" for p in parts])
-        if pending:
-            await self._lines([pending.decode("utf-8", "replace") + "\n"])
+            if lines := splitter.feed(chunk):
+                await self._lines(lines)
+        if lines := splitter.close():
+            await self._lines(lines)
 
     async def _lines(self, lines: list[str]) -> None:
         self.hub.console(lines)

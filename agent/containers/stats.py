@@ -1,0 +1,407 @@
+"""Live resource usage of a running container: one reader per run, shared by all clients.
+
+Why cgroup files first: the engine's stats API costs 1 to 2 s per call (one shared
+collector with a 1 s tick; ``one_shot`` is 1 s when called back to back or for a batch),
+and a long-lived stream per container costs a thread in the agent plus the engine's own
+sampling work. The cgroup files give the same numbers (``memory.usage_in_bytes``,
+``cpuacct.usage``…) in about 0.1 ms, with no thread and no engine work; see
+../shared/notes/docker-under-trio.md §12 and ``bench/websocket.py --stats-sources``.
+They are read inline on the event loop: they are kernel pseudo-files that never block on
+a disk, and a thread hop would cost more than the read.
+
+A host where the files are elsewhere (systemd cgroup driver) or shaped differently
+(cgroup v2) is handled by ``locate_cgroup``; where none is found, the reader falls back to
+one long-lived Docker stats stream for the container, on the engine's stream limiter.
+
+The reader samples only while the container's hub has subscribers, about every
+``stats.interval`` seconds, and publishes a ``stats`` frame only when a value changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import attrs
+import trio
+
+from ..converter import field_check
+from ..errors import AgentError
+
+if TYPE_CHECKING:
+    from ..docker import DockerEngine
+    from .hub import EventHub
+
+__all__ = [
+    "ApiStats",
+    "CgroupV1",
+    "CgroupV2",
+    "Sample",
+    "StatsReader",
+    "StatsSettings",
+    "StatsSource",
+    "locate_cgroup",
+]
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: Seconds a running container may go without its cgroup being found before the reader
+#: falls back to the Docker API.
+LOCATE_GRACE = 3.0
+
+
+@attrs.frozen
+class StatsSettings:
+    """Config section ``stats`` [ext]."""
+
+    #: Seconds between samples while someone listens.
+    interval: float = attrs.field(
+        default=1.0, validator=field_check(lambda v: v >= 0.1, "must be >= 0.1")
+    )
+    #: ``auto`` (cgroup files, else the Docker API), ``cgroup`` (never the API), ``api``.
+    source: Literal["auto", "cgroup", "api"] = attrs.field(
+        default="auto",
+        validator=field_check(
+            lambda v: v in ("auto", "cgroup", "api"), "must be auto, cgroup or api"
+        ),
+    )
+
+
+@attrs.frozen
+class Sample:
+    """Cumulative counters of a container at one moment."""
+
+    #: CPU time used so far, and the clock it is compared with, in nanoseconds.
+    cpu_ns: int
+    at_ns: int
+    memory: int
+    memory_limit: int
+    network_rx: int
+    network_tx: int
+    block_read: int
+    block_write: int
+
+
+class StatsSource(Protocol):
+    """Where samples come from; ``read`` is cheap and never blocks."""
+
+    name: str
+
+    def read(self) -> Sample | None:
+        """The current counters, or ``None`` when they cannot be read (not running)."""
+        ...
+
+
+def _host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+HOST_MEMORY = _host_memory()
+
+
+def _read(path: Path) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """``key value`` lines (memory.stat, cpu.stat) → dict."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _limit(value: int) -> int:
+    """An unlimited cgroup reports a huge number: report the host's memory, as Docker does."""
+    return HOST_MEMORY if HOST_MEMORY and (value <= 0 or value > HOST_MEMORY) else value
+
+
+def network_of(procs: Path, proc: Path = Path("/proc")) -> tuple[int, int]:
+    """Bytes received and sent by the network namespace of the first process in
+    ``procs`` (a ``cgroup.procs`` file), loopback excluded."""
+    pids = _read(procs).split()
+    if not pids:
+        return 0, 0
+    rx = tx = 0
+    for line in _read(proc / pids[0] / "net" / "dev").splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        fields = counters.split()
+        rx += int(fields[0])
+        tx += int(fields[8])
+    return rx, tx
+
+
+class CgroupV1:
+    """cgroup v1: one folder per controller (``memory``, ``cpuacct``, ``blkio``, ``pids``)."""
+
+    name = "cgroup-v1"
+
+    def __init__(self, root: Path, relative: str, proc: Path = Path("/proc")) -> None:
+        self.memory = root / "memory" / relative
+        self.cpuacct = root / "cpuacct" / relative
+        self.blkio = root / "blkio" / relative
+        self.proc = proc
+
+    def read(self) -> Sample | None:
+        try:
+            now = time.monotonic_ns()
+            cpu = int(_read(self.cpuacct / "cpuacct.usage"))
+            usage = int(_read(self.memory / "memory.usage_in_bytes"))
+            stat = _keyed(_read(self.memory / "memory.stat"))
+            limit = int(_read(self.memory / "memory.limit_in_bytes"))
+            rx, tx = network_of(self.memory / "cgroup.procs", self.proc)
+        except (OSError, ValueError, IndexError):
+            return None
+        read = write = 0
+        try:
+            blkio = _read(self.blkio / "blkio.throttle.io_service_bytes_recursive")
+        except OSError:
+            blkio = ""
+        for line in blkio.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "Read":
+                read += int(parts[2])
+            elif len(parts) == 3 and parts[1] == "Write":
+                write += int(parts[2])
+        cache = stat.get("total_inactive_file", 0)
+        return Sample(
+            cpu_ns=cpu,
+            at_ns=now,
+            memory=usage - cache if cache < usage else usage,
+            memory_limit=_limit(limit),
+            network_rx=rx,
+            network_tx=tx,
+            block_read=read,
+            block_write=write,
+        )
+
+
+class CgroupV2:
+    """cgroup v2: one folder with every controller's files."""
+
+    name = "cgroup-v2"
+
+    def __init__(self, folder: Path, proc: Path = Path("/proc")) -> None:
+        self.folder = folder
+        self.proc = proc
+
+    def read(self) -> Sample | None:
+        folder = self.folder
+        try:
+            now = time.monotonic_ns()
+            cpu = _keyed(_read(folder / "cpu.stat"))["usage_usec"] * 1000
+            usage = int(_read(folder / "memory.current"))
+            stat = _keyed(_read(folder / "memory.stat"))
+            raw_limit = _read(folder / "memory.max").strip()
+            rx, tx = network_of(folder / "cgroup.procs", self.proc)
+        except (OSError, ValueError, IndexError, KeyError):
+            return None
+        read = write = 0
+        try:
+            io = _read(folder / "io.stat")
+        except OSError:
+            io = ""
+        for line in io.splitlines():
+            for item in line.split()[1:]:
+                key, _, value = item.partition("=")
+                if key == "rbytes":
+                    read += int(value)
+                elif key == "wbytes":
+                    write += int(value)
+        cache = stat.get("inactive_file", 0)
+        return Sample(
+            cpu_ns=cpu,
+            at_ns=now,
+            memory=usage - cache if cache < usage else usage,
+            memory_limit=_limit(0 if raw_limit == "max" else int(raw_limit)),
+            network_rx=rx,
+            network_tx=tx,
+            block_read=read,
+            block_write=write,
+        )
+
+
+def locate_cgroup(container_id: str, root: Path = CGROUP_ROOT) -> StatsSource | None:
+    """The cgroup of a running container under the cgroupfs or systemd driver, v1 or v2;
+    ``None`` when it is not there (not running yet, or another layout)."""
+    for relative in (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope"):
+        if (root / "memory" / relative / "memory.usage_in_bytes").is_file():
+            return CgroupV1(root, relative)
+        if (root / relative / "memory.current").is_file():
+            return CgroupV2(root / relative)
+    return None
+
+
+class ApiStats:
+    """The fallback: one long-lived Docker stats stream, in a thread of the engine's
+    stream limiter, keeping the latest item (about one a second)."""
+
+    name = "docker-api"
+
+    def __init__(self, engine: DockerEngine, container_id: str) -> None:
+        self.engine = engine
+        self.container_id = container_id
+        self._latest: Sample | None = None
+        self._closed = False
+
+    def read(self) -> Sample | None:
+        return self._latest
+
+    def _follow(self, client: Any) -> None:
+        # Runs in a worker thread; stores each item (an attribute write, no hop needed).
+        stream = client.api.stats(self.container_id, stream=True, decode=True)
+        try:
+            for item in stream:
+                if self._closed:
+                    return
+                self._latest = sample_of(item)
+        finally:
+            stream.close()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                try:
+                    await self.engine.stream(self._follow)
+                except AgentError as exc:
+                    log.info("%s: stats stream: %s", self.container_id[:12], exc)
+                await trio.sleep(5)  # the stream ended (the container stopped?): retry
+        finally:
+            self._closed = True  # an abandoned thread ends at its next item
+
+
+def sample_of(item: dict[str, Any]) -> Sample | None:
+    """A Docker stats item → ``Sample`` (CPU compared against the host's CPU clock)."""
+    try:
+        cpu = item["cpu_stats"]
+        cpus = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or [1])
+        memory = item.get("memory_stats") or {}
+        stats = memory.get("stats") or {}
+        cache = stats.get("total_inactive_file", stats.get("inactive_file", 0))
+        usage = int(memory.get("usage", 0))
+        networks = (item.get("networks") or {}).values()
+        blkio = (item.get("blkio_stats") or {}).get("io_service_bytes_recursive") or []
+        return Sample(
+            cpu_ns=int(cpu["cpu_usage"]["total_usage"]),
+            at_ns=int(cpu["system_cpu_usage"]) // int(cpus),
+            memory=usage - cache if cache < usage else usage,
+            memory_limit=_limit(int(memory.get("limit", 0))),
+            network_rx=sum(int(n.get("rx_bytes", 0)) for n in networks),
+            network_tx=sum(int(n.get("tx_bytes", 0)) for n in networks),
+            block_read=sum(int(b["value"]) for b in blkio if b.get("op", "").lower() == "read"),
+            block_write=sum(int(b["value"]) for b in blkio if b.get("op", "").lower() == "write"),
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+class _Owner(Protocol):
+    state: str
+    started_at: float | None
+
+
+def frame_values(previous: Sample, sample: Sample) -> dict[str, Any]:
+    """The contract's stats fields from two samples (``cpu_usage``: 100 = one core)."""
+    elapsed = sample.at_ns - previous.at_ns
+    cpu = (sample.cpu_ns - previous.cpu_ns) / elapsed * 100 if elapsed > 0 else 0.0
+    return {
+        "cpu_usage": round(max(cpu, 0.0), 2),
+        "memory_usage": sample.memory,
+        "memory_limit": sample.memory_limit,
+        "network_rx": sample.network_rx,
+        "network_tx": sample.network_tx,
+        "block_read": sample.block_read,
+        "block_write": sample.block_write,
+    }
+
+
+class StatsReader:
+    """The stats reader of one container, run once per run of the server."""
+
+    def __init__(
+        self,
+        engine: DockerEngine,
+        hub: EventHub,
+        owner: _Owner,
+        settings: Callable[[], StatsSettings],
+        *,
+        locate: Callable[[str], StatsSource | None] = locate_cgroup,
+    ) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.owner = owner
+        self.settings = settings
+        self.locate = locate
+        #: The source of the current run (tests and the bench look).
+        self.source: StatsSource | None = None
+
+    async def run(self, container_id: str) -> None:
+        """Publish stats for this run of ``container_id`` until cancelled."""
+        began = time.time()
+        self.source = None
+        while True:
+            settings = self.settings()
+            if settings.source != "api":
+                self.source = self.locate(container_id)
+            if self.source is not None:
+                await self._publish(self.source, began)
+                return
+            started = self.owner.started_at
+            running = started is not None and started >= began
+            if settings.source == "api" or (
+                settings.source == "auto" and running and time.time() - started > LOCATE_GRACE
+            ):
+                break
+            await trio.sleep(min(settings.interval, 0.5))
+        api = ApiStats(self.engine, container_id)
+        self.source = api
+        log.info("%s: no cgroup files found; stats from the Docker API", container_id[:12])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(api.serve)
+            await self._publish(api, began)
+
+    async def _publish(self, source: StatsSource, began: float) -> None:
+        previous: Sample | None = None
+        last: dict[str, Any] | None = None
+        next_tick = trio.current_time()
+        while True:
+            interval = self.settings().interval
+            next_tick = max(next_tick + interval, trio.current_time())
+            await trio.sleep_until(next_tick)
+            if not len(self.hub):
+                previous = None  # nobody listens: no reads; start afresh when someone does
+                continue
+            sample = source.read()
+            if sample is None or sample == previous:
+                continue
+            if previous is None:
+                previous = sample
+                continue
+            values = frame_values(previous, sample)
+            values["state"] = self.owner.state
+            previous = sample
+            if values == last:
+                continue
+            last = dict(values)
+            started = self.owner.started_at
+            values["uptime"] = (
+                int(time.time() - started) if started is not None and started >= began else 0
+            )
+            self.hub.stats(values)

@@ -1,0 +1,246 @@
+"""The console pipeline and the hub's queues, without Docker: line splitting, coalescing,
+the throttle, slow subscribers, and the parsing of inbound WebSocket frames."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+
+from agent.api.ws import parse_request
+from agent.containers.console import (
+    FRAME_MAX,
+    MAX_LINE,
+    THROTTLED,
+    Console,
+    ConsoleSettings,
+    Frame,
+    LineSplitter,
+    TokenBucket,
+)
+from agent.containers.hub import EventHub, Subscription
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_splitter_keeps_partial_lines_and_utf8_across_chunks() -> None:
+    splitter = LineSplitter()
+    snow = "☃".encode()
+    assert splitter.feed(b"one\ntw") == ["one\n"]
+    assert splitter.feed(b"o\n" + snow[:1]) == ["two\n"]
+    assert splitter.feed(snow[1:] + b"\n\n") == ["☃\n", "\n"]
+    assert splitter.feed(b"tail") == []
+    assert splitter.close() == ["tail\n"]
+    assert splitter.close() == []
+
+
+def test_splitter_cuts_long_lines_at_64_kib() -> None:
+    splitter = LineSplitter()
+    lines = splitter.feed(b"a" * 100_000 + b"\nb\n")
+    assert [len(line) for line in lines] == [MAX_LINE, 100_000 - (MAX_LINE - 1) + 1, 2]
+    assert all(line.endswith("\n") for line in lines)
+    # An unterminated line is cut as soon as it is too long, in any number of chunks.
+    assert splitter.feed(b"c" * 40_000) == []
+    assert splitter.feed(b"c" * 40_000) == ["c" * (MAX_LINE - 1) + "\n"]
+
+
+def console(settings: ConsoleSettings | None = None) -> tuple[Console, list[Frame], FakeClock]:
+    frames: list[Frame] = []
+    clock = FakeClock()
+    return Console(frames.append, settings or ConsoleSettings(), 1000, clock=clock), frames, clock
+
+
+def test_without_a_flusher_every_write_is_one_frame() -> None:
+    con, frames, _ = console()
+    con.write(["a\n", "b\n"])
+    con.write(["c\n"])
+    assert frames == [{"event": "console", "data": "a\nb\n"}, {"event": "console", "data": "c\n"}]
+    assert list(con.history) == ["a\n", "b\n", "c\n"]
+
+
+def test_big_writes_become_frames_of_at_most_64_kib_of_complete_lines() -> None:
+    con, frames, _ = console(ConsoleSettings(throttle_lines=0))
+    lines = [f"{n:07d}\n" for n in range(40_000)]
+    con.write(lines)
+    assert all(len(f["data"]) <= FRAME_MAX and f["data"].endswith("\n") for f in frames)
+    assert "".join(f["data"] for f in frames) == "".join(lines)
+    assert len(frames) == -(-len(lines) * 8 // FRAME_MAX)
+    assert list(con.history) == lines[-1000:]
+
+
+def test_the_throttle_drops_excess_lines_with_one_notice_per_window() -> None:
+    con, frames, clock = console(ConsoleSettings(throttle_lines=10, throttle_window_ms=100))
+    con.write([f"{n}\n" for n in range(25)])
+    con.write(["more\n"])
+    assert frames == [
+        {"event": "console", "data": "".join(f"{n}\n" for n in range(10))},
+        {"event": "daemon_message", "data": THROTTLED},
+    ]
+    assert con.throttled == 16
+    assert len(con.history) == 26  # the history sees every line
+    clock.now += 0.05  # half a window: 5 lines come back; no second notice yet
+    con.write([f"x{n}\n" for n in range(8)])
+    assert frames[2:] == [{"event": "console", "data": "".join(f"x{n}\n" for n in range(5))}]
+    clock.now += 0.05  # the next window: 5 more lines, and one more notice
+    con.write([f"y{n}\n" for n in range(8)])
+    assert frames[3:] == [
+        {"event": "console", "data": "".join(f"y{n}\n" for n in range(5))},
+        {"event": "daemon_message", "data": THROTTLED},
+    ]
+
+
+def test_tail_returns_the_last_lines() -> None:
+    con, _, _ = console()
+    con.write([f"{n}\n" for n in range(1500)])
+    assert con.tail(3) == "1497\n1498\n1499\n"
+    assert con.tail(5000) == "".join(f"{n}\n" for n in range(500, 1500))
+    assert con.tail(0) == ""
+
+
+async def test_lines_arriving_together_are_coalesced_and_ordered_before_messages() -> None:
+    hub = EventHub()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        with hub.subscribe() as sub:
+            hub.console(["first\n"])  # after a quiet spell: at once
+            for n in range(50):
+                hub.console([f"{n}\n"])
+            hub.message("Container stopped")  # flushes what is pending first
+            hub.console(["later\n"])
+            await trio.sleep(0.1)
+            frames = [sub.receive_nowait() for _ in range(len(sub))]
+        nursery.cancel_scope.cancel()
+    assert frames == [
+        {"event": "console", "data": "first\n"},
+        {"event": "console", "data": "".join(f"{n}\n" for n in range(50))},
+        {"event": "daemon_message", "data": "Container stopped"},
+        {"event": "console", "data": "later\n"},
+    ]
+
+
+async def test_the_flusher_sends_held_lines_within_the_coalescing_delay() -> None:
+    hub = EventHub()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        with hub.subscribe() as sub:
+            hub.console(["a\n"])
+            hub.console(["b\n"])
+            hub.console(["c\n"])
+            assert [await sub.receive()] == [{"event": "console", "data": "a\n"}]
+            with trio.fail_after(0.5):
+                assert await sub.receive() == {"event": "console", "data": "b\nc\n"}
+        nursery.cancel_scope.cancel()
+
+
+def test_a_slow_subscriber_loses_console_frames_with_one_notice() -> None:
+    sub = Subscription(max_frames=3, max_bytes=10_000)
+    for n in range(10):
+        sub.offer(Frame(event="console", data=f"{n}\n"))
+    sub.offer(Frame(event="event", data="running"))  # events have a second allowance
+    received = [sub.receive_nowait() for _ in range(len(sub))]
+    assert received == [
+        {"event": "console", "data": "0\n"},
+        {"event": "console", "data": "1\n"},
+        {"event": "console", "data": "2\n"},
+        {"event": "daemon_message", "data": THROTTLED},
+        {"event": "event", "data": "running"},
+    ]
+    assert sub.dropped == 7
+    # Caught up: a new loss is a new episode, with a new notice.
+    for n in range(5):
+        sub.offer(Frame(event="console", data=f"{n}\n"))
+    assert [sub.receive_nowait() for _ in range(len(sub))][-1]["data"] == THROTTLED
+
+
+def test_a_subscriber_queue_is_bounded_in_bytes() -> None:
+    sub = Subscription(max_frames=1000, max_bytes=100_000)
+    frame = Frame(event="console", data="x" * 30_000 + "\n")
+    for _ in range(100):
+        sub.offer(frame)
+    assert sub.queued_bytes <= 100_000 + 100
+    assert sub.peak_bytes <= 100_000 + 100
+    assert sub.dropped == 100 - 3
+    # A reply is never refused to an empty queue, however big.
+    empty = Subscription(max_frames=4, max_bytes=1000)
+    empty.put(Frame(event="logs", data="y" * 5000))
+    assert empty.receive_nowait()["event"] == "logs"
+
+
+async def test_finish_drops_the_backlog_and_delivers_the_last_words() -> None:
+    sub = Subscription()
+    for n in range(5):
+        sub.offer(Frame(event="console", data=f"{n}\n"))
+    sub.finish(4001, {"event": "daemon_message", "data": "Token expired"})
+    assert await sub.receive() == {"event": "daemon_message", "data": "Token expired"}
+    with pytest.raises(trio.EndOfChannel):
+        await sub.receive()
+    assert sub.close_code == 4001
+
+
+async def test_a_waiting_subscriber_wakes_on_publish_and_on_close() -> None:
+    hub = EventHub()
+    with hub.subscribe() as sub:
+        async with trio.open_nursery() as nursery:
+            got: list[Frame] = []
+
+            async def wait() -> None:
+                got.append(await sub.receive())
+                with pytest.raises(trio.EndOfChannel):
+                    await sub.receive()
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            hub.event("running")
+            await trio.testing.wait_all_tasks_blocked()
+            hub.close()
+    assert got == [{"event": "event", "data": "running"}]
+
+
+def test_frames_encode_their_json_once() -> None:
+    frame = Frame(event="console", data="é\n")
+    assert frame.text == '{"event":"console","data":"é\\n"}'
+    assert frame.text is frame.text
+    assert json.loads(frame.text) == frame
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate=10, burst=20, now=0)
+    assert bucket.take(25, now=0) == 20
+    assert bucket.take(1, now=0.05) == 0
+    assert bucket.take(5, now=0.5) == 5
+    assert bucket.take(100, now=100) == 20
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"event":"send_command","command":"say hi\\n"}', ("send_command", "say hi\n")),
+        ('{"send_command":["say hi"]}', ("send_command", "say hi")),
+        ('{"event":"power","action":"restart"}', ("power", "restart")),
+        ('{"event":"power","action":"stop"}', ("power", "stop")),
+        ('{"power":["kill"]}', ("power", "kill")),
+        ('{"event":"request_logs"}', ("request_logs", 100)),
+        ('{"event":"request_logs","lines":7}', ("request_logs", 7)),
+        ('{"logs":["50"]}', ("request_logs", 50)),
+        ('{"logs":[]}', ("request_logs", 100)),
+        ('{"event":"power","action":"dance"}', None),
+        ('{"event":"request_logs","lines":-1}', None),
+        ('{"event":"request_logs","lines":"many"}', None),
+        ('{"event":"send_command","command":["x"]}', None),
+        ('{"event":"console duplicate"}', None),
+        ('{"send_command":[]}', None),
+        ("[]", None),
+        ("{", None),
+        ("", None),
+    ],
+)
+def test_parse_request(text: str, expected: tuple[str, object] | None) -> None:
+    assert parse_request(text) == expected
