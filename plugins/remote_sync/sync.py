@@ -300,34 +300,34 @@ class RemoteSync:
     # --- reload ----------------------------------------------------------------------
 
     def config_changed(self, old: RemoteConfig, new: RemoteConfig) -> None:
-        """Apply a reloaded ``remote`` section: requests in flight are cut and retried
-        under the new settings at once; queued updates stay where they are."""
-        if old == new:
+        """Apply a reloaded ``remote`` section: when the link changed (enabled, url, token,
+        timeout) requests in flight are cut and retried under the new settings at once;
+        queued updates stay where they are."""
+        changes = {
+            field.name
+            for field in attrs.fields(RemoteConfig)
+            if getattr(old, field.name) != getattr(new, field.name)
+        }
+        if not changes:
             return
-        changes = [
-            name
-            for name in ("enabled", "url", "token", "report_power_state", "timeout")
-            if getattr(old, name) != getattr(new, name)
-        ]
-        if old.heartbeat_interval != new.heartbeat_interval:
-            changes.append("heartbeat_interval")
-        if old.outbox_max != new.outbox_max:
-            changes.append("outbox_max")
         log.info(
             "remote sync reconfigured (%s): %s",
-            ", ".join(changes),
+            ", ".join(sorted(changes)),
             f"reporting to {new.url}" if new.enabled else "disabled",
         )
-        self._generation += 1
-        if {"enabled", "url", "token"} & set(changes):
-            self.status.healthy = False
-            self._outage_warned_at = None
-        for scope in list(self._in_flight):
-            scope.cancel()
-        self.backoff.reset()
+        if changes & {"enabled", "url", "token", "timeout"}:
+            self._generation += 1
+            for scope in list(self._in_flight):
+                scope.cancel()
+            if changes & {"enabled", "url", "token"}:
+                self.status.healthy = False
+                self._outage_warned_at = None
+            self.backoff.reset()
+            self._kick.set()
+            self._beat.set()
+        elif "heartbeat_interval" in changes:
+            self._beat.set()
         self._work.set()
-        self._kick.set()
-        self._beat.set()
 
     # --- talking to the panel --------------------------------------------------------
 

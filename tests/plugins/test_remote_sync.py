@@ -675,3 +675,20 @@ async def test_undelivered_updates_survive_a_graceful_restart(
     second = await start_agent(path)
     await until(lambda: down_panel.statuses("srv-21") == ["installing", "ready"])
     await drained(second)
+
+
+async def test_reload_applies_heartbeat_interval_and_report_power_state_live(
+    panel: Panel, start_agent: StartAgent, make_config: Callable[..., Path]
+) -> None:
+    path = make_config(remote_config(panel.url))
+    node = await start_agent(path)
+    await until(lambda: panel.state.health_requests == 1, what="the heartbeat at start")
+    await transitions(node.agent, ("srv-22", "installing"), ("srv-22", "ready"))
+    await transitions(node.agent, ("srv-22", "starting"))  # not reported yet
+    write_remote(path, heartbeat_interval=0.2, report_power_state=True)
+    async with api_client(node.url) as client:
+        assert (await client.post("/remote/config/reload")).status_code == 200
+    await until(lambda: panel.state.health_requests >= 4, within=3, what="faster heartbeats")
+    await transitions(node.agent, ("srv-22", "running"))
+    await until(lambda: len(panel.statuses("srv-22")) == 3)
+    assert panel.statuses("srv-22") == ["installing", "ready", "running"]
