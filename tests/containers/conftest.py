@@ -41,43 +41,6 @@ def containers_config(make_config: Callable[..., Path]) -> Callable[..., Path]:
     return make
 
 
-class _VolumeStandIn:
-    """TEMPORARY until the volumes plugin lands: POST /volumes and the VOLUMES service."""
-
-    @staticmethod
-    @__import__("agent").hookimpl
-    def lightd_configure(agent: Any) -> None:
-        from agent.interfaces import VOLUMES
-
-        class Service:
-            async def path(self, volume_id: str) -> Path | None:
-                p = agent.paths.volumes / volume_id
-                return p if "/" not in volume_id and p.is_dir() else None
-
-        agent.stash[VOLUMES] = Service()
-
-    @staticmethod
-    @__import__("agent").hookimpl
-    def lightd_add_routes(agent: Any) -> list[Any]:
-        from quart import Blueprint
-
-        bp = Blueprint("standin", __name__)
-
-        @bp.post("/volumes")
-        async def make() -> tuple[dict[str, str], int]:
-            vid = str(uuid.uuid4())
-            (agent.paths.volumes / vid).mkdir()
-            return {"volume_id": vid, "path": str(agent.paths.volumes / vid)}, 201
-
-        return [bp]
-
-
-def _stand_ins() -> tuple[tuple[str, object], ...]:
-    import plugins.volumes
-
-    return () if hasattr(plugins.volumes, "lightd_configure") else (("standin", _VolumeStandIn),)
-
-
 StartNode = Callable[..., Any]
 
 
@@ -101,7 +64,7 @@ async def start_node(
         return await start_agent(
             path or containers_config(overrides),
             environ={"DOCKER_HOST": docker_host},
-            extra_plugins=_stand_ins() + extra,
+            extra_plugins=extra,
         )
 
     try:
