@@ -197,8 +197,12 @@ def main() -> None:
                 for c in listed:
                     client.delete(f"/containers/{c['internal_id']}")
     finally:
+        # The raw ones, and whatever the agent's were left if the run broke off.
         for c in raw.containers.list(all=True, filters={"label": "lightd.bench=1"}):
             c.remove(force=True)
+        for c in raw.containers.list(all=True, filters={"label": "lightd.managed=true"}):
+            if c.labels.get("lightd.internal_id", "").startswith(("bench-", "batch-", "rec-")):
+                c.remove(force=True)
         raw.close()
 
     print(f"lightd container bench: {args.runs} samples per figure, image {IMAGE}\n")

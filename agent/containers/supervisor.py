@@ -80,6 +80,8 @@ class ContainerSupervisor:
         self._stream: AttachStream | None = None
         self._console_scope: trio.CancelScope | None = None
         self._stop_asked = False
+        #: An install or reinstall was accepted and has not reached ready/failed yet.
+        self._install_pending = False
         self._exited = trio.Event()
         self._oom = False
         self._crashes: deque[float] = deque()
@@ -121,6 +123,11 @@ class ContainerSupervisor:
             finally:
                 self._current = None
                 self._current_scope = None
+                if action.kind in ("install", "reinstall"):
+                    # However it ended, only installs still queued keep it pending.
+                    self._install_pending = any(
+                        a.kind in ("install", "reinstall") for a in self._queue
+                    )
                 action.done.set()
 
     # -- requests (validated now, run later, in order) ------------------------------------
@@ -143,11 +150,8 @@ class ContainerSupervisor:
         )
 
     def _installing(self) -> bool:
-        """Installing now, or an install is queued or running."""
-        actions = [self._current, *self._queue] if self._current else self._queue
-        return self.record.install_state == "installing" or any(
-            a.kind in ("install", "reinstall") for a in actions
-        )
+        """Installing now, or an install is asked for and has not finished."""
+        return self.record.install_state == "installing" or self._install_pending
 
     def submit(self, kind: str, **args: Any) -> Action:
         """Validate a power or change request against the projected state and queue it.
@@ -172,6 +176,8 @@ class ContainerSupervisor:
         elif kind == "rebind" and self._installing():
             raise Conflict("Cannot rebind network while container is installing", code="installing")
         action = Action(kind, args)
+        if kind in ("install", "reinstall"):
+            self._install_pending = True
         if kind == "kill":
             # A kill always wins: pending starts are dropped and it runs next.
             for dropped in [a for a in self._queue if a.kind in ("start", "restart")]:
@@ -219,10 +225,12 @@ class ContainerSupervisor:
             await self._install_steps()
         except (InstallFailed, DockerError, DockerUnavailable, OSError) as exc:
             reason = _reason(exc)
+            self._install_pending = False
             await self._set_record(install_state="failed", error=reason)
             self.hub.message(f"Error: {reason}")
             await self.manager.notify(self.internal_id, "failed", reason)
             return
+        self._install_pending = False
         await self._set_record(install_state="ready", error=None)
         self.hub.event("installed")
         await self.manager.notify(self.internal_id, "ready")
