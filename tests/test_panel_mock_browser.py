@@ -84,13 +84,17 @@ async def open_chromium(profile: Path, log: Path) -> AsyncIterator[DevTools]:
         except OSError as exc:
             pytest.fail(f"chromium ({binary}) cannot be started: {exc}")
     try:
-        active = profile / "DevToolsActivePort"
+        active = trio.Path(profile / "DevToolsActivePort")
+        endpoint: list[str] = []
 
         async def ready() -> bool:
             if process.poll() is not None:
                 tail = (await trio.Path(log).read_text(errors="replace"))[-3000:]
                 pytest.fail(f"chromium exited with {process.returncode} at start:\n{tail}")
-            return await trio.Path(active).exists()
+            if await active.exists():  # "<port>\n<path>\n", maybe not all written yet
+                endpoint[:] = (await active.read_text()).split()[:2]
+            browser = "/devtools/browser/"  # + a 36-character id
+            return len(endpoint) == 2 and len(endpoint[1]) == len(browser) + 36
 
         try:
             await wait_for(ready, within=60, what="chromium's DevTools port")
@@ -98,7 +102,7 @@ async def open_chromium(profile: Path, log: Path) -> AsyncIterator[DevTools]:
             tail = (await trio.Path(log).read_text(errors="replace"))[-3000:]
             print(f"chromium log:\n{tail}")
             raise
-        port, path = (await trio.Path(active).read_text()).split()[:2]
+        port, path = endpoint
         async with trio_websocket.open_websocket_url(
             f"ws://127.0.0.1:{port}{path}", max_message_size=16 * 1024 * 1024
         ) as ws:

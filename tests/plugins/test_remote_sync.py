@@ -382,11 +382,11 @@ async def test_a_slow_panel_never_delays_the_hook_or_the_api(
     panel.state.delay = 3.0
     node = await start_node(panel, timeout=10.0)
     for state in ("installing", "ready", "starting"):
-        with trio.fail_after(0.5):
+        with trio.fail_after(1.5):  # well under the panel's 3 s
             await transitions(node.agent, ("srv-8", state))
     await until(lambda: panel.state.update_requests >= 1)  # the sender is stuck in a POST
     async with api_client(node.url) as client:
-        with trio.fail_after(0.5):
+        with trio.fail_after(1.5):
             status = (await client.get("/remote/status")).json()
             assert (await client.get("/api/v1/public/ping")).status_code == 200
     assert status["pending_updates"] >= 1
@@ -420,7 +420,7 @@ async def test_panel_down_then_failing_then_back_loses_nothing(
     steps = [(server, *LIFE[i]) for i in range(len(LIFE)) for server in SERVERS]
     assert len(steps) == 50
     for step in steps[:25]:  # connection refused
-        with trio.fail_after(1):
+        with trio.fail_after(1.5):
             await transitions(agent, step)
     await until(lambda: sync(agent).backoff.failures >= 2, what="retries while refused")
     assert sync(agent).status.healthy is False
@@ -429,7 +429,7 @@ async def test_panel_down_then_failing_then_back_loses_nothing(
     panel.state.fail_status = 503
     await panel.up()
     for step in steps[25:]:  # 503
-        with trio.fail_after(1):
+        with trio.fail_after(1.5):
             await transitions(agent, step)
     await until(lambda: panel.state.update_requests >= 3, what="retries answered 503")
     assert panel.state.received == []
@@ -449,7 +449,7 @@ async def test_panel_down_then_failing_then_back_loses_nothing(
 
 async def test_retries_follow_a_growing_capped_backoff(panel: Panel, start_node: StartNode) -> None:
     node = await start_node(panel, fast_backoff=False)
-    sync(node.agent).backoff = Backoff(base=0.1, cap=0.4, random=lambda: 1.0)
+    sync(node.agent).backoff = Backoff(base=0.2, cap=0.8, random=lambda: 1.0)
     panel.state.fail_status = 503
     await transitions(node.agent, ("srv-9", "installing"))
     await until(lambda: panel.state.update_requests >= 6, what="six attempts")
@@ -457,10 +457,10 @@ async def test_retries_follow_a_growing_capped_backoff(panel: Panel, start_node:
     await until(lambda: panel.statuses("srv-9") == ["installing"])
     times = [t for t, path, _ in panel.state.recent_requests if path.endswith("/update")]
     gaps = [b - a for a, b in itertools.pairwise(times)][:5]
-    # Delays 0.1, 0.2, 0.4, 0.4, 0.4 (jitter pinned to the top of its range).
-    assert gaps[0] < gaps[1] < gaps[2], gaps
-    assert all(0.09 <= g <= 0.7 for g in gaps), gaps
-    assert all(abs(g - 0.4) < 0.15 for g in gaps[2:]), gaps
+    # Delays 0.2, 0.4, 0.8, 0.8, 0.8 (jitter pinned to the top of its range), as the panel
+    # saw them arrive.
+    assert 0.18 <= gaps[0] < 0.5 and gaps[0] < gaps[2] and gaps[1] < gaps[2], gaps
+    assert all(0.75 <= g <= 1.4 for g in gaps[2:]), gaps
 
 
 @pytest.mark.parametrize("code", [408, 429, 500, 502])
@@ -485,14 +485,14 @@ async def test_a_4xx_answer_is_logged_and_not_retried(
         await transitions(node.agent, ("srv-11", "installing"), ("srv-11", "ready"))
         await until(lambda: panel.state.update_requests == 2)
         await drained(node)
-    await trio.sleep(0.5)  # a retry (back-off base 0.05 s) would show up well within this
-    assert panel.state.update_requests == 2
     rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(rejected) == 2 and "HTTP 422" in rejected[0]
     panel.state.fail_status = None
     await transitions(node.agent, ("srv-11", "starting"), ("srv-11", "offline"))
     await transitions(node.agent, ("srv-11", "installing"))
     await until(lambda: panel.statuses("srv-11") == ["installing"])
+    # Delivered in order, so anything still being retried would have gone out before it.
+    assert panel.state.update_requests == 3
     status = await remote_status(node)
     assert status["rejected"] == 2 and status["delivered"] == 1
     assert "HTTP 422" in status["last_error"]
@@ -624,11 +624,13 @@ async def test_heartbeat_at_start_and_every_interval(panel: Panel, start_node: S
     started = trio.current_time()
     node = await start_node(panel, heartbeat_interval=0.3)
     await until(lambda: panel.state.health_requests >= 1, within=2, what="the first heartbeat")
-    first = trio.current_time()
-    assert first - started < 2
-    await until(lambda: panel.state.health_requests >= 4, within=5)
-    elapsed = trio.current_time() - first
-    assert 0.8 <= elapsed <= 2.0, elapsed  # three more periods of 0.3 s
+    assert trio.current_time() - started < 2
+    await until(lambda: panel.state.health_requests >= 5, within=5)
+    times = [t for t, path, _ in panel.state.recent_requests if path.endswith("/health")]
+    # Every 0.3 s as the panel saw them arrive; the first one is left out, its connection
+    # set-up (slow on a loaded machine) delays its arrival, not the schedule.
+    gaps = [b - a for a, b in itertools.pairwise(times[1:5])]
+    assert all(0.1 <= g <= 0.6 for g in gaps) and 0.25 <= sum(gaps) / 3 <= 0.45, gaps
     status = await remote_status(node)
     assert status["healthy"] is True and status["last_heartbeat"] is not None
 
