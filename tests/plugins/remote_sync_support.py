@@ -37,7 +37,9 @@ class Panel:
     could take: the port stays bound. ``url`` is stable across ``up``/``down``.
     """
 
-    def __init__(self, nursery: trio.Nursery, *, prefix: str = "", token: str = PANEL_TOKEN):
+    def __init__(
+        self, nursery: trio.Nursery, *, prefix: str = "", token: str = PANEL_TOKEN
+    ) -> None:
         self.nursery = nursery
         self.prefix = prefix
         self.token = token
