@@ -17,6 +17,11 @@ or udp). IPv4 entries go to ``network.iptables``, IPv6 ones to ``network.ip6tabl
 wildcard entry (``0.0.0.0``, ``::``) gets a rule without ``-d``. A missing program is a
 warning and its family gets no rules; a failing call is a warning and is retried with the
 next change. Rules stay when the agent stops: the game servers keep running.
+
+What the rules match is the contract's "ACCEPT per pool port" on the host's own input
+(``firewall_parent`` ``INPUT``). Traffic Docker forwards to a published port is DNATed
+and crosses ``FORWARD``/``DOCKER-USER`` with the container's port instead; opening that
+path per pool port would need ``-m conntrack --ctorigdstport``, which this does not do.
 """
 
 from __future__ import annotations

@@ -270,13 +270,15 @@ class PortPool:
             async with self._lock:
                 while not job.done:
                     await self._commit_queued()
-        except BaseException:
+        except BaseException as exc:
             if self._withdraw(job):
                 raise  # it never ran: nothing changed
             # It is in a transaction that has run or is running: report its outcome. A
             # cancellation stays pending and surfaces at the caller's next checkpoint.
             with trio.CancelScope(shield=True):
                 await job.wait()
+            if not isinstance(exc, trio.Cancelled):
+                raise
         return job.result()
 
     def _withdraw(self, job: _Job[Any]) -> bool:

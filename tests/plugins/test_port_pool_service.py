@@ -99,9 +99,18 @@ async def test_reserve_of_nothing(service: PortPoolService) -> None:
     assert await service.reserve("srv-1", []) == []
 
 
-@pytest.mark.parametrize(
-    ("bad", "kind", "message"),
-    [
+async def test_reserve_is_all_or_nothing(
+    client: httpx.AsyncClient, service: PortPoolService
+) -> None:
+    await fill(
+        client,
+        *[("10.0.0.1", port, "tcp") for port in range(1, 7)],
+        ("::1", 5, "tcp"),
+    )
+    await service.reserve("other", [req("10.0.0.1", 3), req("::1", 5)])
+    await client.put("/network/ports/10.0.0.1/4/use", json={"in_use": True})
+    before = await owners(client)
+    cases: list[tuple[PortRequest, type[ApiError], str]] = [
         (req("10.0.0.1", 99), BadRequest, "Port not found in network pool"),
         (req("10.0.0.9", 1), BadRequest, "Port not found in network pool"),
         (req("10.0.0.1", 3), Conflict, "Port already in use: 10.0.0.1:3"),
@@ -117,33 +126,19 @@ async def test_reserve_of_nothing(service: PortPoolService) -> None:
         (req("10.0.0.1", 0), BadRequest, "Invalid port: 0"),
         (req("10.0.0.1", 1, "icmp"), BadRequest, "Invalid protocol: icmp"),
         (req("10.0.0.1", 1), Conflict, "Port already in use: 10.0.0.1:1"),
-    ],
-)
-async def test_reserve_is_all_or_nothing(
-    running: RunningAgent,
-    client: httpx.AsyncClient,
-    service: PortPoolService,
-    bad: PortRequest,
-    kind: type[ApiError],
-    message: str,
-) -> None:
-    await fill(
-        client,
-        *[("10.0.0.1", port, "tcp") for port in range(1, 7)],
-        ("::1", 5, "tcp"),
-    )
-    await service.reserve("other", [req("10.0.0.1", 3), req("::1", 5)])
-    await client.put("/network/ports/10.0.0.1/4/use", json={"in_use": True})
-    # Everything free is taken before the bad request: a half-made reservation would show.
-    await refused(
-        service.reserve("srv-1", [req("10.0.0.1", 1), req("10.0.0.1", 2), req(None, None), bad]),
-        kind,
-        message,
-    )
-    state = await owners(client)
-    assert "srv-1" not in state.values()
-    assert state[("10.0.0.1", 1)] is None and state[("10.0.0.1", 2)] is None
-    assert "srv-1" not in await service.held()
+    ]
+    for bad, kind, message in cases:
+        # Everything free is taken before the bad request: a half-made reservation would
+        # show.
+        await refused(
+            service.reserve(
+                "srv-1", [req("10.0.0.1", 1), req("10.0.0.1", 2), req(None, None), bad]
+            ),
+            kind,
+            message,
+        )
+        assert await owners(client) == before, message
+        assert "srv-1" not in await service.held()
     free = (await client.get("/network/ports?in_use=false")).json()["ports"]
     assert [(p["ip"], p["port"]) for p in free] == [("10.0.0.1", p) for p in (1, 2, 5, 6)]
 
@@ -162,9 +157,8 @@ async def test_reserving_what_the_owner_holds_is_idempotent(
     )
 
 
-@pytest.mark.parametrize(
-    ("entry", "wanted", "ok"),
-    [
+async def test_protocol_matching(client: httpx.AsyncClient, service: PortPoolService) -> None:
+    for entry, wanted, ok in [
         ("tcp", "tcp", True),
         ("udp", "udp", True),
         ("both", "both", True),
@@ -174,28 +168,25 @@ async def test_reserving_what_the_owner_holds_is_idempotent(
         ("udp", "tcp", False),
         ("tcp", "both", False),
         ("udp", "both", False),
-    ],
-)
-async def test_protocol_matching(
-    client: httpx.AsyncClient, service: PortPoolService, entry: str, wanted: str, ok: bool
-) -> None:
-    await fill(client, ("10.0.0.1", 1, entry))
-    call = service.reserve("srv-1", [req("10.0.0.1", 1, wanted)])
-    if ok:
-        assert await call == [PoolPort("10.0.0.1", 1, entry)]
-    else:
-        error = await refused(
-            call,
-            BadRequest,
-            f"Port protocol mismatch: 10.0.0.1:1 is {entry} in the pool, not {wanted}",
-        )
-        assert error.code == "port_protocol_mismatch"
-    any_call = service.reserve("srv-2", [req(None, None, wanted)])
-    if ok:
-        await refused(any_call, NotFound, "No available ports in pool")  # srv-1 has it
-    else:
-        await refused(any_call, NotFound, "No available ports in pool")
-        assert await service.held() == {}
+    ]:
+        await fill(client, ("10.0.0.1", 1, entry))
+        call = service.reserve("srv-1", [req("10.0.0.1", 1, wanted)])
+        any_call = service.reserve("srv-2", [req(None, None, wanted)])
+        if ok:
+            assert await call == [PoolPort("10.0.0.1", 1, entry)]
+            await service.release("srv-1")
+            assert await any_call == [PoolPort("10.0.0.1", 1, entry)]
+            await service.release("srv-2")
+        else:
+            error = await refused(
+                call,
+                BadRequest,
+                f"Port protocol mismatch: 10.0.0.1:1 is {entry} in the pool, not {wanted}",
+            )
+            assert error.code == "port_protocol_mismatch"
+            await refused(any_call, NotFound, "No available ports in pool")
+            assert await service.held() == {}
+        assert (await client.delete("/network/ports/10.0.0.1/1")).status_code == 200
 
 
 async def test_a_both_entry_serves_tcp_and_udp_of_one_container(
@@ -208,21 +199,21 @@ async def test_a_both_entry_serves_tcp_and_udp_of_one_container(
     assert got == [PoolPort("10.0.0.1", 27015, "both")] * 2
 
 
-@pytest.mark.parametrize(("first", "second"), [("tcp", "tcp"), ("tcp", "both"), ("both", "udp")])
 async def test_one_entry_requested_twice_is_refused(
-    client: httpx.AsyncClient, service: PortPoolService, first: str, second: str
+    client: httpx.AsyncClient, service: PortPoolService
 ) -> None:
     await fill(client, ("10.0.0.1", 1, "both"), ("10.0.0.1", 2, "both"))
-    error = await refused(
-        service.reserve(
-            "srv-1",
-            [req("10.0.0.1", 2), req("10.0.0.1", 1, first), req("10.0.0.1", 1, second)],
-        ),
-        Conflict,
-        "Port already in use: 10.0.0.1:1",
-    )
-    assert error.code == "port_requested_twice"
-    assert await service.held() == {}
+    for first, second in [("tcp", "tcp"), ("tcp", "both"), ("both", "udp")]:
+        error = await refused(
+            service.reserve(
+                "srv-1",
+                [req("10.0.0.1", 2), req("10.0.0.1", 1, first), req("10.0.0.1", 1, second)],
+            ),
+            Conflict,
+            "Port already in use: 10.0.0.1:1",
+        )
+        assert error.code == "port_requested_twice"
+        assert await service.held() == {}
 
 
 async def test_any_request_takes_a_free_entry_of_its_protocol(
@@ -293,22 +284,21 @@ async def test_replace_swaps_the_whole_set(
     }
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [req("10.0.0.1", 4), req("10.0.0.1", 9), req("10.0.0.1", 3, "udp"), req(None, None)],
-)
 async def test_replace_changes_nothing_when_refused(
-    client: httpx.AsyncClient, service: PortPoolService, bad: PortRequest
+    client: httpx.AsyncClient, service: PortPoolService
 ) -> None:
     await fill(client, *[("10.0.0.1", port, "tcp") for port in range(1, 5)])
     await service.reserve("srv-1", [req("10.0.0.1", 1), req("10.0.0.1", 2)])
     await service.reserve("srv-2", [req("10.0.0.1", 4)])
-    with pytest.raises(ApiError):
-        await service.replace("srv-1", [req("10.0.0.1", 3), req(None, None), req(None, None), bad])
-    held = await service.held()
-    assert [(p.ip, p.port) for p in held["srv-1"]] == [("10.0.0.1", 1), ("10.0.0.1", 2)]
-    assert [(p.ip, p.port) for p in held["srv-2"]] == [("10.0.0.1", 4)]
-    assert (await owners(client))[("10.0.0.1", 3)] is None
+    for bad in [req("10.0.0.1", 4), req("10.0.0.1", 9), req("10.0.0.1", 3, "udp"), req(None, None)]:
+        with pytest.raises(ApiError):
+            await service.replace(
+                "srv-1", [req("10.0.0.1", 3), req(None, None), req(None, None), bad]
+            )
+        held = await service.held()
+        assert [(p.ip, p.port) for p in held["srv-1"]] == [("10.0.0.1", 1), ("10.0.0.1", 2)]
+        assert [(p.ip, p.port) for p in held["srv-2"]] == [("10.0.0.1", 4)]
+        assert (await owners(client))[("10.0.0.1", 3)] is None
 
 
 async def test_replace_may_reuse_what_it_frees(
@@ -349,10 +339,11 @@ async def test_held_lists_every_owner(client: httpx.AsyncClient, service: PortPo
     }
 
 
-@pytest.mark.parametrize("owner", ["", None, 7])
-async def test_an_owner_is_required(service: PortPoolService, owner: Any) -> None:
-    with pytest.raises(ValueError, match="internal_id"):
-        await service.reserve(owner, [req(None, None)])
+async def test_an_owner_is_required(service: PortPoolService) -> None:
+    owner: Any
+    for owner in ["", None, 7]:
+        with pytest.raises(ValueError, match="internal_id"):
+            await service.reserve(owner, [req(None, None)])
 
 
 async def test_hook_lightd_container_deleted_frees_leftover_ports(
