@@ -18,7 +18,7 @@ import trio.testing
 
 from agent.errors import ApiError, BadRequest, Conflict, NotFound
 from agent.interfaces import PORT_POOL, PoolPort, PortPoolService, PortRequest
-from plugins.port_pool import POOL, PortPool
+from plugins.port_pool import POOL, PortPool, PortPoolError
 
 from ..conftest import RunningAgent
 
@@ -463,6 +463,47 @@ async def test_concurrent_changes_share_commits_and_stay_separate(
     held = await service.held()
     assert set(held) == {f"c{i}" for i in winners}
     assert sorted(p.port for ports in held.values() for p in ports) == list(range(1, 21))
+
+
+async def test_a_failed_commit_fails_every_change_in_it(
+    running: RunningAgent,
+    client: httpx.AsyncClient,
+    service: PortPoolService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the shared transaction cannot commit, each caller in it gets the error and
+    nothing of it stays; the next transaction works."""
+    store = running.agent.store
+    await fill(client, ("10.0.0.1", 1, "tcp"), ("10.0.0.1", 2, "tcp"))
+
+    async def failing_write(fn: Any, *args: Any) -> Any:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn(conn, *args)
+            finally:
+                conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        return await store.read(run)
+
+    monkeypatch.setattr(store, "write", failing_write)
+    errors: list[BaseException] = []
+
+    async def one(owner: str, port: int) -> None:
+        with pytest.raises(PortPoolError) as info:
+            await service.reserve(owner, [req("10.0.0.1", port)])
+        errors.append(info.value)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "srv-1", 1)
+            nursery.start_soon(one, "srv-2", 2)
+    assert len(errors) == 2
+    assert all(isinstance(e.__cause__, sqlite3.OperationalError) for e in errors)
+    monkeypatch.undo()
+    assert await service.held() == {}
+    assert await service.reserve("srv-1", [req("10.0.0.1", 1)])
 
 
 # --- the issue's concurrency test ---------------------------------------------------
