@@ -388,7 +388,10 @@ def _walk(
                 if follow_last and flags & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):
                     os.close(fd)
                     target = _is_link_at(cur, comp)
-                    if target is None:  # swapped back meanwhile: look again
+                    if target is None:  # swapped back meanwhile: look again (bounded)
+                        links += 1
+                        if links > MAX_LINKS:
+                            raise _fail(errno.ELOOP)
                         pending.append(comp)
                         continue
                     if no_links:

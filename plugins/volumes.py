@@ -10,7 +10,8 @@ Hooks:
     ``lightd_add_config_sections`` (section ``volumes``), ``lightd_add_migrations``
     (namespace ``volumes``: table ``volumes_registry``), ``lightd_configure`` (publishes
     the registry as ``agent.stash[VOLUMES]``, the ``VolumeService`` the supervisor and the
-    archives plugin use), ``lightd_add_routes``.
+    archives plugin use), ``lightd_add_services`` (``volumes-trash``: removes the folders
+    of deleted volumes in the background), ``lightd_add_routes``.
 
 Config section ``volumes``:
     ``workers`` (8) threads for quick operations (write, mkdir, list);
@@ -28,7 +29,8 @@ The registry lives in the state store and is cached in memory (loaded on first u
 folders named like a volume id found under ``volumes_path`` without a row (volumes made
 by the original daemon, whose registry was memory-only) are adopted at that load.
 Deletion renames the folder out of the way first, so a volume is either whole and
-registered or gone; leftovers of an interrupted deletion are swept at the next load.
+registered or gone; the renamed tree is removed in the background, and what an
+interrupted removal left is removed at the next start.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import base64
 import binascii
 import errno
 import logging
+import math
 import os
 import re
 import secrets
@@ -56,7 +59,7 @@ from agent import BadRequest, Conflict, Migration, NotFound, hookimpl
 from agent.api import read_json
 from agent.converter import field_check
 from agent.interfaces import VOLUMES
-from agent.runtime import Agent, StashKey
+from agent.runtime import Agent, Service, StashKey
 from agent.safepath import RelPath, Root, parse
 from agent.store import Store
 
@@ -134,6 +137,9 @@ class VolumeRegistry:
         self._clock = clock
         self._volumes: dict[str, Volume] | None = None
         self._lock = trio.Lock()
+        self._delete_lock = trio.Lock()
+        #: Names of renamed-aside volume folders for ``serve_trash`` to remove.
+        self._trash_send, self._trash_receive = trio.open_memory_channel[str](math.inf)
 
     async def _loaded(self) -> dict[str, Volume]:
         if self._volumes is None:
@@ -149,7 +155,7 @@ class VolumeRegistry:
             ).fetchall()
         )
         volumes = {r["volume_id"]: Volume(r["volume_id"], r["created_at"]) for r in rows}
-        found = await trio.to_thread.run_sync(_scan_and_sweep, self.root)
+        found = await trio.to_thread.run_sync(_scan, self.root)
         adopted = [Volume(vid, created) for vid, created in found if vid not in volumes]
         if adopted:
 
@@ -198,25 +204,45 @@ class VolumeRegistry:
         volumes[volume.volume_id] = volume
         return volume
 
-    async def delete(self, volume: Volume) -> None:
-        """Unregister and remove a volume: the folder is first renamed aside (atomic),
-        then the row deleted, then the renamed tree removed."""
-        volumes = await self._loaded()
-        trash = f"{_TRASH_PREFIX}{volume.volume_id}-{secrets.token_hex(4)}"
-        moved = await trio.to_thread.run_sync(_rename_aside, self.root, volume.volume_id, trash)
-        try:
-            await self._store.execute(
-                "DELETE FROM volumes_registry WHERE volume_id = ?", (volume.volume_id,)
-            )
-        except BaseException:
-            if moved:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_rename_aside, self.root, trash, volume.volume_id)
-            raise
-        volumes.pop(volume.volume_id, None)
+    async def delete(self, volume_id: str) -> None:
+        """Unregister a volume and have its folder removed: the folder is first renamed
+        aside (atomic: the volume is whole or gone), then the row deleted; the renamed
+        tree is removed by ``serve_trash``, so a big volume does not hold the answer."""
+        async with self._delete_lock:  # a second DELETE of the same volume is a 404
+            volume = await self.get(volume_id)
+            volumes = await self._loaded()
+            trash = f"{_TRASH_PREFIX}{volume.volume_id}-{secrets.token_hex(4)}"
+            moved = await trio.to_thread.run_sync(_rename_aside, self.root, volume.volume_id, trash)
+            try:
+                await self._store.execute(
+                    "DELETE FROM volumes_registry WHERE volume_id = ?", (volume.volume_id,)
+                )
+            except BaseException:
+                if moved:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(
+                            _rename_aside, self.root, trash, volume.volume_id
+                        )
+                raise
+            volumes.pop(volume.volume_id, None)
         if moved:
-            with trio.CancelScope(shield=True):  # the volume is gone; finish the cleanup
-                await trio.to_thread.run_sync(_remove_trash, self.root, trash)
+            self._trash_send.send_nowait(trash)
+
+    async def serve_trash(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Remove the folders of deleted volumes: leftovers of an earlier run first (an
+        interrupted removal resumes here), then each new one as it comes."""
+        task_status.started()
+        for name in await trio.to_thread.run_sync(_trash_names, self.root):
+            await self._remove(name)
+        async for name in self._trash_receive:
+            await self._remove(name)
+
+    async def _remove(self, name: str) -> None:
+        # abandon_on_cancel: a shutdown need not wait for a big tree; what is left of it
+        # is removed at the next start
+        await trio.to_thread.run_sync(_remove_trash, self.root, name, abandon_on_cancel=True)
 
 
 #: The registry itself, for this plugin's routes (others use ``agent.stash[VOLUMES]``).
@@ -228,16 +254,23 @@ def _make_volume_folder(folder: Path) -> None:
     os.chmod(folder, 0o755)  # exact, whatever the umask: the container user must enter it
 
 
-def _scan_and_sweep(root: Path) -> list[tuple[str, int]]:
-    """Volume folders on disk (id, mtime), after removing leftovers of deletions."""
+def _scan(root: Path) -> list[tuple[str, int]]:
+    """Volume folders on disk: (id, mtime)."""
     found = []
     with Root.open(root) as volumes_dir, os.scandir(volumes_dir.fd) as it:
         for entry in it:
-            if entry.name.startswith(_TRASH_PREFIX) and entry.is_dir(follow_symlinks=False):
-                _remove_trash(root, entry.name)
-            elif entry.is_dir(follow_symlinks=False) and _VOLUME_ID.fullmatch(entry.name):
+            if entry.is_dir(follow_symlinks=False) and _VOLUME_ID.fullmatch(entry.name):
                 found.append((entry.name, int(entry.stat(follow_symlinks=False).st_mtime)))
     return found
+
+
+def _trash_names(root: Path) -> list[str]:
+    with Root.open(root) as volumes_dir, os.scandir(volumes_dir.fd) as it:
+        return [
+            e.name
+            for e in it
+            if e.name.startswith(_TRASH_PREFIX) and e.is_dir(follow_symlinks=False)
+        ]
 
 
 def _rename_aside(root: Path, name: str, new_name: str) -> bool:
@@ -399,6 +432,11 @@ def lightd_configure(agent: Agent) -> None:
 
 
 @hookimpl
+def lightd_add_services(agent: Agent) -> list[Service]:
+    return [Service("volumes-trash", agent.stash[REGISTRY].serve_trash)]
+
+
+@hookimpl
 def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     registry = agent.stash[REGISTRY]
     workers = agent.stash[FILE_WORKERS]
@@ -443,7 +481,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         user = agent.hooks.volume_in_use(agent, volume.volume_id)
         if user is not None:
             raise Conflict(f"Volume is in use by container {user}", code="volume_in_use")
-        await registry.delete(volume)
+        await registry.delete(volume.volume_id)
         return {"message": "Volume deleted successfully"}
 
     @bp.post("/volumes/<volume_id>/files")

@@ -19,7 +19,7 @@ import pytest
 from agent import hookimpl
 from agent.interfaces import VOLUMES
 
-from ..conftest import RunningAgent, StartAgent, api_client
+from ..conftest import RunningAgent, StartAgent, api_client, wait_for
 
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -122,8 +122,13 @@ async def test_delete_volume(running: RunningAgent, client: httpx.AsyncClient) -
     response = await client.delete(f"/volumes/{volume_id}")
     assert response.status_code == 200
     assert response.json() == {"message": "Volume deleted successfully"}
-    assert not folder.exists()
-    assert os.listdir(running.agent.paths.volumes) == []
+    assert not folder.exists()  # renamed aside before the answer, removed just after
+    volumes = running.agent.paths.volumes
+
+    async def emptied() -> bool:
+        return os.listdir(volumes) == []
+
+    await wait_for(emptied, what="the deleted volume's folder to be removed")
     assert (await client.get("/volumes")).json() == {"volumes": []}
     again = await client.delete(f"/volumes/{volume_id}")
     assert again.status_code == 404
@@ -180,8 +185,27 @@ async def test_leftovers_of_an_interrupted_delete_are_swept(
     node = await start_agent(config_path)
     async with api_client(node.url) as c:
         assert (await c.get("/volumes")).json() == {"volumes": []}
-    assert not trash.exists()
+
+    async def swept() -> bool:
+        return not trash.exists()
+
+    await wait_for(swept, what="the leftover of a deletion to be removed")
     assert node.agent.paths.volumes == volumes.resolve()
+
+
+async def test_concurrent_deletes_of_one_volume(client: httpx.AsyncClient) -> None:
+    import trio
+
+    volume_id, _ = await new_volume(client)
+    statuses: list[int] = []
+
+    async def delete() -> None:
+        statuses.append((await client.delete(f"/volumes/{volume_id}")).status_code)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(delete)
+    assert sorted(statuses) == [200, 404, 404, 404, 404]
 
 
 async def test_volume_service_for_other_plugins(
