@@ -703,3 +703,23 @@ async def test_errors_never_show_host_paths(
         assert response.status_code >= 400
         text = json.dumps(response.json())
         assert host not in text and str(tmp_path) not in text
+
+
+async def test_names_that_are_not_utf8_round_trip(
+    client: httpx.AsyncClient, volume: tuple[str, Path]
+) -> None:
+    """A container can create any bytes as a name; they list (as JSON surrogate escapes)
+    and can be addressed back, instead of breaking the listing."""
+    volume_id, folder = volume
+    odd = folder / os.fsdecode(b"caf\xe9")
+    odd.write_bytes(b"old")
+    response = await client.get(f"/volumes/{volume_id}/files")
+    assert response.status_code == 200
+    [entry] = response.json()["files"]
+    assert entry["name"] == "caf\udce9"
+    body = json.dumps({"path": entry["name"], "content": "new"})  # ASCII, "\udce9" escaped
+    response = await client.post(
+        f"/volumes/{volume_id}/files", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200
+    assert odd.read_bytes() == b"new"
