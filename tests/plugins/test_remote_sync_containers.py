@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from ..conftest import TEST_IMAGE, RunningAgent, StartAgent, api_client
-from ..containers.conftest import _stand_ins, new_volume, wait_state
+from ..containers.conftest import new_volume, wait_state
 from .remote_sync_support import Panel, remote_config, until
 
 
@@ -51,7 +51,6 @@ async def start_node(
         return await start_agent(
             make_config(overrides),
             environ={"DOCKER_HOST": docker_host},
-            extra_plugins=_stand_ins(),
         )
 
     try:
