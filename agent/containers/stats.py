@@ -20,6 +20,7 @@ The reader samples only while the container's hub has subscribers, about every
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,19 +111,24 @@ def _host_memory() -> int:
 HOST_MEMORY = _host_memory()
 
 
-def _read(path: Path) -> str:
-    with open(path) as fh:
-        return fh.read()
+def _read(path: str) -> str:
+    # os.open/os.read: a third of the cost of open() with its text wrapper, per file.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536).decode("ascii", "replace")
+    finally:
+        os.close(fd)
 
 
-def _keyed(text: str) -> dict[str, int]:
-    """``key value`` lines (memory.stat, cpu.stat) → dict."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            out[key] = int(value)
-    return out
+def _value(text: str, key: str) -> int:
+    """The value of ``key`` in ``key value`` lines (memory.stat, cpu.stat); 0 if absent."""
+    at = text.find(key + " ")
+    while at > 0 and text[at - 1] != "\n":
+        at = text.find(key + " ", at + 1)
+    if at < 0:
+        return 0
+    end = text.find("\n", at)
+    return int(text[at + len(key) + 1 : end if end >= 0 else None])
 
 
 def _limit(value: int) -> int:
@@ -130,47 +136,66 @@ def _limit(value: int) -> int:
     return HOST_MEMORY if HOST_MEMORY and (value <= 0 or value > HOST_MEMORY) else value
 
 
-def network_of(procs: Path, proc: Path = Path("/proc")) -> tuple[int, int]:
-    """Bytes received and sent by the network namespace of the first process in
-    ``procs`` (a ``cgroup.procs`` file), loopback excluded."""
-    pids = _read(procs).split()
-    if not pids:
+class _Network:
+    """Bytes received and sent by a cgroup's network namespace (loopback excluded), read
+    from ``/proc/<pid>/net/dev`` of one of its processes (the pid is kept until it goes)."""
+
+    def __init__(self, procs: Path, proc: Path) -> None:
+        self.procs = str(procs)
+        self.proc = proc
+        self._dev: str | None = None
+
+    def read(self) -> tuple[int, int]:
+        for attempt in (0, 1):
+            if self._dev is None or attempt:
+                pids = _read(self.procs).split()
+                if not pids:
+                    return 0, 0
+                self._dev = str(self.proc / pids[0] / "net" / "dev")
+            try:
+                text = _read(self._dev)
+            except OSError:
+                if attempt:
+                    raise
+                continue
+            rx = tx = 0
+            for line in text.splitlines()[2:]:
+                name, _, counters = line.partition(":")
+                if name.strip() != "lo":
+                    fields = counters.split()
+                    rx += int(fields[0])
+                    tx += int(fields[8])
+            return rx, tx
         return 0, 0
-    rx = tx = 0
-    for line in _read(proc / pids[0] / "net" / "dev").splitlines()[2:]:
-        name, _, counters = line.partition(":")
-        if name.strip() == "lo":
-            continue
-        fields = counters.split()
-        rx += int(fields[0])
-        tx += int(fields[8])
-    return rx, tx
 
 
 class CgroupV1:
-    """cgroup v1: one folder per controller (``memory``, ``cpuacct``, ``blkio``, ``pids``)."""
+    """cgroup v1: one folder per controller (``memory``, ``cpuacct``, ``blkio``)."""
 
     name = "cgroup-v1"
 
     def __init__(self, root: Path, relative: str, proc: Path = Path("/proc")) -> None:
-        self.memory = root / "memory" / relative
-        self.cpuacct = root / "cpuacct" / relative
-        self.blkio = root / "blkio" / relative
-        self.proc = proc
+        memory = root / "memory" / relative
+        self._cpu = str(root / "cpuacct" / relative / "cpuacct.usage")
+        self._usage = str(memory / "memory.usage_in_bytes")
+        self._stat = str(memory / "memory.stat")
+        self._limit = str(memory / "memory.limit_in_bytes")
+        self._blkio = str(root / "blkio" / relative / "blkio.throttle.io_service_bytes_recursive")
+        self.network = _Network(memory / "cgroup.procs", proc)
 
     def read(self) -> Sample | None:
         try:
             now = time.monotonic_ns()
-            cpu = int(_read(self.cpuacct / "cpuacct.usage"))
-            usage = int(_read(self.memory / "memory.usage_in_bytes"))
-            stat = _keyed(_read(self.memory / "memory.stat"))
-            limit = int(_read(self.memory / "memory.limit_in_bytes"))
-            rx, tx = network_of(self.memory / "cgroup.procs", self.proc)
+            cpu = int(_read(self._cpu))
+            usage = int(_read(self._usage))
+            cache = _value(_read(self._stat), "total_inactive_file")
+            limit = int(_read(self._limit))
+            rx, tx = self.network.read()
         except (OSError, ValueError, IndexError):
             return None
         read = write = 0
         try:
-            blkio = _read(self.blkio / "blkio.throttle.io_service_bytes_recursive")
+            blkio = _read(self._blkio)
         except OSError:
             blkio = ""
         for line in blkio.splitlines():
@@ -179,7 +204,6 @@ class CgroupV1:
                 read += int(parts[2])
             elif len(parts) == 3 and parts[1] == "Write":
                 write += int(parts[2])
-        cache = stat.get("total_inactive_file", 0)
         return Sample(
             cpu_ns=cpu,
             at_ns=now,
@@ -198,23 +222,29 @@ class CgroupV2:
     name = "cgroup-v2"
 
     def __init__(self, folder: Path, proc: Path = Path("/proc")) -> None:
-        self.folder = folder
-        self.proc = proc
+        self._cpu = str(folder / "cpu.stat")
+        self._usage = str(folder / "memory.current")
+        self._stat = str(folder / "memory.stat")
+        self._limit = str(folder / "memory.max")
+        self._io = str(folder / "io.stat")
+        self.network = _Network(folder / "cgroup.procs", proc)
 
     def read(self) -> Sample | None:
-        folder = self.folder
         try:
             now = time.monotonic_ns()
-            cpu = _keyed(_read(folder / "cpu.stat"))["usage_usec"] * 1000
-            usage = int(_read(folder / "memory.current"))
-            stat = _keyed(_read(folder / "memory.stat"))
-            raw_limit = _read(folder / "memory.max").strip()
-            rx, tx = network_of(folder / "cgroup.procs", self.proc)
-        except (OSError, ValueError, IndexError, KeyError):
+            cpu_stat = _read(self._cpu)
+            if "usage_usec " not in cpu_stat:
+                return None
+            cpu = _value(cpu_stat, "usage_usec") * 1000
+            usage = int(_read(self._usage))
+            cache = _value(_read(self._stat), "inactive_file")
+            raw_limit = _read(self._limit).strip()
+            rx, tx = self.network.read()
+        except (OSError, ValueError, IndexError):
             return None
         read = write = 0
         try:
-            io = _read(folder / "io.stat")
+            io = _read(self._io)
         except OSError:
             io = ""
         for line in io.splitlines():
@@ -224,7 +254,6 @@ class CgroupV2:
                     read += int(value)
                 elif key == "wbytes":
                     write += int(value)
-        cache = stat.get("inactive_file", 0)
         return Sample(
             cpu_ns=cpu,
             at_ns=now,

@@ -54,7 +54,7 @@ def test_cgroup_v1(tmp_path: Path) -> None:
     )
     source = locate_cgroup(CID, root)
     assert isinstance(source, CgroupV1)
-    source.proc = fake_proc(tmp_path)
+    source.network.proc = fake_proc(tmp_path)
     sample = source.read()
     assert sample is not None
     assert (sample.cpu_ns, sample.memory, sample.memory_limit) == (123456789, 6291456, 67108864)
@@ -70,13 +70,13 @@ def test_cgroup_v2_under_systemd(tmp_path: Path) -> None:
     folder = root / "system.slice" / f"docker-{CID}.scope"
     write(folder / "memory.current", "8388608\n")
     write(folder / "memory.max", "max\n")
-    write(folder / "memory.stat", "anon 1\ninactive_file 1048576\n")
+    write(folder / "memory.stat", "anon 1\ntotal_inactive_file 7\ninactive_file 1048576\n")
     write(folder / "cpu.stat", "usage_usec 2500\nuser_usec 2000\n")
     write(folder / "io.stat", "8:0 rbytes=10 wbytes=20 rios=1 wios=2\n8:16 rbytes=5 wbytes=0\n")
     write(folder / "cgroup.procs", "4242\n")
     source = locate_cgroup(CID, root)
     assert isinstance(source, CgroupV2)
-    source.proc = fake_proc(tmp_path)
+    source.network.proc = fake_proc(tmp_path)
     sample = source.read()
     assert sample is not None
     assert (sample.cpu_ns, sample.memory) == (2_500_000, 7340032)
