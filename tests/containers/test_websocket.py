@@ -196,7 +196,7 @@ async def test_two_clients_see_the_same_lines_once_each(
         await one.next()
         await two.next()
         await one.send(event="send_command", command="busybox seq 1 1900; echo end-of-burst")
-        texts, counts = [], []
+        texts = []
         for client in (one, two):
             frames = await client.until(
                 lambda f: f["event"] == "console" and "end-of-burst" in f["data"]
@@ -204,10 +204,26 @@ async def test_two_clients_see_the_same_lines_once_each(
             console = [f["data"] for f in frames if f["event"] == "console"]
             assert all(0 < len(d) <= 64 * 1024 and d.endswith("\n") for d in console)
             texts.append("".join(console))
-            counts.append(len(console))
         expected = "".join(f"{n}\n" for n in range(1, 1901)) + "end-of-burst\n"
         assert texts == [expected, expected]
-        assert max(counts) < 100  # coalesced: a few frames, not one per line
+
+
+async def test_lines_arriving_together_are_coalesced(
+    api: httpx.AsyncClient, node: RunningAgent, connect: Any, prefix: str
+) -> None:
+    internal_id = f"{prefix}-coal"
+    await running_shell(api, internal_id)
+    async with connect(node, internal_id) as client:
+        await client.next()
+        # 60 lines, one write each, 2 ms apart: about 120 ms of output.
+        await client.send(
+            event="send_command",
+            command="for i in $(busybox seq 1 60); do echo $i; busybox usleep 2000; done; echo end",
+        )
+        frames = await client.until(lambda f: f["event"] == "console" and "end\n" in f["data"])
+    console = [f["data"] for f in frames if f["event"] == "console"]
+    assert "".join(console) == "".join(f"{n}\n" for n in range(1, 61)) + "end\n"
+    assert len(console) <= 20  # about one frame per 20 ms, not one per line
 
 
 async def test_long_lines_are_cut_at_64_kib(
@@ -412,6 +428,24 @@ async def test_console_throttle_keeps_history_and_matching(
     assert frames.count({"event": "daemon_message", "data": "Console output throttled"}) == 1
     history = frames[-1]["data"].splitlines()
     assert history[-1] == "Done booting" and history[-2] == "3000" and len(history) == 1000
+
+
+async def test_a_config_reload_applies_the_console_settings(
+    api: httpx.AsyncClient, node: RunningAgent, connect: Any, prefix: str
+) -> None:
+    internal_id = f"{prefix}-reload"
+    await running_shell(api, internal_id)
+    path = node.agent.config_path
+    raw = json.loads(path.read_text())
+    raw["console"] = {"throttle_lines": 10, "throttle_window_ms": 60000}
+    path.write_text(json.dumps(raw))
+    assert (await api.post("/remote/config/reload")).status_code == 200
+    async with connect(node, internal_id) as client:
+        await client.next()
+        await client.send(event="send_command", command="busybox seq 1 100")
+        frames = await client.until(message("Console output throttled"))
+    console = "".join(f["data"] for f in frames if f["event"] == "console")
+    assert console == "".join(f"{n}\n" for n in range(1, 11))
 
 
 async def test_token_expiry_closes_with_4001(
