@@ -42,7 +42,10 @@ import attrs
 from .errors import ApiError, BadRequest, Conflict, NotFound
 
 __all__ = [
+    "CHUNK",
     "MAX_DEPTH",
+    "NAME_MAX",
+    "ROOT",
     "TEMP_PREFIX",
     "AtomicFile",
     "DirEntry",
@@ -58,7 +61,9 @@ __all__ = [
     "RelPath",
     "Root",
     "WalkEntry",
+    "copy_data",
     "merge_tree",
+    "openat2_available",
     "parse",
     "rename_noreplace",
 ]
