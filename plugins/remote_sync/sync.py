@@ -112,8 +112,10 @@ class Outcome(enum.Enum):
     RETRY = "retry"
 
 
-#: 4xx answers that are about the link, not about the update: keep the update, retry.
-_RETRY_4XX = frozenset({401, 403, 408, 429})
+#: 4xx answers that mean "later", not "never": keep the update, retry (contract §9).
+#: Every other 4xx, 401 and 403 included, drops the update with an error log: the
+#: contract says so, and a panel refusing our token must not hold the queue forever.
+_RETRY_4XX = frozenset({408, 429})
 
 
 def classify_status(status: int) -> Outcome:
@@ -507,7 +509,8 @@ class RemoteSync:
             log.debug("delivered update %s about %s", update.event_id, update.server)
             return
         self.status.rejected += 1
-        detail = f"update {update.event_id} about {update.server} rejected ({attempt.detail})"
+        hint = "; check remote.token" if attempt.status in (401, 403) else ""
+        detail = f"update {update.event_id} about {update.server} rejected ({attempt.detail}{hint})"
         self._failed(detail, link_down=False)
         log.error("panel at %s %s; dropped it: %s", self.config.url, detail, update.body)
 
