@@ -208,8 +208,7 @@ class Session:
             elif kind == "power":
                 self._power(sub, argument)
             else:
-                lines = min(argument, self.supervisor.hub.history.maxlen or argument)
-                sub.put(self.supervisor.hub.logs(lines))
+                sub.put(self.supervisor.hub.logs(argument))
 
     async def _command(self, sub: Subscription, text: str) -> None:
         try:

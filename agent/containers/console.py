@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
-from itertools import islice
 from typing import Any
 
 import attrs
@@ -37,6 +36,7 @@ __all__ = [
     "Console",
     "ConsoleSettings",
     "Frame",
+    "History",
     "LineSplitter",
     "TokenBucket",
 ]
@@ -67,6 +67,11 @@ class ConsoleSettings:
     history_lines: int | None = attrs.field(
         default=None,
         validator=field_check(lambda v: v is None or 1 <= v <= 100_000, "must be 1 to 100000"),
+    )
+    #: [ext] Characters the history holds at most (fewer lines are kept when they are long):
+    #: 1000 lines of 64 KiB would otherwise be 64 MiB per container.
+    history_bytes: int = attrs.field(
+        default=1024 * 1024, validator=field_check(lambda v: v >= FRAME_MAX, "must be >= 65536")
     )
 
 
@@ -145,6 +150,70 @@ class TokenBucket:
         return granted
 
 
+class History:
+    """The last console lines, kept as the blocks they were written in.
+
+    Blocks, not lines: writing costs O(1) per block however many lines it holds (a fast
+    server writes thousands per block), and only ``tail`` ever splits one. Bounded by a
+    line count and by characters.
+    """
+
+    def __init__(self, max_lines: int, max_chars: int) -> None:
+        self.max_lines = max_lines
+        self.max_chars = max_chars
+        self._blocks: deque[tuple[str, int]] = deque()
+        self._lines = 0
+        self._chars = 0
+
+    def add(self, text: str, lines: int) -> None:
+        """``text``: ``lines`` complete lines."""
+        self._blocks.append((text, lines))
+        self._lines += lines
+        self._chars += len(text)
+        self._evict()
+
+    def _evict(self) -> None:
+        blocks = self._blocks
+        while len(blocks) > 1 and (
+            self._lines - blocks[0][1] >= self.max_lines or self._chars > self.max_chars
+        ):
+            old, count = blocks.popleft()
+            self._lines -= count
+            self._chars -= len(old)
+
+    def __len__(self) -> int:
+        return min(self._lines, self.max_lines)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lines())
+
+    def tail(self, n: int) -> str:
+        """The last ``n`` lines (at most ``max_lines``) as one text."""
+        need = min(n, self.max_lines)
+        parts: list[str] = []
+        for text, count in reversed(self._blocks):
+            if need <= 0:
+                break
+            if count > need:
+                start = len(text) - 1
+                for _ in range(need):
+                    start = text.rfind("\n", 0, start)
+                text = text[start + 1 :]
+            parts.append(text)
+            need -= count
+        parts.reverse()
+        return "".join(parts)
+
+    def lines(self) -> list[str]:
+        """Every kept line (each ending with ``\n``)."""
+        text = self.tail(self.max_lines)
+        return [line + "\n" for line in text.split("\n")[:-1]]
+
+    def resize(self, max_lines: int, max_chars: int) -> None:
+        self.max_lines, self.max_chars = max_lines, max_chars
+        self._evict()
+
+
 class Console:
     """History, throttle and coalescing of one container's console.
 
@@ -163,7 +232,7 @@ class Console:
     ) -> None:
         self._emit = emit
         self._clock = clock
-        self.history: deque[str] = deque(maxlen=history_lines)
+        self.history = History(history_lines, settings.history_bytes)
         self._pending: list[str] = []
         self._pending_size = 0
         self._wake = trio.Event()
@@ -186,27 +255,28 @@ class Console:
             )
         else:
             self._bucket = None
-        if history_lines is not None and history_lines != self.history.maxlen:
-            self.history = deque(self.history, maxlen=history_lines)
+        if history_lines is not None:
+            self.history.resize(history_lines, settings.history_bytes)
 
     def write(self, lines: list[str]) -> None:
         """Take complete lines (each ending with ``\\n``)."""
         if not lines:
             return
-        self.history.extend(lines)
+        text = "".join(lines)
+        count = len(lines)
+        self.history.add(text, count)
         now = self._clock()
         notice = False
         if self._bucket is not None:
-            admitted = self._bucket.take(len(lines), now)
-            if admitted < len(lines):
-                self.throttled += len(lines) - admitted
-                lines = lines[:admitted]
+            admitted = self._bucket.take(count, now)
+            if admitted < count:
+                self.throttled += count - admitted
+                text, count = "".join(lines[:admitted]), admitted
                 window = self.settings.throttle_window_ms / 1000
                 if now - self._noticed_at >= window:
                     self._noticed_at = now
                     notice = True
-        if lines:
-            text = "".join(lines)
+        if count:
             self._pending.append(text)
             self._pending_size += len(text)
         if notice:
@@ -263,10 +333,4 @@ class Console:
 
     def tail(self, n: int) -> str:
         """The last ``n`` lines of the history as one text."""
-        if n <= 0:
-            return ""
-        if n >= len(self.history):
-            return "".join(self.history)
-        lines = list(islice(reversed(self.history), n))
-        lines.reverse()
-        return "".join(lines)
+        return self.history.tail(n) if n > 0 else ""

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from .console import THROTTLED, Console, ConsoleSettings, Frame
+from .console import THROTTLED, Console, ConsoleSettings, Frame, History
 
 __all__ = ["EventHub", "Frame", "Subscription"]
 
@@ -150,7 +150,7 @@ class EventHub:
         self.last_stats: Frame | None = None
 
     @property
-    def history(self) -> deque[str]:
+    def history(self) -> History:
         """The last console lines (each ending with ``\\n``), throttled ones included."""
         return self._console.history
 

@@ -300,6 +300,8 @@ class ApiStats:
                 if self._closed:
                     return
                 self._latest = sample_of(item)
+        except (OSError, ValueError) as exc:  # requests' errors are OSErrors; bad JSON
+            log.info("%s: stats stream ended: %s", self.container_id[:12], exc)
         finally:
             stream.close()
 

@@ -17,6 +17,7 @@ from agent.containers.console import (
     Console,
     ConsoleSettings,
     Frame,
+    History,
     LineSplitter,
     TokenBucket,
 )
@@ -95,6 +96,23 @@ def test_the_throttle_drops_excess_lines_with_one_notice_per_window() -> None:
         {"event": "console", "data": "".join(f"y{n}\n" for n in range(5))},
         {"event": "daemon_message", "data": THROTTLED},
     ]
+
+
+def test_history_is_bounded_in_lines_and_characters() -> None:
+    history = History(max_lines=10, max_chars=100)
+    history.add("a\nb\nc\n", 3)
+    history.add("".join(f"{n}\n" for n in range(8)), 8)
+    assert len(history) == 10
+    assert history.tail(4) == "4\n5\n6\n7\n"
+    assert history.tail(10) == "b\nc\n" + "".join(f"{n}\n" for n in range(8))
+    assert history.tail(50) == history.tail(10)  # at most max_lines
+    assert list(history)[:2] == ["b\n", "c\n"]
+    history.add("x" * 60 + "\n", 1)
+    history.add("y" * 60 + "\n", 1)  # 122 characters: the oldest blocks go
+    assert history.tail(10) == "y" * 60 + "\n"
+    history.resize(max_lines=1, max_chars=1000)
+    history.add("z\n", 1)
+    assert history.tail(5) == "z\n"
 
 
 def test_tail_returns_the_last_lines() -> None:

@@ -76,7 +76,7 @@ async def printed(hub: EventHub, line: str, *, within: float) -> None:
     """Wait until the agent has read ``line`` from the server (it is in the history)."""
 
     async def seen() -> bool:
-        return line in list(hub.history)[-3:]
+        return line in hub.history.tail(3)
 
     await wait_for(seen, within=within, what=f"the server to print {line!r}")
 
@@ -415,7 +415,7 @@ async def test_console_throttle_keeps_history_and_matching(
         async with connect(node, internal_id) as client:
             await client.next()
             await client.send(event="power", action="start")
-            await client.until(lambda f: f == {"event": "event", "data": "starting"})
+            await client.until(message("Container started"))  # stdin is attached
             await client.send(event="send_command", command="go")
             frames = await client.until(message("Server started"))
             assert (await api.get(f"/containers/{internal_id}")).json()["state"] == "running"
