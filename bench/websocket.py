@@ -42,7 +42,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # bench/http.py would shadow the standard library's ``http``: use the repository root instead.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -218,9 +218,16 @@ async def skip_greeting(ws: Any) -> None:
     assert frame["event"] == "status", frame
 
 
-async def deliver(
-    agent: AgentProcess, internal_id: str, clients: int, producer: str
-) -> tuple[list[Reader], float, float]:
+class Delivery(NamedTuple):
+    readers: list[Reader]
+    #: Seconds from the command to the last client's marker.
+    elapsed: float
+    #: CPU seconds of the agent, and of this process (the clients), meanwhile.
+    agent_cpu: float
+    client_cpu: float
+
+
+async def deliver(agent: AgentProcess, internal_id: str, clients: int, producer: str) -> Delivery:
     """Run ``producer`` in the container with ``clients`` connected; per-client readers,
     the elapsed seconds from the command to the last marker, and the agent's CPU seconds."""
     marker = f"{MARKER}-{time.monotonic_ns()}"  # leftovers of an earlier run never match
@@ -232,7 +239,7 @@ async def deliver(
             sockets.append(await nursery.start(_hold, agent, internal_id))
         for ws in sockets:
             await skip_greeting(ws)
-        cpu = agent.cpu()
+        cpu, mine = agent.cpu(), own_cpu()
         started = time.perf_counter()
         await sockets[0].send_message(
             json.dumps({"event": "send_command", "command": f"{producer}; echo {marker}"})
@@ -242,12 +249,12 @@ async def deliver(
                 for reader, ws in zip(readers, sockets, strict=True):
                     readers_nursery.start_soon(reader.read_until_marker, ws)
                 readers_nursery.start_soon(_remark, sockets[0], readers, marker, first)
-        cpu = agent.cpu() - cpu
+        cpu, mine = agent.cpu() - cpu, own_cpu() - mine
         elapsed = max(r.done_at or 0 for r in readers) - started
         nursery.cancel_scope.cancel()
     for reader in readers:
         reader.done_at = (reader.done_at or started) - started
-    return readers, elapsed, cpu
+    return Delivery(readers, elapsed, cpu, mine)
 
 
 async def _remark(ws: Any, readers: list[Reader], marker: str, first: trio.Event) -> None:
@@ -390,10 +397,12 @@ async def throughput(
     raws, ones, manys, cpu_one, cpu_many, lost = [], [], [], [], [], []
     for run in range(args.runs):
         raws.append(await raw_attach_rate(engine, raw, producer))
-        readers, _elapsed, cpu = await deliver(agent, internal_id, 1, producer)
+        one = await deliver(agent, internal_id, 1, producer)
+        readers = one.readers
         ones.append(readers[0].lines / readers[0].done_at)
-        cpu_one.append(cpu / (readers[0].lines / 100_000))
-        readers, _elapsed, cpu = await deliver(agent, internal_id, args.clients, producer)
+        cpu_one.append(one.agent_cpu / (readers[0].lines / 100_000))
+        many = await deliver(agent, internal_id, args.clients, producer)
+        readers, cpu = many.readers, many.agent_cpu
         per_client = [r.lines / r.done_at for r in readers]
         manys.append(per_client)
         delivered = sum(r.lines for r in readers)
@@ -402,7 +411,8 @@ async def throughput(
         print(
             f"  run {run + 1}: raw {raws[-1]:,.0f}/s · 1 client {ones[-1]:,.0f}/s · "
             f"{args.clients} clients min {min(per_client):,.0f}/s each, "
-            f"{lost[-1] * 100:.1f} % lost to slow clients",
+            f"{lost[-1] * 100:.1f} % lost to slow clients; in {many.elapsed:.2f} s the agent "
+            f"used {many.agent_cpu:.2f} CPU s and the clients {many.client_cpu:.2f}",
             flush=True,
         )
     base = statistics.median(raws)
@@ -445,7 +455,7 @@ async def under_throttle(
         f"i=0; while [ $i -lt {bursts} ]; do busybox seq 1 {per_burst}; "
         "busybox usleep 100000; i=$((i+1)); done"
     )
-    readers, elapsed, _cpu = await deliver(agent, internal_id, args.clients, producer)
+    readers, elapsed, _cpu, _mine = await deliver(agent, internal_id, args.clients, producer)
     expected = bursts * per_burst
     shares = [r.lines / expected for r in readers]
     rate = expected / elapsed
