@@ -86,10 +86,13 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn, *args, **kwargs)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Also when COMMIT itself fails (disk full, I/O error): never leave the one
+            # connection inside a transaction.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
 
     def migrate(self, migrations: Iterable[Migration]) -> dict[str, int]:

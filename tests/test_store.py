@@ -98,3 +98,22 @@ async def test_store_calls_run_off_the_event_loop(tmp_path: Path) -> None:
 
         assert main is not None
         assert await store.read(where)
+
+
+async def test_a_failed_commit_leaves_no_open_transaction(tmp_path: Path) -> None:
+    deferred = [
+        Migration(
+            "fk",
+            1,
+            "CREATE TABLE fk_parent (id INTEGER PRIMARY KEY);"
+            " CREATE TABLE fk_child (parent INTEGER REFERENCES fk_parent (id)"
+            " DEFERRABLE INITIALLY DEFERRED)",
+        )
+    ]
+    async with open_store(tmp_path, deferred) as store:
+        # A deferred foreign key is checked at COMMIT, so the COMMIT is what fails.
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.execute("INSERT INTO fk_child VALUES (42)")
+        await store.execute("INSERT INTO fk_parent VALUES (1)")  # the connection is usable
+        assert [tuple(r) for r in await store.execute("SELECT * FROM fk_parent")] == [(1,)]
+        assert await store.execute("SELECT * FROM fk_child") == []
