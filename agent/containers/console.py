@@ -18,6 +18,7 @@ matching, like the history, sees every line, throttled or not.
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -228,7 +229,7 @@ class Console:
         settings: ConsoleSettings,
         history_lines: int,
         *,
-        clock: Callable[[], float] = trio.current_time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._emit = emit
         self._clock = clock
@@ -325,7 +326,7 @@ class Console:
             task_status.started()
             while True:
                 await self._wake.wait()
-                await trio.sleep_until(self._last_flush + COALESCE_SECONDS)
+                await trio.sleep(max(0.0, self._last_flush + COALESCE_SECONDS - self._clock()))
                 self._wake = trio.Event()
                 self.flush()
         finally:

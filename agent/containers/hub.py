@@ -148,6 +148,8 @@ class EventHub:
         self.queue_bytes = queue_bytes
         #: The last stats frame published (sent to clients that connect later).
         self.last_stats: Frame | None = None
+        #: The container is gone; a late subscriber gets an ended subscription.
+        self.closed = False
 
     @property
     def history(self) -> History:
@@ -206,6 +208,8 @@ class EventHub:
         self, size: int | None = None, *, max_bytes: int | None = None
     ) -> Iterator[Subscription]:
         subscription = Subscription(size or self.queue_frames, max_bytes or self.queue_bytes)
+        if self.closed:
+            subscription.close()
         self._subscribers.add(subscription)
         try:
             yield subscription
@@ -220,6 +224,7 @@ class EventHub:
     def close(self) -> None:
         """The container is gone: end every subscription (queued frames still arrive)."""
         self._console.flush()
+        self.closed = True
         for subscription in list(self._subscribers):
             subscription.close()
         self._subscribers.clear()

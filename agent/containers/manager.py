@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
+import posixpath
 import re
 import shutil
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import safepath
 from ..converter import converter, field_check
 from ..docker import DockerError, DockerNotFound
-from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
+from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable, NotFound
 from ..interfaces import PORT_POOL, VOLUMES, PortRequest
 from ..store import Migration, Store
 from .install import InstallFailed, InstallJob
@@ -466,17 +468,35 @@ class Containers:
                 raise BadRequest(
                     f"Invalid start_pattern: {exc}", code="invalid_start_pattern"
                 ) from None
-        allowed = [os.path.realpath(p) for p in self.agent.config.docker.allowed_mounts]
-        for source in request.mount.values():
-            real = os.path.realpath(source) if os.path.isabs(source) else None
-            if real is None or not any(
-                real == root or real.startswith(root.rstrip("/") + "/") for root in allowed
-            ):
-                raise BadRequest(f"Mount not allowed: {source}", code="mount_not_allowed")
         check_port_specs(request.ports)
+
+    async def check_mounts(self, mount: dict[str, str]) -> None:
+        """Each host path must lie inside a ``docker.allowed_mounts`` folder and be reached
+        without a symlink on the way: a container that can write in an allowed folder
+        must not steer another container's mount out of it with a planted link."""
+        allowed = [posixpath.normpath(p) for p in self.agent.config.docker.allowed_mounts]
+
+        def check(source: str) -> None:
+            norm = posixpath.normpath(source) if source.startswith("/") else None
+            for root in allowed:
+                if norm is None or not (norm == root or norm.startswith(root.rstrip("/") + "/")):
+                    continue
+                rel = norm[len(root) :].lstrip("/")
+                try:
+                    with safepath.Root.open(root, no_links=True) as handle:
+                        found = handle.stat(safepath.parse(rel), follow=False) if rel else None
+                    if found is None or not stat.S_ISLNK(found.st_mode):
+                        return
+                except (ApiError, OSError):
+                    break
+            raise BadRequest(f"Mount not allowed: {source}", code="mount_not_allowed")
+
+        for source in mount.values():
+            await trio.to_thread.run_sync(check, source)
 
     async def create(self, request: CreateRequest) -> ContainerSupervisor:
         self.check_create(request)
+        await self.check_mounts(request.mount)
         if request.internal_id in self._supervisors:
             raise Conflict("Container already exists", code="container_exists")
         volumes = self.agent.stash.get(VOLUMES)

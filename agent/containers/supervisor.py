@@ -271,6 +271,7 @@ class ContainerSupervisor:
         data = manager.data_path(record.internal_id)
         script = entrypoint_script(record.startup_command)
         await trio.to_thread.run_sync(_write_text, data / "entrypoint.sh", script)
+        await manager.check_mounts(record.mount)  # again: links may have appeared since
         await manager.remove_docker_container(record.internal_id, role="server")
         options = manager.docker_options(record, role="server")
         container = await manager.docker.call(lambda c: c.containers.create(**options))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -326,3 +327,38 @@ async def test_servers_cli_lists_containers_five_per_page(
     row = next(line for line in second.splitlines() if line.startswith(f"{prefix}-5"))
     assert "running" in row and "64 MiB, 1 CPU" in row
     assert "Page 2 of 2" in await in_thread(lambda: servers("9"))  # clamped to the last
+
+
+async def test_mounts_only_inside_allowed_folders_and_never_through_links(
+    start_node: Any, engine: docker.DockerClient, prefix: str, tmp_path: Path
+) -> None:
+    from ..conftest import api_client
+
+    shared = tmp_path / "shared"
+    (shared / "maps").mkdir(parents=True)
+    (shared / "maps" / "world.txt").write_text("map")
+    (shared / "escape").symlink_to("/etc")
+    (shared / "inner").symlink_to(shared / "maps")
+    node = await start_node({"docker": {"allowed_mounts": [str(shared)]}})
+    async with api_client(node.url) as api:
+        for source in (
+            "/etc",
+            str(shared / "escape"),
+            str(shared / "escape" / "passwd"),
+            str(shared / "inner"),  # a link, even one that stays inside
+            str(shared / "missing"),
+            str(shared / ".." / "shared-other"),
+            "relative/path",
+        ):
+            response = await create(api, f"{prefix}-m", mount={"/data": source})
+            assert response.status_code == 400, source
+            assert response.json()["error"] == f"Mount not allowed: {source}"
+        body = await ready(api, f"{prefix}-m", mount={"/maps": str(shared / "maps")})
+        assert body["mount"] == {"/maps": str(shared / "maps")}
+        binds = await in_thread(
+            lambda: {
+                m["Destination"]: m["Source"]
+                for m in engine.containers.get(body["container_id"]).attrs["Mounts"]
+            }
+        )
+        assert binds["/maps"] == str(shared / "maps")
