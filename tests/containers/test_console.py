@@ -222,6 +222,15 @@ async def test_a_waiting_subscriber_wakes_on_publish_and_on_close() -> None:
     assert got == [{"event": "event", "data": "running"}]
 
 
+def test_subscribing_to_a_closed_hub_ends_at_once() -> None:
+    hub = EventHub()
+    hub.close()
+    with hub.subscribe() as sub:
+        sub.put({"event": "status", "data": "offline"})
+        with pytest.raises(trio.EndOfChannel):
+            sub.receive_nowait()
+
+
 def test_frames_encode_their_json_once() -> None:
     frame = Frame(event="console", data="é\n")
     assert frame.text == '{"event":"console","data":"é\\n"}'
