@@ -200,12 +200,12 @@ class Reader:
         while True:
             text = await ws.get_message()
             if text.startswith(CONSOLE_PREFIX):
+                # Markers (this run's, or a late one of the run before) are not output.
+                self.lines += text.count("\\n") - text.count(MARKER)
                 if self.marker in text:
-                    self.lines += text.count("\\n") - 1
                     self.done_at = time.perf_counter()
                     self.first.set()
                     return
-                self.lines += text.count("\\n")
                 continue
             frame = json.loads(text)
             if frame["event"] == "daemon_message" and frame["data"] == "Console output throttled":
