@@ -549,8 +549,14 @@ async def test_stats_frames_from_the_cgroup_files(
         assert stats["state"] == "running" and isinstance(stats["uptime"], int)
         counters = STATS_FIELDS - {"event", "cpu_usage", "state"}
         assert all(isinstance(stats[k], int) for k in counters)
-    source = node.agent.stash[CONTAINERS].get(busy).stats.source
-    assert source is not None and source.name == "cgroup-v1"
+        source = node.agent.stash[CONTAINERS].get(busy).stats.source
+        assert source is not None and source.name == "cgroup-v1"
+        # The reader stops with the run: no stats after the exit.
+        await client.send(event="power", action="kill")
+        await client.until(lambda f: f == {"event": "event", "data": "exit"})
+        with trio.move_on_after(1):  # four sampling intervals
+            while True:
+                assert (await client.next())["event"] != "stats"
     async with connect(node, idle) as client:
         await client.next()
         first = await client.until(lambda f: f["event"] == "stats")
