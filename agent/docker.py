@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import attrs
 import docker
+import httpcore
 import httpx
 import requests
 import trio
@@ -91,7 +92,10 @@ class AttachStream:
 
     async def _fill(self, size: int) -> bool:
         while len(self._buffer) < size:
-            chunk = await self._stream.read(65536)
+            try:
+                chunk = await self._stream.read(65536)
+            except httpcore.NetworkError:
+                return False  # the engine cut the stream: as good as the end of output
             if not chunk:
                 return False
             self._buffer += chunk
@@ -111,7 +115,11 @@ class AttachStream:
                 return payload
 
     async def send(self, data: bytes) -> None:
-        await self._stream.write(data)
+        """Write to stdin; ``trio.BrokenResourceError`` when the stream is gone."""
+        try:
+            await self._stream.write(data)
+        except httpcore.NetworkError as exc:
+            raise trio.BrokenResourceError("the container's stdin is closed") from exc
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -259,11 +267,14 @@ class DockerEngine:
     # -- trio-native streams (httpx over the same socket): no thread per stream ------------
 
     def _native_client(self) -> httpx.AsyncClient:
+        # Every running server holds one connection (its attach), and so does the events
+        # stream: httpx's default cap of 100 would stall the 100th server's start.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
         url = self.base_url
         if url.startswith("unix://"):
-            transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"))
+            transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"), limits=limits)
             return httpx.AsyncClient(transport=transport, base_url="http://docker")
-        return httpx.AsyncClient(base_url=url.replace("tcp://", "http://", 1))
+        return httpx.AsyncClient(base_url=url.replace("tcp://", "http://", 1), limits=limits)
 
     def _native(self) -> tuple[httpx.AsyncClient, str]:
         if self._client is None or self._http is None or self.info is None:

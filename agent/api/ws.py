@@ -19,7 +19,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import httpcore
 import trio
 from quart import Blueprint, websocket
 from wsproto.utilities import LocalProtocolError
@@ -215,12 +214,7 @@ class Session:
             await self.supervisor.send_command(text)
         except ApiError as exc:
             sub.put(_message(f"Error: {exc.message}"))
-        except (
-            AgentError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            httpcore.NetworkError,  # what the attach stream raises once Docker closed it
-        ):
+        except AgentError:
             sub.put(_message("Error: Container is not running"))
 
     def _power(self, sub: Subscription, action: str) -> None:

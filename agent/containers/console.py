@@ -63,11 +63,9 @@ class ConsoleSettings:
     throttle_window_ms: int = attrs.field(
         default=100, validator=field_check(lambda v: v > 0, "must be > 0")
     )
-    #: Console lines kept per container for ``request_logs``; unset: the ``containers``
-    #: section's ``history_lines`` (1000 by default).
-    history_lines: int | None = attrs.field(
-        default=None,
-        validator=field_check(lambda v: v is None or 1 <= v <= 100_000, "must be 1 to 100000"),
+    #: Console lines kept per container for ``request_logs``.
+    history_lines: int = attrs.field(
+        default=1000, validator=field_check(lambda v: 1 <= v <= 100_000, "must be 1 to 100000")
     )
     #: [ext] Characters the history holds at most (fewer lines are kept when they are long):
     #: 1000 lines of 64 KiB would otherwise be 64 MiB per container.
@@ -227,13 +225,12 @@ class Console:
         self,
         emit: Callable[[Frame], None],
         settings: ConsoleSettings,
-        history_lines: int,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._emit = emit
         self._clock = clock
-        self.history = History(history_lines, settings.history_bytes)
+        self.history = History(settings.history_lines, settings.history_bytes)
         self._pending: list[str] = []
         self._pending_size = 0
         self._wake = trio.Event()
@@ -246,7 +243,7 @@ class Console:
         self.throttled = 0
         self.configure(settings)
 
-    def configure(self, settings: ConsoleSettings, history_lines: int | None = None) -> None:
+    def configure(self, settings: ConsoleSettings) -> None:
         """Apply new settings (config reload); the history keeps its newest lines."""
         self.settings = settings
         if settings.throttle_lines:
@@ -256,8 +253,7 @@ class Console:
             )
         else:
             self._bucket = None
-        if history_lines is not None:
-            self.history.resize(history_lines, settings.history_bytes)
+        self.history.resize(settings.history_lines, settings.history_bytes)
 
     def write(self, lines: list[str]) -> None:
         """Take complete lines (each ending with ``\\n``)."""

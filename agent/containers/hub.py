@@ -137,13 +137,12 @@ class EventHub:
     def __init__(
         self,
         *,
-        history_lines: int = 1000,
         console: ConsoleSettings | None = None,
         queue_frames: int = QUEUE_FRAMES,
         queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         self._subscribers: set[Subscription] = set()
-        self._console = Console(self._broadcast, console or ConsoleSettings(), history_lines)
+        self._console = Console(self._broadcast, console or ConsoleSettings())
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
         #: The last stats frame published (sent to clients that connect later).
@@ -162,14 +161,14 @@ class EventHub:
         return self._console.throttled
 
     @classmethod
-    def for_config(cls, config: Any, history_lines: int) -> EventHub:
-        """A hub set up from the ``console`` section (``history_lines``: the fallback size)."""
+    def for_config(cls, config: Any) -> EventHub:
+        """A hub set up from the ``console`` section."""
         console: ConsoleSettings = config.sections.get("console") or ConsoleSettings()
-        return cls(history_lines=console.history_lines or history_lines, console=console)
+        return cls(console=console)
 
-    def configure(self, console: ConsoleSettings, history_lines: int | None = None) -> None:
+    def configure(self, console: ConsoleSettings) -> None:
         """Apply reloaded settings."""
-        self._console.configure(console, console.history_lines or history_lines)
+        self._console.configure(console)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The console flusher (coalescing); runs in the supervisor's nursery."""

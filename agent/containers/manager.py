@@ -80,10 +80,6 @@ class ContainersSettings:
     stop_timeout: float = attrs.field(
         default=30.0, validator=field_check(lambda v: v >= 0, "must be >= 0")
     )
-    #: Console lines kept per container for ``request_logs``.
-    history_lines: int = attrs.field(
-        default=1000, validator=field_check(lambda v: 1 <= v <= 100_000, "must be 1 to 100000")
-    )
     crash_restart: CrashRestart = attrs.Factory(CrashRestart)
 
 

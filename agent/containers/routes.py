@@ -55,9 +55,8 @@ def lightd_add_services(agent: Agent) -> list[Service]:
 
 @hookimpl
 def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
-    history = new.section("containers").history_lines
     for supervisor in agent.stash[CONTAINERS].all():
-        supervisor.hub.configure(new.section("console"), history)
+        supervisor.hub.configure(new.section("console"))
 
 
 @hookimpl

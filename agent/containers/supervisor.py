@@ -19,6 +19,7 @@ import re
 import shlex
 import time
 from collections import deque
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -61,7 +62,7 @@ class ContainerSupervisor:
         self.manager = manager
         self.record = record
         self.state: RuntimeState = "offline"
-        self.hub = EventHub.for_config(manager.agent.config, manager.settings.history_lines)
+        self.hub = EventHub.for_config(manager.agent.config)
         self.stats = StatsReader(
             manager.docker,
             self.hub,
@@ -79,10 +80,13 @@ class ContainerSupervisor:
         self._nursery: trio.Nursery | None = None
         self._stream: AttachStream | None = None
         self._console_scope: trio.CancelScope | None = None
+        #: Set when the current run's console reader has read everything (or was cut).
+        self._console_done = trio.Event()
         self._stop_asked = False
         #: An install or reinstall was accepted and has not reached ready/failed yet.
         self._install_pending = False
         self._exited = trio.Event()
+        self._exit_seen = False
         self._oom = False
         self._crashes: deque[float] = deque()
         self._pattern = re.compile(record.start_pattern) if record.start_pattern else None
@@ -196,8 +200,11 @@ class ContainerSupervisor:
             raise Conflict("Container is not running", code="not_running")
         if not text.endswith("\n"):
             text += "\n"
-        async with self._stdin:  # one writer: concurrent sends would interleave
-            await stream.send(text.encode("utf-8"))
+        try:
+            async with self._stdin:  # one writer: concurrent sends would interleave
+                await stream.send(text.encode("utf-8"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise Conflict("Container is not running", code="not_running") from None
 
     # -- state --------------------------------------------------------------------------
 
@@ -300,9 +307,11 @@ class ContainerSupervisor:
         self._stop_asked = False
         self._oom = False
         self._exited = trio.Event()
-        await self._set_state("starting")
+        self._exit_seen = False
+        # Attached first: no output is lost, and stdin works from the first "starting".
+        await self._attach(container_id)
         try:
-            await self._attach(container_id)
+            await self._set_state("starting")
             await self.manager.docker.call(lambda c: c.api.start(container_id))
         except BaseException:
             self._close_console()
@@ -417,6 +426,7 @@ class ContainerSupervisor:
     async def _serve_console(
         self, container_id: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        done = self._console_done = trio.Event()
         with trio.CancelScope() as scope:
             self._console_scope = scope
             async with self.manager.docker.attach(container_id) as stream:
@@ -426,6 +436,7 @@ class ContainerSupervisor:
                     run.start_soon(self.stats.run, container_id)
                     await self._read_console(stream)
                     run.cancel_scope.cancel()
+        done.set()
         if self._console_scope is scope:
             self._console_scope = None
             self._stream = None
@@ -452,10 +463,15 @@ class ContainerSupervisor:
 
     async def on_exit(self, exit_code: int, *, oom: bool) -> None:
         """The server process ended (die event, or found ended)."""
-        if self.state == "offline":
+        if self.state == "offline" or self._exit_seen:
             return
+        self._exit_seen = True  # the die event and a reconcile may both report it
         self.exit_code = exit_code
         crashed = not self._stop_asked
+        # The attach ends by itself right after the process; let it deliver the last
+        # lines (what a crash printed) before the exit is told, but never wait long.
+        with trio.move_on_after(0.5):
+            await self._console_done.wait()
         self._close_console()
         self.hub.event("exit")
         if crashed:
@@ -490,9 +506,16 @@ class ContainerSupervisor:
             await self._set_record(container_id=container_id)
         self._stop_asked = False
         self._exited = trio.Event()
+        self._exit_seen = False
         await self._attach(container_id)
-        self.started_at = time.time()
+        info = await self.manager.docker.call(lambda c: c.api.inspect_container(container_id))
+        self.started_at = _docker_time(info["State"].get("StartedAt", "")) or time.time()
         await self._set_state("running")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running or queued (tests wait for this before judging an outcome)."""
+        return self._current is None and not self._queue
 
     def view(self) -> dict[str, Any]:
         body = self.record.describe()
@@ -500,6 +523,15 @@ class ContainerSupervisor:
         body["exit_code"] = self.exit_code
         body["started_at"] = int(self.started_at) if self.started_at else None
         return body
+
+
+def _docker_time(text: str) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds (``2026-11-21T22:40:01.123456789Z``)."""
+    try:
+        moment = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return moment.timestamp()
 
 
 def _write_text(path: Any, text: str) -> None:

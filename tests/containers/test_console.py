@@ -56,7 +56,7 @@ def test_splitter_cuts_long_lines_at_64_kib() -> None:
 def console(settings: ConsoleSettings | None = None) -> tuple[Console, list[Frame], FakeClock]:
     frames: list[Frame] = []
     clock = FakeClock()
-    return Console(frames.append, settings or ConsoleSettings(), 1000, clock=clock), frames, clock
+    return Console(frames.append, settings or ConsoleSettings(), clock=clock), frames, clock
 
 
 def test_without_a_flusher_every_write_is_one_frame() -> None:

@@ -162,13 +162,24 @@ async def test_restart(api: httpx.AsyncClient, node: RunningAgent, prefix: str) 
     assert second["started_at"] >= first["started_at"]
 
 
+async def until_idle(node: RunningAgent, internal_id: str) -> None:
+    """Every accepted request has been carried out (the outcome can be judged now)."""
+    supervisor = node.agent.stash[CONTAINERS].get(internal_id)
+
+    async def idle() -> bool:
+        return supervisor.idle
+
+    await wait_for(idle, within=30, what=f"{internal_id}'s queue to drain")
+
+
 async def test_kill_during_start_ends_offline(
-    api: httpx.AsyncClient, engine: docker.DockerClient, prefix: str
+    api: httpx.AsyncClient, node: RunningAgent, engine: docker.DockerClient, prefix: str
 ) -> None:
     internal_id = f"{prefix}-ks"
     await ready(api, internal_id)
     assert (await post(api, internal_id, "start")).status_code == 200
     assert (await post(api, internal_id, "kill")).status_code == 200
+    await until_idle(node, internal_id)
     await wait_state(api, internal_id, state="offline")
 
     async def settled() -> bool:
@@ -180,7 +191,7 @@ async def test_kill_during_start_ends_offline(
 
 
 async def test_rapid_alternating_start_kill(
-    api: httpx.AsyncClient, engine: docker.DockerClient, prefix: str
+    api: httpx.AsyncClient, node: RunningAgent, engine: docker.DockerClient, prefix: str
 ) -> None:
     internal_id = f"{prefix}-rapid"
     await ready(api, internal_id)
@@ -189,6 +200,7 @@ async def test_rapid_alternating_start_kill(
         response = await post(api, internal_id, "start" if n % 2 == 0 else "kill")
         statuses.append(response.status_code)
     assert statuses == [200] * 10  # each accepted against the projected state
+    await until_idle(node, internal_id)
     body = await wait_state(api, internal_id, state="offline")
 
     async def docker_agrees() -> bool:
