@@ -8,7 +8,7 @@ Prints, each beside its baseline:
 * 20 concurrent creates until all ready vs 20 raw concurrent creates   (target: ≤ 1.5 x)
 * reconciling 100 running containers after an agent restart            (target: ≤ 5 s)
 
-Run: ``.venv/bin/python bench/containers.py [--runs 15] [--reconcile 100]``. Needs the
+Run: ``.venv/bin/python -m bench.containers [--runs 15] [--reconcile 100]``. Needs the
 Docker engine of ``scripts/docker-engine.sh`` (``DOCKER_HOST``) and its test image.
 Every container it makes is removed at the end.
 """

@@ -11,7 +11,7 @@ Target: each agent route serves at least 70 % of the bare app's requests/s.
 
 Run (needs ``wrk``: ``apt-get install wrk``; no Docker engine needed)::
 
-    .venv/bin/python bench/http.py [--duration 10] [--warmup 2] [--json]
+    .venv/bin/python -m bench.http [--duration 10] [--warmup 2] [--json]
 
 Exits 1 when a response was not 2xx/3xx or wrk saw socket errors: such figures are void.
 """
@@ -49,15 +49,6 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = GRACEFUL_TIMEOUT + 10.0
 _MS_PER_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 _LOG_PROBLEM = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
-
-
-def _unshadow_stdlib_http() -> None:
-    """Drop this file's folder from sys.path: named http.py, it would shadow the stdlib ``http``.
-
-    Python puts the script's folder first on sys.path, so http.client, h11 and quart would
-    otherwise import this script. Every import that may reach ``http`` is done after this.
-    """
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +382,6 @@ def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _unshadow_stdlib_http()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds measured per target")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first")

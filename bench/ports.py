@@ -16,7 +16,7 @@ and the pool/raw ratio. Target: ratio >= 0.50.
 
 Run (no Docker engine needed)::
 
-    .venv/bin/python bench/ports.py [--reservations 20000] [--callers 20] [--rounds 3] [--json]
+    .venv/bin/python -m bench.ports [--reservations 20000] [--callers 20] [--rounds 3] [--json]
 
 Exits 1 when a reservation failed (the figures would be void).
 """
@@ -37,19 +37,13 @@ from pathlib import Path
 
 import trio
 
-HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
-# This folder holds bench/http.py, which would shadow the stdlib ``http`` (hypercorn, quart
-# import it): drop the folder from sys.path, put the source tree there instead.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
-
-from agent.config import new_token  # noqa: E402
-from agent.interfaces import PortRequest  # noqa: E402
-from agent.runtime import open_agent  # noqa: E402
-from agent.store import _connect  # noqa: E402  (the store's own pragmas, not a copy)
-from plugins.port_pool import POOL, PortPool  # noqa: E402
-from plugins.port_pool.model import ip_key  # noqa: E402
-from plugins.port_pool.pool import TAKE_SQL  # noqa: E402
+from agent.config import new_token
+from agent.interfaces import PortRequest
+from agent.runtime import open_agent
+from agent.store import _connect  # the store's own pragmas, not a copy
+from plugins.port_pool import POOL, PortPool
+from plugins.port_pool.model import ip_key
+from plugins.port_pool.pool import TAKE_SQL
 
 TARGET_RATIO = 0.50
 Key = tuple[str, int]

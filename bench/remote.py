@@ -15,7 +15,7 @@ and the API's p50/p99 latency while draining (target p99 < 20 ms).
 
 Run (no Docker engine needed)::
 
-    .venv/bin/python bench/remote.py [--updates 10000] [--json]
+    .venv/bin/python -m bench.remote [--updates 10000] [--json]
 
 Exits 1 when the agent did not deliver every update exactly once in order per server:
 such figures are void.
@@ -39,12 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# Python puts this folder first on sys.path, and bench/http.py would shadow the stdlib
-# ``http`` that httpx imports: drop the folder before importing httpx.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import httpx  # noqa: E402
-import trio  # noqa: E402
+import httpx
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPT = "Application/vnd.pkglatv1+json"
@@ -311,7 +307,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.updates < 2:
         parser.error("--updates must be >= 2")
-    sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="lightd-bench-remote-") as tmp:
         try:
             report = trio.run(run, args, Path(tmp))

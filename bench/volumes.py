@@ -19,40 +19,34 @@ of ``--repeat`` runs (for both sides alike).
 
 Run::
 
-    .venv/bin/python bench/volumes.py [--tree-mb 200] [--big-mb 1024] [--repeat 2] [--json]
+    .venv/bin/python -m bench.volumes [--tree-mb 200] [--big-mb 1024] [--repeat 2] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from agent.safepath import Root, parse
 
 HERE = Path(__file__).resolve()
-# bench/http.py would shadow the standard library's http package: drop this folder from
-# the import path (Python put it first) and put the repository there instead.
-sys.path[:] = [str(HERE.parent.parent)] + [
-    p for p in sys.path if Path(p or ".").resolve() != HERE.parent
-]
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from agent.safepath import Root, parse  # noqa: E402
 
 ACCEPT = "Application/vnd.pkglatv1+json"
 SMALL_FILES = 1000

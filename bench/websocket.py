@@ -20,7 +20,7 @@ memory are its own; the clients run in this process. The raw baseline attaches f
 process with the agent's own attach code (``agent.docker``) to an identical container:
 the same image, the same command loop, the same producer, started the same way.
 
-Run: ``.venv/bin/python bench/websocket.py [--lines 200000] [--clients 20] [--containers 100]
+Run: ``.venv/bin/python -m bench.websocket [--lines 200000] [--clients 20] [--containers 100]
 [--runs 3] [--window 20]``. Needs the engine of ``scripts/docker-engine.sh`` (``DOCKER_HOST``)
 and its test image. Every container it makes is removed at the end, whatever happens.
 On a 2-core machine the agent, dockerd, the producer and the clients share the cores:
@@ -44,17 +44,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-# bench/http.py would shadow the standard library's ``http``: use the repository root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import docker
+import httpx
+import trio
+import trio_websocket
 
-import docker  # noqa: E402
-import httpx  # noqa: E402
-import trio  # noqa: E402
-import trio_websocket  # noqa: E402
-
-from agent.containers.stats import ApiStats, locate_cgroup  # noqa: E402
-from agent.docker import DockerEngine, docker_url  # noqa: E402
+from agent.containers.stats import ApiStats, locate_cgroup
+from agent.docker import DockerEngine, docker_url
 
 IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
 VENDOR = "Application/vnd.pkglatv1+json"
