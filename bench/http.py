@@ -273,10 +273,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             )
         problems = log_problems(agent_log)
         bare_port = free_port()
-        bare_argv = [sys.executable, str(HERE), "--serve-bare", str(bare_port)]
+        # Run as a module from the repository root: bench/http.py run as a script would
+        # shadow the standard library's http.
+        bare_argv = [sys.executable, "-m", "bench.http", "--serve-bare", str(bare_port)]
         bare_log = root / "bare.log"
+        repo = HERE.parent.parent
         with running(
-            "bare", bare_argv, port=bare_port, cwd=root, log=bare_log, ready_path="/"
+            "bare", bare_argv, port=bare_port, cwd=repo, log=bare_log, ready_path="/"
         ) as bare:
             results.append(measure("bare quart-trio GET /", bare, "/", {}, args))
         problems += [f"bare: {line}" for line in log_problems(bare_log)]

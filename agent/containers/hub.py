@@ -47,7 +47,8 @@ class Subscription:
         self._noticed = False
         #: Frames dropped because the subscriber was too slow.
         self.dropped = 0
-        #: The most characters this queue ever held (tests check the bound).        self.peak_bytes = 0
+        #: The most characters this queue ever held (tests check the bound).
+        self.peak_bytes = 0
         #: Why the subscription ended, for the WebSocket's close frame (None: normally).
         self.close_code: int | None = None
 
