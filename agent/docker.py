@@ -31,6 +31,7 @@ from .errors import AgentError, DockerUnavailable
 
 __all__ = [
     "AttachStream",
+    "DockerConflict",
     "DockerEngine",
     "DockerError",
     "DockerNotFound",
@@ -46,6 +47,10 @@ class DockerError(AgentError):
 
 class DockerNotFound(DockerError):
     """The engine has no such object (container, image)."""
+
+
+class DockerConflict(DockerError):
+    """The engine refused because of a conflict (a container name already taken)."""
 
 
 log = logging.getLogger(__name__)
@@ -157,6 +162,19 @@ class DockerEngine:
         """Run ``fn(client)`` in a control thread; ``DockerUnavailable`` if the engine is away."""
         return await self._run(fn, self.control_limiter)
 
+    async def create_container(self, options: Mapping[str, Any]) -> str:
+        """``containers.create(**options)`` without the inspect docker-py adds after it.
+
+        One engine request instead of two: a create is on every install's path.
+        """
+
+        def create(client: docker.DockerClient) -> str:
+            kwargs = {"command": None, **options, "version": client.api._version}
+            args = docker.models.containers._create_container_args(kwargs)
+            return str(client.api.create_container(**args)["Id"])
+
+        return await self.call(create)
+
     async def stream(self, fn: Callable[[docker.DockerClient], T]) -> T:
         """Like ``call``, on the stream limiter, for calls that block for a long time."""
         return await self._run(fn, self.stream_limiter)
@@ -177,6 +195,8 @@ class DockerEngine:
         except docker.errors.NotFound as exc:
             raise DockerNotFound(_explain(exc)) from None
         except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise DockerConflict(_explain(exc)) from None
             raise DockerError(_explain(exc)) from None
 
     def _lost(self, client: docker.DockerClient, exc: BaseException) -> None:

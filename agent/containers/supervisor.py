@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..docker import AttachStream, DockerError, DockerNotFound
+from ..docker import AttachStream, DockerConflict, DockerError, DockerNotFound
 from ..errors import AgentError, Conflict, DockerUnavailable
 from .console import LineSplitter
 from .hub import EventHub
@@ -229,7 +229,7 @@ class ContainerSupervisor:
         self.hub.event("installing")
         await self.manager.notify(self.internal_id, "installing")
         try:
-            await self._install_steps()
+            container_id = await self._install_steps()
         except (InstallFailed, DockerError, DockerUnavailable, OSError) as exc:
             reason = _reason(exc)
             self._install_pending = False
@@ -238,20 +238,19 @@ class ContainerSupervisor:
             await self.manager.notify(self.internal_id, "failed", reason)
             return
         self._install_pending = False
-        await self._set_record(install_state="ready", error=None)
+        await self._set_record(install_state="ready", error=None, container_id=container_id)
         self.hub.event("installed")
         await self.manager.notify(self.internal_id, "ready")
         if start_after:
             self._queue.appendleft(Action("start"))
 
-    async def _install_steps(self) -> None:
+    async def _install_steps(self) -> str:
+        """Everything an install does; returns the new server container's id."""
         record = self.record
         manager = self.manager
-        await manager.ensure_image(record.image, self.hub.message)
         if record.install_script:
             image = record.install_image or record.image
-            if image != record.image:
-                await manager.ensure_image(image, self.hub.message)
+            await manager.ensure_image(image, self.hub.message)
             job = InstallJob(
                 internal_id=record.internal_id,
                 image=image,
@@ -269,21 +268,37 @@ class ContainerSupervisor:
             self.hub.message("Running install script")
             await manager.run_install_script(job)
             self.hub.message("Install script finished")
-        await self._recreate()
+        return await self._recreate(persist=False)
 
-    async def _recreate(self) -> str:
-        """Write entrypoint.sh and (re)create the server container, not started."""
+    async def _recreate(self, *, persist: bool = True) -> str:
+        """Write entrypoint.sh and (re)create the server container, not started.
+
+        The fast path is one engine request: an old container is removed first only when
+        the record knows one; a leftover it does not know (a crash between create and
+        record) shows as a name conflict, and a missing image as not found; each is
+        mended once and the create retried. ``persist=False`` leaves recording the new
+        id to the caller (the install records it with ``ready``, in one write).
+        """
         manager = self.manager
         record = self.record
         data = manager.data_path(record.internal_id)
         script = entrypoint_script(record.startup_command)
         await trio.to_thread.run_sync(_write_text, data / "entrypoint.sh", script)
         await manager.check_mounts(record.mount)  # again: links may have appeared since
-        await manager.remove_docker_container(record.internal_id, role="server")
+        if record.container_id:
+            await manager.remove_docker_container(record.internal_id, role="server")
         options = manager.docker_options(record, role="server")
-        container = await manager.docker.call(lambda c: c.containers.create(**options))
-        await self._set_record(container_id=container.id)
-        return str(container.id)
+        try:
+            container_id = await manager.docker.create_container(options)
+        except DockerConflict:
+            await manager.remove_docker_container(record.internal_id, role="server")
+            container_id = await manager.docker.create_container(options)
+        except DockerNotFound:
+            await manager.ensure_image(record.image, self.hub.message)
+            container_id = await manager.docker.create_container(options)
+        if persist:
+            await self._set_record(container_id=container_id)
+        return container_id
 
     # -- power --------------------------------------------------------------------------
 
@@ -295,7 +310,7 @@ class ContainerSupervisor:
                 return container_id
             except DockerNotFound:
                 log.info("%s: Docker container vanished; recreating it", self.internal_id)
-        await self.manager.ensure_image(self.record.image, self.hub.message)
+                await self._set_record(container_id=None)
         return await self._recreate()
 
     async def _do_start(self) -> None:

@@ -87,6 +87,11 @@ async def api(node: RunningAgent) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@pytest.fixture
+def api_node(api: httpx.AsyncClient, node: RunningAgent) -> tuple[httpx.AsyncClient, RunningAgent]:
+    return api, node
+
+
 async def new_volume(api: httpx.AsyncClient) -> str:
     response = await api.post("/volumes")
     assert response.status_code == 201, response.text

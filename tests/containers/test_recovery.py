@@ -244,3 +244,31 @@ async def check_consistent(
             detail = (await api.get(f"/network/ports/{ip}/{port}")).json()
             assert detail["container"] == internal_id
         await api.delete(f"/containers/{internal_id}")
+
+
+async def test_a_leftover_server_container_does_not_block_an_install(
+    api_node: Any, engine: docker.DockerClient, prefix: str
+) -> None:
+    api, node = api_node
+    internal_id = f"{prefix}-left"
+    await create(api, internal_id, install_script="exit 1\n")
+    await wait_state(api, internal_id, install_state="failed")
+    # What a crash between Docker's create and the agent's record leaves behind.
+    stray = await in_thread(
+        lambda: engine.containers.create(
+            TEST_IMAGE,
+            ["sleep", "3600"],
+            name=f"lightd-{internal_id}",
+            labels={
+                "lightd.managed": "true",
+                "lightd.node": node.agent.stash[CONTAINERS].node_id,
+                "lightd.internal_id": internal_id,
+                "lightd.role": "server",
+            },
+        )
+    )
+    await api.post(f"/containers/{internal_id}/reinstall", json={"install_script": ""})
+    body = await wait_state(api, internal_id, install_state="ready")
+    assert body["container_id"] != stray.id
+    with pytest.raises(docker.errors.NotFound):
+        await in_thread(lambda: engine.containers.get(stray.id))
