@@ -20,25 +20,10 @@ from agent.safepath import NoSpace, RelPath, parse
 from plugins.archives import InvalidArchive, compress, decompress, detect, link_stays_inside
 
 from ..conftest import StartAgent, api_client
+from .conftest import error, new_volume
 from .volumes_corpus import snapshot, tar_bytes, tar_entry, zip_bytes
 
 FORMATS = ["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
-
-
-async def new_volume(client: httpx.AsyncClient) -> tuple[str, Path]:
-    response = await client.post("/volumes")
-    assert response.status_code == 201, response.text
-    body = response.json()
-    return body["volume_id"], Path(body["path"])
-
-
-@pytest.fixture
-async def volume(client: httpx.AsyncClient) -> tuple[str, Path]:
-    return await new_volume(client)
-
-
-def error(response: httpx.Response) -> str:
-    return str(response.json()["error"])
 
 
 def make_tree(folder: Path) -> None:

@@ -20,24 +20,9 @@ from agent import hookimpl
 from agent.interfaces import VOLUMES
 
 from ..conftest import RunningAgent, StartAgent, api_client, wait_for
+from .conftest import error, new_volume
 
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-
-
-async def new_volume(client: httpx.AsyncClient) -> tuple[str, Path]:
-    response = await client.post("/volumes")
-    assert response.status_code == 201, response.text
-    body = response.json()
-    return body["volume_id"], Path(body["path"])
-
-
-@pytest.fixture
-async def volume(client: httpx.AsyncClient) -> tuple[str, Path]:
-    return await new_volume(client)
-
-
-def error(response: httpx.Response) -> str:
-    return str(response.json()["error"])
 
 
 # --- registry --------------------------------------------------------------------------------
