@@ -9,17 +9,29 @@ written by a newer agent.
 SQLite calls block, so they run in a worker thread. One connection and a limiter of one
 token serialise them: SQLite admits one writer anyway, and a single connection means a
 transaction can never interleave with another caller's statements. ``write`` runs its
-function inside ``BEGIN IMMEDIATE … COMMIT``, so a multi-statement change (reserving a set
-of ports, queueing an update) is all-or-nothing and committed before the caller goes on.
+function inside a transaction, so a multi-statement change (reserving a set of ports,
+queueing an update) is all-or-nothing and committed before the caller goes on.
+
+**Group commit.** A trip to the worker thread costs more than a small transaction itself,
+and under load (docker-py threads holding the GIL) much more. So concurrent writes share
+trips: a caller queues its function and takes a fair lock; whoever holds the lock runs
+everything queued in one ``BEGIN IMMEDIATE … COMMIT``, each function inside its own
+``SAVEPOINT``. A function that raises rolls back to its savepoint alone (its caller gets
+the exception); the others still commit. If the COMMIT itself fails, every caller in it
+gets ``StoreError`` and nothing of it stays. A caller cancelled while its function is
+still queued withdraws it; once its function is in a running transaction, its outcome is
+awaited (as ``trio.to_thread.run_sync`` does), so a change is never half-known.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import attrs
 import trio
@@ -47,6 +59,40 @@ class Migration:
     sql: str
 
 
+#: Most writes one transaction carries (a bound on how long one commit holds the lock).
+MAX_BATCH = 256
+
+
+class _Job(Generic[T]):
+    """One queued write: the function to run in the transaction, then its outcome."""
+
+    __slots__ = ("done", "error", "event", "fn", "value")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
+        self.fn = fn
+        self.done = False
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        self.event: trio.Event | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.error = error
+        self.done = True
+        if self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if not self.done:
+            self.event = trio.Event()
+            await self.event.wait()
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
 class Store:
     """Async access to the SQLite file; see the module docstring for the threading rules."""
 
@@ -54,6 +100,10 @@ class Store:
         self._conn = conn
         self.path = path
         self._limiter = trio.CapacityLimiter(1)
+        self._queue: deque[_Job[Any]] = deque()
+        #: Guards ``_queue``: the worker thread takes from it.
+        self._queue_lock = threading.Lock()
+        self._commit_lock = trio.Lock()
 
     async def read(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -66,26 +116,76 @@ class Store:
     async def write(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run ``fn(conn, *args)`` in one immediate transaction; an exception rolls it back."""
-        return await trio.to_thread.run_sync(
-            lambda: self._transaction(fn, *args, **kwargs), limiter=self._limiter
-        )
+        """Run ``fn(conn, *args)`` in a transaction (maybe shared, in a savepoint of its
+        own); an exception rolls back its changes and is raised here."""
+        job: _Job[T] = _Job(lambda conn: fn(conn, *args, **kwargs))
+        with self._queue_lock:
+            self._queue.append(job)
+        try:
+            async with self._commit_lock:
+                while not job.done:
+                    await self._commit_queued()
+        except BaseException as exc:
+            if self._withdraw(job):
+                raise  # it never ran: nothing changed
+            # It is in a transaction that has run or is running: report its outcome. A
+            # cancellation stays pending and surfaces at the caller's next checkpoint.
+            with trio.CancelScope(shield=True):
+                await job.wait()
+            if not isinstance(exc, trio.Cancelled):
+                raise
+        return job.result()
 
     async def execute(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
-        """One statement in its own transaction; returns its rows."""
+        """One statement in a transaction; returns its rows."""
 
         def run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             return conn.execute(sql, tuple(params)).fetchall()
 
         return await self.write(run)
 
-    def _transaction(
-        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    def _withdraw(self, job: _Job[Any]) -> bool:
+        with self._queue_lock:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    async def _commit_queued(self) -> None:
+        """One transaction with what is queued (up to ``MAX_BATCH``); each job finishes."""
+        taken: list[_Job[Any]] = []
+        try:
+            await trio.to_thread.run_sync(self._run_queued, taken, limiter=self._limiter)
+        except BaseException as exc:
+            if not taken:
+                raise  # the transaction never began: the jobs stay queued
+            for job in taken:
+                failure = StoreError(f"the transaction failed: {exc!r}")
+                failure.__cause__ = exc
+                job.finish(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for job in taken:
+            job.finish()
+
+    def _run_queued(self, taken: list[_Job[Any]]) -> None:
+        """In the worker thread: one transaction, each job in its savepoint."""
         conn = self._conn
+        with self._queue_lock:
+            for _ in range(min(len(self._queue), MAX_BATCH)):
+                taken.append(self._queue.popleft())
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result = fn(conn, *args, **kwargs)
+            for job in taken:
+                conn.execute("SAVEPOINT lightd_write")
+                try:
+                    job.value = job.fn(conn)
+                except Exception as exc:  # the caller's own failure: raised in its task
+                    conn.execute("ROLLBACK TO lightd_write")
+                    job.error = exc
+                conn.execute("RELEASE lightd_write")
             conn.execute("COMMIT")
         except BaseException:
             # Also when COMMIT itself fails (disk full, I/O error): never leave the one
@@ -93,7 +193,6 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return result
 
     def migrate(self, migrations: Iterable[Migration]) -> dict[str, int]:
         """Apply what is missing (blocking: called from a thread); returns versions now."""

@@ -112,8 +112,55 @@ async def test_a_failed_commit_leaves_no_open_transaction(tmp_path: Path) -> Non
     ]
     async with open_store(tmp_path, deferred) as store:
         # A deferred foreign key is checked at COMMIT, so the COMMIT is what fails.
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(StoreError) as failed:
             await store.execute("INSERT INTO fk_child VALUES (42)")
+        assert isinstance(failed.value.__cause__, sqlite3.IntegrityError)
         await store.execute("INSERT INTO fk_parent VALUES (1)")  # the connection is usable
         assert [tuple(r) for r in await store.execute("SELECT * FROM fk_parent")] == [(1,)]
         assert await store.execute("SELECT * FROM fk_child") == []
+
+
+async def test_concurrent_writes_share_commits_and_fail_alone(tmp_path: Path) -> None:
+    async with open_store(tmp_path, NOTES) as store:
+        outcomes: dict[int, str] = {}
+
+        async def one(i: int) -> None:
+            def insert(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT INTO notes_items (id, text) VALUES (?, 'x')", (i,))
+                if i % 5 == 0:
+                    raise ValueError(f"refused {i}")
+
+            try:
+                await store.write(insert)
+                outcomes[i] = "ok"
+            except ValueError as exc:
+                outcomes[i] = str(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(1, 41):
+                nursery.start_soon(one, i)
+        rows = await store.execute("SELECT id FROM notes_items ORDER BY id")
+        assert [r[0] for r in rows] == [i for i in range(1, 41) if i % 5]
+        assert outcomes[5] == "refused 5" and outcomes[6] == "ok"
+
+
+async def test_a_write_cancelled_while_queued_changes_nothing(tmp_path: Path) -> None:
+    import threading
+
+    async with open_store(tmp_path, NOTES) as store:
+        entered, release = threading.Event(), threading.Event()
+
+        def block(conn: sqlite3.Connection) -> None:
+            entered.set()
+            release.wait(10)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.write, block)
+                await trio.to_thread.run_sync(entered.wait)
+                with trio.CancelScope() as scope:
+                    scope.deadline = trio.current_time() + 0.1
+                    await store.execute("INSERT INTO notes_items (text) VALUES ('late')")
+                assert scope.cancelled_caught
+                release.set()
+        assert await store.execute("SELECT * FROM notes_items") == []

@@ -6,30 +6,23 @@ entry (a ``CHECK`` keeps ``owner`` only on entries in use). A reservation is a
 conditional ``UPDATE`` per entry inside the caller's transaction, so two reservations can
 never both win an entry, and a reservation that fails part-way rolls back whole.
 
-**Group commit.** A trip to the store's worker thread costs several times what the
-SQLite transaction itself costs, so concurrent changes share trips: a caller queues its
-change and takes the pool's (fair) lock; whoever holds the lock runs everything queued in
-one ``store.write`` (one ``BEGIN IMMEDIATE … COMMIT``), each change inside its own
-``SAVEPOINT``, so each stays all-or-nothing on its own: a refused reservation rolls back
-to its savepoint and the others still commit. Every caller returns only after the commit
-that holds its change. A caller cancelled while its change is still queued withdraws it;
-once the change is in a running transaction its outcome is awaited (as
-``trio.to_thread.run_sync`` does), so a caller's change is never half-known.
+Changes share commits with every other writer of the store (``agent.store``'s group
+commit): each runs in a savepoint of its own, so a refused reservation rolls back alone
+and the others still commit; every caller returns only after the commit that holds its
+change.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import trio
 
 from agent import AgentError, BadRequest, Conflict, Migration, NotFound
 from agent.interfaces import PoolPort, PortRequest
+from agent.store import StoreError
 
 from .model import PROTOCOL_BITS, covers, display, ip_key, parse_ip, parse_port, parse_protocol
 
@@ -40,8 +33,6 @@ __all__ = ["MIGRATIONS", "TAKE_SQL", "Entry", "PortPool", "PortPoolError"]
 
 T = TypeVar("T")
 
-#: Most changes one transaction carries (bounds how long one commit keeps others waiting).
-MAX_BATCH = 64
 
 MIGRATIONS = [
     Migration(
@@ -109,36 +100,6 @@ class Entry:
 
 def _entry(row: Sequence[Any]) -> Entry:
     return Entry(row[0], row[1], row[2], bool(row[3]), row[4])
-
-
-class _Job(Generic[T]):
-    """One queued change: the function to run in the transaction, then its outcome."""
-
-    __slots__ = ("done", "error", "event", "fn", "value")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
-        self.fn = fn
-        self.done = False
-        self.value: T | None = None
-        self.error: BaseException | None = None
-        self.event: trio.Event | None = None
-
-    def finish(self, error: BaseException | None = None) -> None:
-        if error is not None:
-            self.error = error
-        self.done = True
-        if self.event is not None:
-            self.event.set()
-
-    async def wait(self) -> None:
-        if not self.done:
-            self.event = trio.Event()
-            await self.event.wait()
-
-    def result(self) -> T:
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
 
 
 @attrs.frozen
@@ -254,72 +215,15 @@ class PortPool:
         self._clock = clock
         #: Called after a commit that added or removed entries (never blocks).
         self.on_change: Callable[[], None] = lambda: None
-        self._queue: deque[_Job[Any]] = deque()
-        #: Guards ``_queue``: the store's worker thread takes from it.
-        self._queue_lock = threading.Lock()
-        self._lock = trio.Lock()
 
     # --- running changes ----------------------------------------------------------------
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in a transaction (possibly shared) and return its result."""
-        job: _Job[T] = _Job(fn)
-        with self._queue_lock:
-            self._queue.append(job)
+        """Run ``fn(conn)`` in a store transaction (shared, in its own savepoint)."""
         try:
-            async with self._lock:
-                while not job.done:
-                    await self._commit_queued()
-        except BaseException as exc:
-            if self._withdraw(job):
-                raise  # it never ran: nothing changed
-            # It is in a transaction that has run or is running: report its outcome. A
-            # cancellation stays pending and surfaces at the caller's next checkpoint.
-            with trio.CancelScope(shield=True):
-                await job.wait()
-            if not isinstance(exc, trio.Cancelled):
-                raise
-        return job.result()
-
-    def _withdraw(self, job: _Job[Any]) -> bool:
-        with self._queue_lock:
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                return False
-            return True
-
-    async def _commit_queued(self) -> None:
-        """One transaction with the changes queued (up to ``MAX_BATCH``); each finishes."""
-        taken: list[_Job[Any]] = []
-        try:
-            await self._store.write(self._run_queued, taken)
-        except BaseException as exc:
-            if not taken:
-                raise  # the transaction never began: the changes stay queued
-            for job in taken:
-                failure = PortPoolError(f"the port pool transaction failed: {exc!r}")
-                failure.__cause__ = exc
-                job.finish(failure)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for job in taken:
-            job.finish()
-
-    def _run_queued(self, conn: sqlite3.Connection, taken: list[_Job[Any]]) -> None:
-        """In the store's thread, inside its transaction: each change in a savepoint."""
-        with self._queue_lock:
-            for _ in range(min(len(self._queue), MAX_BATCH)):
-                taken.append(self._queue.popleft())
-        for job in taken:
-            conn.execute("SAVEPOINT port_pool_change")
-            try:
-                job.value = job.fn(conn)
-            except Exception as exc:  # the caller's own failure: raised in its task
-                conn.execute("ROLLBACK TO port_pool_change")
-                job.error = exc
-            conn.execute("RELEASE port_pool_change")
+            return await self._store.write(fn)
+        except (StoreError, sqlite3.Error) as exc:
+            raise PortPoolError(f"the port pool transaction failed: {exc!r}") from exc
 
     # --- PortPoolService ----------------------------------------------------------------
 
