@@ -204,27 +204,43 @@ class VolumeRegistry:
         volumes[volume.volume_id] = volume
         return volume
 
-    async def delete(self, volume_id: str) -> None:
+    async def delete(
+        self, volume_id: str, in_use: Callable[[str], str | None] = lambda _: None
+    ) -> None:
         """Unregister a volume and have its folder removed: the folder is first renamed
         aside (atomic: the volume is whole or gone), then the row deleted; the renamed
-        tree is removed by ``serve_trash``, so a big volume does not hold the answer."""
+        tree is removed by ``serve_trash``, so a big volume does not hold the answer.
+
+        ``in_use(volume_id)`` names a container using the volume (409). It is asked in the
+        same step that takes the volume out of the registry, with no await between, so a
+        container being created either claimed the volume first (refused here) or finds
+        it gone (404 there): never both."""
         async with self._delete_lock:  # a second DELETE of the same volume is a 404
             volume = await self.get(volume_id)
             volumes = await self._loaded()
-            trash = f"{_TRASH_PREFIX}{volume.volume_id}-{secrets.token_hex(4)}"
-            moved = await trio.to_thread.run_sync(_rename_aside, self.root, volume.volume_id, trash)
-            try:
-                await self._store.execute(
-                    "DELETE FROM volumes_registry WHERE volume_id = ?", (volume.volume_id,)
-                )
-            except BaseException:
-                if moved:
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(
-                            _rename_aside, self.root, trash, volume.volume_id
-                        )
-                raise
+            user = in_use(volume.volume_id)
+            if user is not None:
+                raise Conflict(f"Volume is in use by container {user}", code="volume_in_use")
             volumes.pop(volume.volume_id, None)
+            trash = f"{_TRASH_PREFIX}{volume.volume_id}-{secrets.token_hex(4)}"
+            try:
+                moved = await trio.to_thread.run_sync(
+                    _rename_aside, self.root, volume.volume_id, trash
+                )
+                try:
+                    await self._store.execute(
+                        "DELETE FROM volumes_registry WHERE volume_id = ?", (volume.volume_id,)
+                    )
+                except BaseException:
+                    if moved:
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(
+                                _rename_aside, self.root, trash, volume.volume_id
+                            )
+                    raise
+            except BaseException:
+                volumes[volume.volume_id] = volume
+                raise
         if moved:
             self._trash_send.send_nowait(trash)
 
@@ -477,11 +493,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
     @bp.delete("/volumes/<volume_id>")
     async def delete_volume(volume_id: str) -> dict[str, str]:
-        volume = await registry.get(volume_id)
-        user = agent.hooks.volume_in_use(agent, volume.volume_id)
-        if user is not None:
-            raise Conflict(f"Volume is in use by container {user}", code="volume_in_use")
-        await registry.delete(volume.volume_id)
+        await registry.delete(volume_id, lambda v: agent.hooks.volume_in_use(agent, v))
         return {"message": "Volume deleted successfully"}
 
     @bp.post("/volumes/<volume_id>/files")

@@ -168,6 +168,9 @@ class Containers:
         self._supervisors: dict[str, ContainerSupervisor] = {}
         self._finished: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        #: Creates in progress: internal_id → the volume they claim. Taken before the
+        #: first await of a create, so a volume delete or a reconcile sees them.
+        self._claims: dict[str, str] = {}
         self.reconciled = trio.Event()
         #: This agent's id on the engine (label ``lightd.node``), read from the store.
         self.node_id = ""
@@ -190,6 +193,9 @@ class Containers:
         for supervisor in self.all():
             if supervisor.record.volume_id == volume_id:
                 return supervisor.internal_id
+        for internal_id, claimed in self._claims.items():
+            if claimed == volume_id:
+                return internal_id
         return None
 
     def data_path(self, internal_id: str) -> Path:
@@ -306,6 +312,8 @@ class Containers:
         if pool is not None:
             for owner, entries in (await pool.held()).items():
                 supervisor = self._supervisors.get(owner)
+                if owner in self._claims:
+                    continue  # being created: its record is not written yet
                 if supervisor is None:
                     log.info("releasing ports held by unknown container %s", owner)
                     await pool.release(owner)
@@ -492,18 +500,28 @@ class Containers:
 
     async def create(self, request: CreateRequest) -> ContainerSupervisor:
         self.check_create(request)
-        await self.check_mounts(request.mount)
-        if request.internal_id in self._supervisors:
+        internal_id = request.internal_id
+        if internal_id in self._supervisors or internal_id in self._claims:
             raise Conflict("Container already exists", code="container_exists")
+        # The claim comes before any await: see ``using_volume`` and the volumes plugin.
+        self._claims[internal_id] = request.volume_id.lower()
+        try:
+            return await self._create(request)
+        finally:
+            del self._claims[internal_id]
+
+    async def _create(self, request: CreateRequest) -> ContainerSupervisor:
+        await self.check_mounts(request.mount)
         volumes = self.agent.stash.get(VOLUMES)
-        if volumes is None or await volumes.path(request.volume_id) is None:
+        folder = None if volumes is None else await volumes.path(request.volume_id)
+        if folder is None:
             raise NotFound("Volume not found", code="volume_not_found")
         ports = await self.reserve_ports(request.internal_id, request.ports)
         now = int(time.time())
         record = ContainerRecord(
             internal_id=request.internal_id,
             image=request.image,
-            volume_id=request.volume_id,
+            volume_id=folder.name,  # the registry's spelling: what Docker mounts
             startup_command=request.startup_command,
             start_pattern=request.start_pattern,
             ports=ports,

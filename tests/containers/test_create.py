@@ -362,3 +362,43 @@ async def test_mounts_only_inside_allowed_folders_and_never_through_links(
             }
         )
         assert binds["/maps"] == str(shared / "maps")
+
+
+async def test_volume_id_is_stored_as_the_registry_spells_it(
+    api: httpx.AsyncClient, node: RunningAgent, engine: docker.DockerClient, prefix: str
+) -> None:
+    volume = await new_volume(api)
+    body = await ready(api, f"{prefix}-case", volume_id=volume.upper())
+    assert body["volume_id"] == volume
+    binds = await in_thread(
+        lambda: {
+            m["Destination"]: m["Source"]
+            for m in engine.containers.get(body["container_id"]).attrs["Mounts"]
+        }
+    )
+    assert binds["/home/container"] == str(node.agent.paths.volumes / volume)
+    refused = await api.delete(f"/volumes/{volume}")
+    assert refused.status_code == 409
+    assert refused.json()["error"] == f"Volume is in use by container {prefix}-case"
+
+
+async def test_a_volume_is_never_deleted_under_a_container_being_created(
+    api: httpx.AsyncClient, prefix: str
+) -> None:
+    import trio
+
+    async def make(volume: str, internal_id: str, results: dict[str, int]) -> None:
+        results["create"] = (await create(api, internal_id, volume_id=volume)).status_code
+
+    async def drop(volume: str, results: dict[str, int]) -> None:
+        results["delete"] = (await api.delete(f"/volumes/{volume}")).status_code
+
+    for n in range(15):
+        volume = await new_volume(api)
+        results: dict[str, int] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(make, volume, f"{prefix}-r{n}", results)
+            nursery.start_soon(drop, volume, results)
+        # Either the create claimed the volume first (the delete is refused), or the
+        # delete won (the create finds no volume): never both answered 200.
+        assert sorted(results.values()) in ([200, 409], [200, 404]), results
