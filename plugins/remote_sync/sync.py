@@ -5,10 +5,11 @@
 * ``record`` turns a container transition into an update body and commits it to the
   outbox; it never talks to the panel, so a slow or dead panel cannot delay its caller.
 * ``serve_sender`` (a service) works through the outbox in order, one POST at a time.
-  2xx: delivered. 4xx other than 401/403/408/429: rejected, logged and dropped (the panel
-  will never take that update). Anything else (connection error, timeout, 5xx, 408, 429,
-  401/403, a redirect): the same update is retried after an exponential back-off with
-  jitter, capped at 60 s, and nothing behind it moves, so per-server order holds.
+  2xx: delivered. 4xx other than 408/429 (401 and 403 included): rejected, logged as an
+  error and dropped, as contract §9 says (the panel will never take that update).
+  Anything else (connection error, timeout, 5xx, 408, 429, a redirect): the same update
+  is retried after an exponential back-off with jitter, capped at 60 s, and nothing
+  behind it moves, so per-server order holds.
 * ``serve_heartbeat`` (a service) asks ``GET {url}/health`` at start and every
   ``remote.heartbeat_interval`` seconds. A healthy answer also cuts a running back-off
   short, so queued updates flow as soon as the panel is back.
@@ -16,11 +17,6 @@
   the back-off and wakes both services, which read ``agent.config.remote`` afresh for
   every request: a new URL or token applies to the very next request, and nothing queued
   is lost by enabling, disabling or re-pointing the link.
-
-Why 401 and 403 are retried, not dropped: they say the node's credentials are wrong
-(a token rotated on one side only), not that the update is; dropping would throw away
-every update until an operator noticed. They are logged as errors and held until the
-panel accepts the token again (or a reload brings the right one).
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ import trio
 
 from agent import Agent, StashKey
 from agent.config import RemoteConfig
+from agent.store import StoreError
 
 from .outbox import Outbox, QueuedUpdate
 
@@ -108,7 +105,7 @@ class Outcome(enum.Enum):
     DELIVERED = "delivered"
     #: The panel refused this update for good (a 4xx): drop it and go on.
     REJECTED = "rejected"
-    #: The panel did not take it (unreachable, 5xx, 408, 429, 401/403): try again later.
+    #: The panel did not take it (unreachable, 5xx, 408, 429, a redirect): try again later.
     RETRY = "retry"
 
 
@@ -116,6 +113,11 @@ class Outcome(enum.Enum):
 #: Every other 4xx, 401 and 403 included, drops the update with an error log: the
 #: contract says so, and a panel refusing our token must not hold the queue forever.
 _RETRY_4XX = frozenset({408, 429})
+
+
+def _healthy(body: object) -> bool:
+    """The panel's ``{"status":200,"endpoint":"active"}``; other fields are its business."""
+    return isinstance(body, dict) and all(body.get(k) == v for k, v in _HEALTHY.items())
 
 
 def classify_status(status: int) -> Outcome:
@@ -279,7 +281,7 @@ class RemoteSync:
                 limit=self.config.outbox_max,
                 delivered_upto=self.cursor,
             )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
             # Failing the caller (a container's state change) would not save the update.
             log.error("could not queue the %s update about %s: %s", state, internal_id, exc)
             return
@@ -417,7 +419,7 @@ class RemoteSync:
             detail = result.detail
         elif result.status_code != 200:
             detail = f"health check answered HTTP {result.status_code}"
-        elif _json_or_none(result) != _HEALTHY:
+        elif not _healthy(_json_or_none(result)):
             detail = f"health check answered {_snippet(result.text)!r}, not {_HEALTHY}"
         else:
             log.debug("heartbeat: panel at %s is healthy", self.config.url)
@@ -523,8 +525,8 @@ class RemoteSync:
         self._failed(attempt.detail)
         self.status.retry_at = trio.current_time() + delay
         level = logging.DEBUG
-        if attempt.status in (401, 403):
-            level = logging.ERROR  # a configuration problem: say so every time
+        if attempt.status is not None and 300 <= attempt.status < 400:
+            level = logging.ERROR  # remote.url points at the wrong place: say so every time
         elif self._should_warn():
             level = logging.WARNING
         if level > logging.DEBUG:
