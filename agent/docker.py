@@ -177,17 +177,24 @@ class DockerEngine:
 
     async def stream(self, fn: Callable[[docker.DockerClient], T]) -> T:
         """Like ``call``, on the stream limiter, for calls that block for a long time."""
-        return await self._run(fn, self.stream_limiter)
+        return await self._run(fn, self.stream_limiter, abandon=True)
 
     async def _run(
-        self, fn: Callable[[docker.DockerClient], T], limiter: trio.CapacityLimiter
+        self,
+        fn: Callable[[docker.DockerClient], T],
+        limiter: trio.CapacityLimiter,
+        *,
+        abandon: bool = False,
     ) -> T:
+        """A control call is waited for even when cancelled (its effect must be known: a
+        create or start abandoned half-way would leave Docker ahead of the agent; the
+        engine timeout bounds it); a stream may be abandoned (its caller closes it)."""
         client = self._client
         if client is None:
             raise DockerUnavailable()
         try:
             return await trio.to_thread.run_sync(
-                fn, client, limiter=limiter, abandon_on_cancel=True
+                fn, client, limiter=limiter, abandon_on_cancel=abandon
             )
         except _UNREACHABLE as exc:
             self._lost(client, exc)

@@ -21,12 +21,14 @@ import trio
 from quart import Blueprint
 
 from agent import Agent, AgentError, NotFound, hookimpl
-from agent.containers import CONTAINERS, InstallFailed, InstallJob
+from agent.containers import CONTAINERS, InstallFailed, InstallJob, LineSplitter
 
 log = logging.getLogger(__name__)
 
 #: Bytes of install.log served by the install-log route (the tail).
 LOG_TAIL = 256 * 1024
+#: Bytes of output kept in install.log (a runaway script must not fill the disk).
+LOG_MAX = 16 * 1024 * 1024
 
 
 def _entrypoint(script: str) -> list[str]:
@@ -54,16 +56,19 @@ async def run_install(agent: Agent, job: InstallJob) -> None:
     try:
         async with log_file, docker.attach(container_id) as stream:
             await docker.call(lambda c: c.api.start(container_id))
-            pending = b""
+            lines = LineSplitter()  # cuts lines at 64 KiB: no unbounded re-splitting
+            logged = 0
             with trio.move_on_after(job.timeout) as deadline:
                 while (chunk := await stream.receive()) is not None:
-                    await log_file.write(chunk)
-                    parts = (pending + chunk).split(b"\n")
-                    pending = parts.pop()
-                    if parts:
-                        job.console([p.decode("utf-8", "replace") + "\n" for p in parts])
-                if pending:
-                    job.console([pending.decode("utf-8", "replace") + "\n"])
+                    if logged < LOG_MAX:
+                        await log_file.write(chunk[: LOG_MAX - logged])
+                        logged += len(chunk)
+                        if logged >= LOG_MAX:
+                            await log_file.write(b"\n[install.log cut: output too long]\n")
+                    if complete := lines.feed(chunk):
+                        job.console(complete)
+                if rest := lines.close():
+                    job.console(rest)
                 result = await docker.stream(lambda c: c.api.wait(container_id))
             if deadline.cancelled_caught:
                 raise InstallFailed("Install script timed out")

@@ -113,12 +113,14 @@ def parse_request(message: str | bytes) -> tuple[str, Any] | None:
         ((event, args),) = data.items()
         command = action = _first(args)
         lines = DEFAULT_LOG_LINES if args in ([], None) else _first(args)
-        event = {"logs": "request_logs"}.get(event, event)
+        event = "request_logs" if event == "logs" else event
     else:
+        return None
+    if not isinstance(event, str):
         return None
     if event == "send_command" and isinstance(command, str):
         return "send_command", command
-    if event == "power" and action in POWER_ACTIONS:
+    if event == "power" and isinstance(action, str) and action in POWER_ACTIONS:
         return "power", action
     if event == "request_logs" and (count := _line_count(lines)) is not None:
         return "request_logs", count

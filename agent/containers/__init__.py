@@ -5,6 +5,7 @@ Public for plugins: ``CONTAINERS`` (the ``Containers`` manager on the agent's st
 """
 
 from ..runtime import StashKey
+from .console import LineSplitter
 from .hub import EventHub, Subscription
 from .install import InstallFailed, InstallJob
 from .manager import Containers, ContainersSettings
@@ -20,5 +21,6 @@ __all__ = [
     "EventHub",
     "InstallFailed",
     "InstallJob",
+    "LineSplitter",
     "Subscription",
 ]

@@ -171,6 +171,8 @@ class Containers:
         #: Creates in progress: internal_id → the volume they claim. Taken before the
         #: first await of a create, so a volume delete or a reconcile sees them.
         self._claims: dict[str, str] = {}
+        #: Deletes in progress: a create of the same id waits for them to finish (409).
+        self._deleting: set[str] = set()
         self.reconciled = trio.Event()
         #: This agent's id on the engine (label ``lightd.node``), read from the store.
         self.node_id = ""
@@ -292,6 +294,8 @@ class Containers:
                     )
                     await self._remove(item["Id"])
                 continue
+            if not supervisor.idle:
+                continue  # an action is under way: its own outcome settles the state
             if (
                 running
                 and supervisor.state == "offline"
@@ -503,6 +507,8 @@ class Containers:
         internal_id = request.internal_id
         if internal_id in self._supervisors or internal_id in self._claims:
             raise Conflict("Container already exists", code="container_exists")
+        if internal_id in self._deleting:
+            raise Conflict("Container already exists", code="container_exists")
         # The claim comes before any await: see ``using_volume`` and the volumes plugin.
         self._claims[internal_id] = request.volume_id.lower()
         try:
@@ -561,20 +567,28 @@ class Containers:
         if not self.docker.available:
             raise DockerUnavailable()
         del self._supervisors[internal_id]
+        self._deleting.add(internal_id)
         supervisor.cancel()
+        # Shielded whole: a client hanging up must not leave a half-deleted container.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._delete(internal_id, supervisor)
+            finally:
+                self._deleting.discard(internal_id)
+
+    async def _delete(self, internal_id: str, supervisor: ContainerSupervisor) -> None:
         # Forget it first: a crash from here on leaves only orphans that reconcile removes.
         await self.repo.delete(internal_id)
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(30):
-                await self._finished.pop(internal_id).wait()
-            try:
-                await self.remove_docker_container(internal_id, role=None)
-            except (DockerError, DockerUnavailable) as exc:
-                log.warning("%s: Docker cleanup left for reconciliation: %s", internal_id, exc)
-            await self._release(internal_id)
-            await trio.to_thread.run_sync(
-                lambda: shutil.rmtree(self.data_path(internal_id), ignore_errors=True)
-            )
-            supervisor.hub.message("Container deleted")
-            supervisor.hub.close()
-            await self.agent.hooks.container_deleted(self.agent, internal_id)
+        with trio.move_on_after(30):
+            await self._finished.pop(internal_id).wait()
+        try:
+            await self.remove_docker_container(internal_id, role=None)
+        except (DockerError, DockerUnavailable) as exc:
+            log.warning("%s: Docker cleanup left for reconciliation: %s", internal_id, exc)
+        await self._release(internal_id)
+        await trio.to_thread.run_sync(
+            lambda: shutil.rmtree(self.data_path(internal_id), ignore_errors=True)
+        )
+        supervisor.hub.message("Container deleted")
+        supervisor.hub.close()
+        await self.agent.hooks.container_deleted(self.agent, internal_id)

@@ -29,7 +29,7 @@ from ..docker import AttachStream, DockerConflict, DockerError, DockerNotFound
 from ..errors import AgentError, Conflict, DockerUnavailable
 from .console import LineSplitter
 from .hub import EventHub
-from .install import InstallFailed, InstallJob
+from .install import InstallJob
 from .models import ContainerRecord, PortBinding, RuntimeState
 from .stats import StatsReader, StatsSettings
 
@@ -168,7 +168,10 @@ class ContainerSupervisor:
                 raise Conflict("Container is not ready", code="not_ready")
             if self._projected_running():
                 raise Conflict("Container is already running", code="already_running")
-        elif kind in ("kill", "stop"):
+        elif kind == "kill":
+            if self.state == "offline" and not self._projected_running():
+                raise Conflict("Container is not running", code="not_running")
+        elif kind == "stop":
             if not self._projected_running():
                 raise Conflict("Container is not running", code="not_running")
         elif kind == "restart":
@@ -177,16 +180,27 @@ class ContainerSupervisor:
         elif kind == "reinstall":
             if self._installing():
                 raise Conflict("Container is already being installed", code="installing")
-        elif kind == "rebind" and self._installing():
-            raise Conflict("Cannot rebind network while container is installing", code="installing")
+        elif kind == "rebind":
+            if self._installing():
+                raise Conflict(
+                    "Cannot rebind network while container is installing", code="installing"
+                )
+            if self.busy_with("rebind"):
+                # Each rebind reserves on top of the ports held now; two in a row would
+                # free each other's.
+                raise Conflict("Network rebinding already in progress", code="rebinding")
         action = Action(kind, args)
         if kind in ("install", "reinstall"):
             self._install_pending = True
         if kind == "kill":
-            # A kill always wins: pending starts are dropped and it runs next.
+            # A kill always wins: pending starts are dropped, a running start, restart or
+            # stop is cut short (each cleans up after itself), and the kill runs next.
             for dropped in [a for a in self._queue if a.kind in ("start", "restart")]:
                 self._queue.remove(dropped)
                 dropped.done.set()
+            current = self._current
+            if current and current.kind in ("start", "restart", "stop") and self._current_scope:
+                self._current_scope.cancel()
             self._queue.appendleft(action)
         else:
             self._queue.append(action)
@@ -230,7 +244,7 @@ class ContainerSupervisor:
         await self.manager.notify(self.internal_id, "installing")
         try:
             container_id = await self._install_steps()
-        except (InstallFailed, DockerError, DockerUnavailable, OSError) as exc:
+        except (AgentError, OSError) as exc:  # whatever failed, the install ends failed
             reason = _reason(exc)
             self._install_pending = False
             await self._set_record(install_state="failed", error=reason)
@@ -327,12 +341,15 @@ class ContainerSupervisor:
         await self._attach(container_id)
         try:
             await self._set_state("starting")
+            await self.manager.check_mounts(self.record.mount)  # Docker resolves them now
             await self.manager.docker.call(lambda c: c.api.start(container_id))
         except BaseException:
             self._close_console()
             with trio.CancelScope(shield=True):
                 await self._set_state("offline")
             raise
+        if self._exit_seen:
+            return  # it exited (and was told) before the start call even returned
         self.started_at = time.time()
         self.exit_code = None
         self.hub.message("Container started")
@@ -340,16 +357,19 @@ class ContainerSupervisor:
             await self._set_state("running")
 
     async def _do_kill(self) -> None:
-        if self.state == "offline":
-            return
+        # Signalled even when the state says offline: a start cut short by this kill may
+        # have reached Docker just before it was cancelled.
         self._stop_asked = True
-        await self._set_state("stopping")
         container_id = self.record.container_id
-        try:
-            await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGKILL"))
-        except DockerError as exc:
-            log.info("%s: kill: %s", self.internal_id, exc)  # already exited
-        await self._wait_exit(10)
+        if self.state != "offline":
+            await self._set_state("stopping")
+        if container_id:
+            try:
+                await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGKILL"))
+            except DockerError as exc:
+                log.info("%s: kill: %s", self.internal_id, exc)  # not running
+        if self.state != "offline":
+            await self._wait_exit(10)
 
     async def _do_stop(self, grace: float | None = None) -> None:
         if self.state == "offline":
@@ -360,14 +380,18 @@ class ContainerSupervisor:
         await self._set_state("stopping")
         container_id = self.record.container_id
         command = self.record.stop_command
-        try:
-            if command and self._stream is not None:
-                await self.send_command(command)
-            else:
-                await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGTERM"))
-        except (DockerError, Conflict, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("%s: stop: %s", self.internal_id, exc)
         with trio.move_on_after(grace):
+            # The stdin write counts against the grace too: a server that never reads
+            # stdin must not hold the stop (and the queue) forever.
+            try:
+                if command and self._stream is not None:
+                    await self.send_command(command)
+                else:
+                    await self.manager.docker.call(
+                        lambda c: c.api.kill(container_id, signal="SIGTERM")
+                    )
+            except (DockerError, Conflict) as exc:
+                log.info("%s: stop: %s", self.internal_id, exc)
             await self._exited.wait()
         if self.state != "offline":
             try:
@@ -414,6 +438,10 @@ class ContainerSupervisor:
         """Wait for the die event; if it never comes, ask Docker and settle the state."""
         with trio.move_on_after(seconds):
             await self._exited.wait()
+        if self._exited.is_set():
+            if self.state != "offline":  # the exit was seen while a start still ran
+                self.state = "offline"
+                await self.manager.notify(self.internal_id, "offline")
             return
         container_id = self.record.container_id
         try:
@@ -560,4 +588,6 @@ def _write_text(path: Any, text: str) -> None:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, DockerUnavailable):
         return "Docker engine unreachable"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__  # never the agent's own paths
     return str(exc) or type(exc).__name__

@@ -9,7 +9,9 @@ import docker
 import httpx
 import pytest
 
-from ..conftest import TEST_IMAGE, RunningAgent
+from agent.containers import CONTAINERS
+
+from ..conftest import TEST_IMAGE, RunningAgent, wait_for
 from .conftest import add_port, create, docker_state, get, in_thread, new_volume, ready, wait_state
 
 
@@ -402,3 +404,29 @@ async def test_a_volume_is_never_deleted_under_a_container_being_created(
         # Either the create claimed the volume first (the delete is refused), or the
         # delete won (the create finds no volume): never both answered 200.
         assert sorted(results.values()) in ([200, 409], [200, 404]), results
+
+
+async def test_a_mount_swapped_for_a_link_after_install_is_refused_at_start(
+    start_node: Any, engine: docker.DockerClient, prefix: str, tmp_path: Path
+) -> None:
+    from ..conftest import api_client
+
+    shared = tmp_path / "shared"
+    (shared / "maps").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    node = await start_node({"docker": {"allowed_mounts": [str(shared)]}})
+    async with api_client(node.url) as api:
+        internal_id = f"{prefix}-swap"
+        await ready(api, internal_id, mount={"/maps": str(shared / "maps")})
+        (shared / "maps").rmdir()
+        (shared / "maps").symlink_to(secret)  # what a container with the root mounted could do
+        assert (await api.post(f"/containers/{internal_id}/start")).status_code == 200
+        supervisor = node.agent.stash[CONTAINERS].get(internal_id)
+
+        async def settled() -> bool:
+            return supervisor.idle
+
+        await wait_for(settled, what="the start to be refused")
+        assert (await get(api, internal_id))["state"] == "offline"
+        assert await in_thread(lambda: docker_state(engine, internal_id)) == "created"

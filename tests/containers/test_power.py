@@ -305,3 +305,72 @@ async def test_conflicts_while_installing(api: httpx.AsyncClient, prefix: str) -
     reinstall = await post(api, internal_id, "reinstall")
     assert reinstall.json()["error"] == "Container is already being installed"
     await wait_state(api, internal_id, install_state="ready")
+
+
+async def test_a_kill_cuts_a_stop_short(
+    api: httpx.AsyncClient, node: RunningAgent, prefix: str
+) -> None:
+    internal_id = f"{prefix}-kstop"
+    await ready(api, internal_id, startup_command="trap '' TERM; sleep 3600 & wait")
+    await post(api, internal_id, "start")
+    await wait_state(api, internal_id, state="running")
+    await post(api, internal_id, "stop", timeout=60)
+    await wait_state(api, internal_id, state="stopping")
+    kill = await post(api, internal_id, "kill")
+    assert kill.status_code == 200, kill.text  # stopping is not offline: a kill is taken
+    body = await wait_state(api, internal_id, state="offline", within=15)
+    assert body["exit_code"] == 137
+
+
+async def test_a_stop_is_not_held_by_a_server_that_never_reads_stdin(
+    api: httpx.AsyncClient, node: RunningAgent, prefix: str
+) -> None:
+    from agent.errors import Conflict
+
+    internal_id = f"{prefix}-deaf"
+    await ready(api, internal_id, startup_command="sleep 3600", stop_command="stop")
+    await post(api, internal_id, "start")
+    await wait_state(api, internal_id, state="running")
+    supervisor = node.agent.stash[CONTAINERS].get(internal_id)
+
+    async def flood() -> None:
+        try:
+            for _ in range(200):  # far more than the pipe and socket buffers hold
+                await supervisor.send_command("x" * 30_000)
+        except Conflict:
+            pass  # the container went away under the writes
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        await trio.testing.wait_all_tasks_blocked(0.2)
+        await post(api, internal_id, "stop", timeout=1)
+        body = await wait_state(api, internal_id, state="offline", within=20)
+        nursery.cancel_scope.cancel()
+    assert body["exit_code"] == 137
+
+
+async def test_a_second_rebind_waits_for_the_first(
+    api: httpx.AsyncClient, node: RunningAgent, prefix: str
+) -> None:
+    internal_id = f"{prefix}-rb2"
+    first, second, third = [await add_port(api, p) for p in (30040, 30041, 30042)]
+    await ready(api, internal_id, ports=[first])
+    one = await post(api, internal_id, "rebind-network", ports=[second])
+    two = await post(api, internal_id, "rebind-network", ports=[third])
+    assert one.status_code == 200
+    if two.status_code == 200:  # the first had already finished: fine, they ran in turn
+        await wait_for(
+            lambda: _port_is(api, internal_id, 30042), within=30, what="the second rebind"
+        )
+    else:
+        assert two.status_code == 409
+        assert two.json()["error"] == "Network rebinding already in progress"
+        await wait_for(
+            lambda: _port_is(api, internal_id, 30041), within=30, what="the first rebind"
+        )
+    assert (await api.get("/network/ports/127.0.0.1/30040")).json()["in_use"] is False
+    await until_idle(node, internal_id)
+
+
+async def _port_is(api: httpx.AsyncClient, internal_id: str, port: int) -> bool:
+    return (await get(api, internal_id))["ports"][0]["port"] == port

@@ -332,6 +332,10 @@ async def test_malformed_frames_get_an_error_and_the_socket_stays_open(
             '{"event": "request_logs", "lines": 0}',
             '{"event": "request_logs", "lines": true}',
             '{"logs": ["x"], "power": ["start"]}',
+            '{"event": "power", "action": ["start"]}',
+            '{"event": "power", "action": {"a": 1}}',
+            '{"power": [["start"]]}',
+            '{"event": ["power"], "action": "start"}',
         ):
             await client.ws.send_message(bad)
             assert await client.next() == INVALID
