@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,6 +150,14 @@ def token_command(command: str, path: Path) -> int:
     return 0
 
 
+def _raise_open_files_limit() -> None:
+    """Every running server holds sockets (its attach) and big file jobs hold a descriptor
+    per folder level; a service's usual soft limit of 1024 is far too low for a node."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.dev)
@@ -169,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(render(load_config(path), args.servers))
             return 0
         from .runtime import open_agent, serve_agent
+
+        _raise_open_files_limit()
 
         async def run() -> None:
             async with open_agent(path) as agent:

@@ -741,6 +741,11 @@ class Root:
                     raise FileExists(rel.text)
                 if keep_mode and stat.S_ISREG(existing.st_mode):
                     mode = stat.S_IMODE(existing.st_mode)
+            # Never setuid/setgid/sticky from an API write; the file belongs to whoever
+            # owned the one it replaces, else to its folder's owner: a server running as
+            # a non-root user can still read what the panel wrote for it.
+            mode &= 0o777
+            owner = existing if existing is not None else os.fstat(parent_fd)
             tmp = TEMP_PREFIX + secrets.token_hex(8)
             with self._errors(rel):
                 fd = os.open(
@@ -754,6 +759,8 @@ class Root:
                 yield out
                 with self._errors(rel):
                     out.file.flush()
+                    with contextlib.suppress(PermissionError):  # an agent not run as root
+                        os.fchown(fd, owner.st_uid, owner.st_gid)
                     os.fchmod(fd, mode)
                     if fsync:
                         os.fsync(fd)

@@ -708,3 +708,25 @@ async def test_names_that_are_not_utf8_round_trip(
     )
     assert response.status_code == 200
     assert odd.read_bytes() == b"new"
+
+
+async def test_a_write_keeps_the_owner_and_never_sets_setuid(
+    client: httpx.AsyncClient, volume: tuple[str, Path]
+) -> None:
+    volume_id, folder = volume
+    target = folder / "server.properties"
+    target.write_text("old")
+    os.chown(target, 1000, 1000)
+    os.chmod(target, 0o4755)
+    response = await client.post(
+        f"/volumes/{volume_id}/files", json={"path": "server.properties", "content": "new"}
+    )
+    assert response.status_code == 200
+    info = target.stat()
+    assert (info.st_uid, info.st_gid) == (1000, 1000)
+    assert stat.S_IMODE(info.st_mode) == 0o755
+    sub = folder / "home"
+    sub.mkdir()
+    os.chown(sub, 1001, 1001)
+    await client.post(f"/volumes/{volume_id}/files", json={"path": "home/new.txt", "content": "x"})
+    assert (sub / "new.txt").stat().st_uid == 1001  # a new file belongs to its folder's owner
