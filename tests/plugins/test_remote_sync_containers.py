@@ -4,6 +4,7 @@ failed one the error shape; power states only with ``report_power_state``."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -62,7 +63,9 @@ async def start_node(
             try:
                 for c in client.containers.list(all=True, filters={"label": "lightd.managed=true"}):
                     if c.labels.get("lightd.internal_id", "").startswith(prefix):
-                        c.remove(force=True)
+                        # the agent may be removing it at the same moment
+                        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                            c.remove(force=True)
             finally:
                 client.close()
 
