@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 class Action:
     kind: str
     args: dict[str, Any] = attrs.Factory(dict)
-    done: trio.Event = attrs.Factory(trio.Event)
 
 
 def entrypoint_script(startup_command: str) -> str:
@@ -132,7 +131,6 @@ class ContainerSupervisor:
                     self._install_pending = any(
                         a.kind in ("install", "reinstall") for a in self._queue
                     )
-                action.done.set()
 
     # -- requests (validated now, run later, in order) ------------------------------------
 
@@ -197,7 +195,6 @@ class ContainerSupervisor:
             # stop is cut short (each cleans up after itself), and the kill runs next.
             for dropped in [a for a in self._queue if a.kind in ("start", "restart")]:
                 self._queue.remove(dropped)
-                dropped.done.set()
             current = self._current
             if current and current.kind in ("start", "restart", "stop") and self._current_scope:
                 self._current_scope.cancel()
