@@ -1,9 +1,12 @@
 """The only module that talks to the Docker engine (the only one importing ``docker``).
 
-docker-py blocks, so every call runs in a worker thread, on limiters of its own rather
-than trio's default one (40 threads, shared with file I/O and DNS): a small one for control
-calls and a large one for long-lived streams (events, logs, attach, stats), which hold
-their thread for as long as they run. See ../shared/notes/docker-under-trio.md.
+The calls on every container's path (create, start, kill, inspect, remove, list, wait,
+attach, events) are trio-native: httpx over the engine's socket, no thread. Under load a
+thread per call costs more than the call: twenty docker-py threads contending for the GIL
+delayed the event loop (and its store writes) by tens of milliseconds. docker-py still
+builds the create body (its mapping of options to the engine's JSON is pure) and serves
+the rare calls (version, pull, the probe) from worker threads, on limiters of their own
+rather than trio's default one. See ../shared/notes/docker-under-trio.md.
 
 The engine may be absent at start or go away later. The agent keeps serving either way:
 ``serve`` (a service) probes the engine, connects when it answers and reconnects after it
@@ -163,17 +166,79 @@ class DockerEngine:
         return await self._run(fn, self.control_limiter)
 
     async def create_container(self, options: Mapping[str, Any]) -> str:
-        """``containers.create(**options)`` without the inspect docker-py adds after it.
+        """``containers.create(**options)`` in one engine request (docker-py adds an
+        inspect after it); returns the new container's id."""
+        client = self._client
+        if client is None:
+            raise DockerUnavailable()
+        body, name = _create_body(client.api, options)
+        params = {"name": name} if name else None
+        created = await self.request("POST", "/containers/create", params=params, body=body)
+        return str(created["Id"])
 
-        One engine request instead of two: a create is on every install's path.
+    async def inspect_container(self, container_id: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/containers/{container_id}/json"))
+
+    async def inspect_image(self, image: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/images/{image}/json"))
+
+    async def start(self, container_id: str) -> None:
+        await self.request("POST", f"/containers/{container_id}/start")
+
+    async def kill(self, container_id: str, signal: str = "SIGKILL") -> None:
+        await self.request("POST", f"/containers/{container_id}/kill", params={"signal": signal})
+
+    async def remove_container(self, container_id: str, *, volumes: bool = False) -> None:
+        """Remove it, running or not."""
+        params = {"force": "1", "v": "1" if volumes else "0"}
+        await self.request("DELETE", f"/containers/{container_id}", params=params)
+
+    async def containers(self, labels: list[str]) -> list[dict[str, Any]]:
+        """Every container (running or not) carrying all of ``labels``."""
+        params = {"all": "1", "filters": json.dumps({"label": labels})}
+        return list(await self.request("GET", "/containers/json", params=params))
+
+    async def wait(self, container_id: str) -> dict[str, Any]:
+        """Block until the container exits; its ``StatusCode``. Abandoned on cancel (it
+        changes nothing), and not bounded by the engine timeout."""
+        return dict(await self.request("POST", f"/containers/{container_id}/wait", long=True))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        long: bool = False,
+    ) -> Any:
+        """One engine request under the API version prefix; the decoded JSON answer.
+
+        A control call is waited for even when cancelled (its effect must be known: a
+        create or start abandoned half-way would leave Docker ahead of the agent; the
+        engine timeout bounds it); the cancellation surfaces at the caller's next
+        checkpoint. A ``long`` call (wait) has no timeout and is abandoned on cancel.
         """
-
-        def create(client: docker.DockerClient) -> str:
-            kwargs = {"command": None, **options, "version": client.api._version}
-            args = docker.models.containers._create_container_args(kwargs)
-            return str(client.api.create_container(**args)["Id"])
-
-        return await self.call(create)
+        http, prefix = self._native()
+        client = self._client
+        timeout = httpx.Timeout(self.timeout, read=None) if long else httpx.USE_CLIENT_DEFAULT
+        with trio.CancelScope(shield=not long):
+            try:
+                response = await http.request(
+                    method, prefix + path, params=params, json=body, timeout=timeout
+                )
+            except httpx.TransportError as exc:
+                if client is not None:
+                    self._lost(client, exc)
+                raise DockerUnavailable() from None
+        if response.status_code >= 400:
+            message = _answer_message(response)
+            if response.status_code == 404:
+                raise DockerNotFound(message)
+            if response.status_code == 409:
+                raise DockerConflict(message)
+            raise DockerError(message)
+        return response.json() if response.content else None
 
     async def stream(self, fn: Callable[[docker.DockerClient], T]) -> T:
         """Like ``call``, on the stream limiter, for calls that block for a long time."""
@@ -295,13 +360,17 @@ class DockerEngine:
 
     def _native_client(self) -> httpx.AsyncClient:
         # Every running server holds one connection (its attach), and so does the events
-        # stream: httpx's default cap of 100 would stall the 100th server's start.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+        # stream: httpx's default cap of 100 would stall the 100th server's start. Few idle
+        # ones are kept: httpcore scans them on every request (quadratically in their number).
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=16)
         url = self.base_url
+        timeout = httpx.Timeout(self.timeout)
         if url.startswith("unix://"):
             transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"), limits=limits)
-            return httpx.AsyncClient(transport=transport, base_url="http://docker")
-        return httpx.AsyncClient(base_url=url.replace("tcp://", "http://", 1), limits=limits)
+            return httpx.AsyncClient(transport=transport, base_url="http://docker", timeout=timeout)
+        return httpx.AsyncClient(
+            base_url=url.replace("tcp://", "http://", 1), limits=limits, timeout=timeout
+        )
 
     def _native(self) -> tuple[httpx.AsyncClient, str]:
         if self._client is None or self._http is None or self.info is None:
@@ -396,6 +465,32 @@ def container_states(base_url: str, labels: list[str], *, timeout: float = 5) ->
         for item in listed
         if (item.get("Labels") or {}).get("lightd.role") == "server"
     }
+
+
+def _create_body(api: docker.APIClient, options: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """docker-py's own mapping of ``containers.create`` options to the engine's JSON body
+    (no I/O), and the container name; as ``APIClient.create_container`` does it."""
+    kwargs = {"command": None, **options, "version": api._version}
+    args = docker.models.containers._create_container_args(kwargs)
+    name = args.pop("name", None)
+    environment = args.pop("environment", None)
+    if isinstance(environment, dict):
+        environment = docker.utils.utils.format_environment(environment)
+    if args.pop("use_config_proxy", True):
+        environment = api._proxy_configs.inject_proxy_environment(environment) or None
+    if args.pop("platform", None):
+        raise DockerError("platform is not supported")
+    config = api.create_container_config(environment=environment, **args)
+    return {k: v for k, v in config.items() if v is not None}, name
+
+
+def _answer_message(response: httpx.Response) -> str:
+    """The engine's explanation of a refusal (its JSON ``message``), one short line."""
+    try:
+        message = response.json().get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return _short(Exception(message or response.text or f"HTTP {response.status_code}"))
 
 
 def _explain(exc: docker.errors.APIError) -> str:

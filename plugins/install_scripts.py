@@ -50,12 +50,11 @@ async def run_install(agent: Agent, job: InstallJob) -> None:
     await trio.to_thread.run_sync(_write_script, job.data_path / "install.sh", job.script)
     options = job.docker_options(entrypoint=_entrypoint(job.script))
     options["image"] = job.image
-    container = await docker.call(lambda c: c.containers.create(**options))
-    container_id: str = container.id
+    container_id = await docker.create_container(options)
     log_file = await trio.open_file(job.log_path, "wb")
     try:
         async with log_file, docker.attach(container_id) as stream:
-            await docker.call(lambda c: c.api.start(container_id))
+            await docker.start(container_id)
             lines = LineSplitter()  # cuts lines at 64 KiB: no unbounded re-splitting
             logged = 0
             with trio.move_on_after(job.timeout) as deadline:
@@ -69,7 +68,7 @@ async def run_install(agent: Agent, job: InstallJob) -> None:
                         job.console(complete)
                 if rest := lines.close():
                     job.console(rest)
-                result = await docker.stream(lambda c: c.api.wait(container_id))
+                result = await docker.wait(container_id)
             if deadline.cancelled_caught:
                 raise InstallFailed("Install script timed out")
         code = int(result.get("StatusCode", -1))
@@ -78,7 +77,7 @@ async def run_install(agent: Agent, job: InstallJob) -> None:
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             try:
-                await docker.call(lambda c: c.api.remove_container(container_id, force=True))
+                await docker.remove_container(container_id)
             except AgentError as exc:  # reconciliation removes what is left
                 log.warning("%s: install container not removed: %s", job.internal_id, exc)
 

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 
-from agent.docker import DockerEngine, docker_url
+from agent.docker import (
+    DockerConflict,
+    DockerEngine,
+    DockerError,
+    DockerNotFound,
+    _create_body,
+    docker_url,
+)
+from agent.errors import DockerUnavailable
 
-from .conftest import ROOT, RunningAgent, StartAgent, api_client, wait_for
+from .conftest import ROOT, TEST_IMAGE, RunningAgent, StartAgent, api_client, wait_for
 
 
 def test_docker_host_wins_over_the_configured_socket() -> None:
@@ -170,8 +180,8 @@ async def _is(fn: Callable[[], object], value: str) -> bool:
 
 async def test_docker_call_outside_the_engine_lifecycle_is_503() -> None:
     engine = DockerEngine("unix:///nonexistent/docker.sock")
-    from agent.errors import DockerUnavailable
-
+    with pytest.raises(DockerUnavailable, match="Docker engine unreachable"):
+        await engine.inspect_container("abc")
     with pytest.raises(DockerUnavailable, match="Docker engine unreachable"):
         await engine.call(lambda client: client.ping())
 
@@ -179,3 +189,89 @@ async def test_docker_call_outside_the_engine_lifecycle_is_503() -> None:
 async def test_agent_with_engine_serves_http(running: RunningAgent) -> None:
     async with httpx.AsyncClient(base_url=running.url) as c:
         assert (await c.get("/api/v1/public/ping")).status_code == 200
+
+
+def test_create_body_is_docker_pys_own() -> None:
+    """The native create sends exactly what docker-py's ``containers.create`` would."""
+    import docker
+
+    client = docker.DockerClient(base_url="unix:///nonexistent.sock", version="1.41")
+    api = client.api
+    options = {
+        "image": TEST_IMAGE,
+        "name": "lightd-x",
+        "entrypoint": ["/bin/sh", "/app/data/entrypoint.sh"],
+        "command": [],
+        "working_dir": "/home/container",
+        "environment": {"STARTUP": "run it", "SERVER_PORT": "25565"},
+        "labels": {"lightd.managed": "true"},
+        "volumes": {"/srv/v": {"bind": "/home/container", "mode": "rw"}},
+        "stdin_open": True,
+        "tty": False,
+        "detach": True,
+        "pids_limit": 64,
+        "security_opt": ["no-new-privileges"],
+        "privileged": False,
+        "ports": {"25565/tcp": ("127.0.0.1", 25565), "25565/udp": [("127.0.0.1", 25565)]},
+        "mem_limit": 1 << 28,
+        "memswap_limit": 1 << 29,
+        "nano_cpus": 500_000_000,
+    }
+    sent: dict[str, object] = {}
+
+    def capture(url: str, data: dict[str, object], **kwargs: object) -> None:
+        sent.update(data=data, params=kwargs.get("params"))
+        raise StopIteration
+
+    api._post_json = capture  # type: ignore[method-assign]
+    with pytest.raises(StopIteration):
+        client.containers.create(**options)
+    body, name = _create_body(api, options)
+    expected = {k: v for k, v in sent["data"].items() if v is not None}  # type: ignore[union-attr]
+    assert body == expected
+    assert sent["params"] == {"name": name} == {"name": "lightd-x"}
+    assert body["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
+    assert not body["HostConfig"].get("Privileged", False)
+
+
+async def test_native_control_calls_on_the_real_engine(
+    start_agent: StartAgent, config_path: Path, docker_host: str
+) -> None:
+    """create/start/inspect/kill/wait/remove without a thread, and the engine's refusals
+    mapped to the agent's errors with the engine's own explanation."""
+    node = await start_agent(config_path, environ={"DOCKER_HOST": docker_host})
+    engine = node.agent.docker
+    name = f"lightd-native-{id(node) % 100000}"
+    options = {
+        "image": TEST_IMAGE,
+        "name": name,
+        "command": ["sh", "-c", "exit 3"],
+        "labels": {"lightd.test": "native"},
+    }
+    container_id = await engine.create_container(options)
+    try:
+        assert (await engine.inspect_container(container_id))["Name"] == f"/{name}"
+        assert await engine.containers(["lightd.test=native"]) != []
+        with pytest.raises(DockerConflict, match="already in use"):
+            await engine.create_container(options)
+        await engine.start(container_id)
+        assert (await engine.wait(container_id))["StatusCode"] == 3
+        with pytest.raises(DockerError, match="is not running"):
+            await engine.kill(container_id)
+        # A cancelled control call is still carried out, and its outcome known.
+        finished = False
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await engine.remove_container(container_id)
+            finished = True
+            await trio.lowlevel.checkpoint()  # the cancellation surfaces at the next checkpoint
+        assert finished and scope.cancelled_caught
+        with pytest.raises(DockerNotFound, match="No such container"):
+            await engine.inspect_container(container_id)
+    finally:
+        with contextlib.suppress(DockerNotFound):
+            await engine.remove_container(container_id)
+    with pytest.raises(DockerNotFound):
+        await engine.create_container({**options, "image": "lightd/absent:nope"})
+    with pytest.raises(DockerNotFound):
+        await engine.inspect_image("lightd/absent:nope")

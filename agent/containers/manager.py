@@ -251,7 +251,8 @@ class Containers:
 
     async def _watch(self) -> None:
         """Follow Docker events for our containers; reconcile whenever the stream (re)starts."""
-        filters = {"label": self._labels(), "type": ["container"]}
+        # Only the events acted on: creates, attaches and starts would cost a parse each.
+        filters = {"label": self._labels(), "type": ["container"], "event": ["die", "oom"]}
         while True:
             await self.docker.wait_available()
             try:
@@ -278,9 +279,7 @@ class Containers:
 
     async def reconcile(self) -> None:
         """Make the agent's records, Docker and the port pool agree (contract §10)."""
-        listed = await self.docker.call(
-            lambda c: c.api.containers(all=True, filters={"label": self._labels()})
-        )
+        listed = await self.docker.containers(self._labels())
         for item in listed:
             labels = item.get("Labels") or {}
             internal_id = labels.get(LABEL_ID, "")
@@ -308,9 +307,7 @@ class Containers:
                 and supervisor.state != "offline"
                 and item["Id"] == supervisor.record.container_id
             ):
-                info = await self.docker.call(
-                    lambda c, cid=item["Id"]: c.api.inspect_container(cid)
-                )
+                info = await self.docker.inspect_container(item["Id"])
                 await supervisor.on_exit(int(info["State"].get("ExitCode", 0)), oom=False)
         pool = self.agent.stash.get(PORT_POOL)
         if pool is not None:
@@ -389,7 +386,7 @@ class Containers:
     async def ensure_image(self, image: str, message: Callable[[str], None]) -> None:
         """Use the local image, else pull it with progress messages."""
         try:
-            await self.docker.call(lambda c: c.api.inspect_image(image))
+            await self.docker.inspect_image(image)
             return
         except DockerNotFound:
             pass
@@ -418,17 +415,13 @@ class Containers:
         label = self._labels(f"{LABEL_ID}={internal_id}")
         if role:
             label.append(f"{LABEL_ROLE}={role}")
-        listed = await self.docker.call(
-            lambda c: c.api.containers(all=True, filters={"label": label})
-        )
+        listed = await self.docker.containers(label)
         for item in listed:
             await self._remove(item["Id"])
 
     async def _remove(self, container_id: str) -> None:
         with contextlib.suppress(DockerNotFound):
-            await self.docker.call(
-                lambda c: c.api.remove_container(container_id, force=True, v=True)
-            )
+            await self.docker.remove_container(container_id, volumes=True)
 
     async def run_install_script(self, job: InstallJob) -> None:
         runner = self.agent.pm.hook.lightd_run_install_script(agent=self.agent, job=job)

@@ -317,7 +317,7 @@ class ContainerSupervisor:
         container_id = self.record.container_id
         if container_id:
             try:
-                await self.manager.docker.call(lambda c: c.api.inspect_container(container_id))
+                await self.manager.docker.inspect_container(container_id)
                 return container_id
             except DockerNotFound:
                 log.info("%s: Docker container vanished; recreating it", self.internal_id)
@@ -339,7 +339,7 @@ class ContainerSupervisor:
         try:
             await self._set_state("starting")
             await self.manager.check_mounts(self.record.mount)  # Docker resolves them now
-            await self.manager.docker.call(lambda c: c.api.start(container_id))
+            await self.manager.docker.start(container_id)
         except BaseException:
             self._close_console()
             with trio.CancelScope(shield=True):
@@ -362,7 +362,7 @@ class ContainerSupervisor:
             await self._set_state("stopping")
         if container_id:
             try:
-                await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGKILL"))
+                await self.manager.docker.kill(container_id, "SIGKILL")
             except DockerError as exc:
                 log.info("%s: kill: %s", self.internal_id, exc)  # not running
         if self.state != "offline":
@@ -384,15 +384,13 @@ class ContainerSupervisor:
                 if command and self._stream is not None:
                     await self.send_command(command)
                 else:
-                    await self.manager.docker.call(
-                        lambda c: c.api.kill(container_id, signal="SIGTERM")
-                    )
+                    await self.manager.docker.kill(container_id, "SIGTERM")
             except (DockerError, Conflict) as exc:
                 log.info("%s: stop: %s", self.internal_id, exc)
             await self._exited.wait()
         if self.state != "offline":
             try:
-                await self.manager.docker.call(lambda c: c.api.kill(container_id, signal="SIGKILL"))
+                await self.manager.docker.kill(container_id, "SIGKILL")
             except DockerError as exc:
                 log.info("%s: kill after stop: %s", self.internal_id, exc)
             await self._wait_exit(10)
@@ -442,7 +440,7 @@ class ContainerSupervisor:
             return
         container_id = self.record.container_id
         try:
-            info = await self.manager.docker.call(lambda c: c.api.inspect_container(container_id))
+            info = await self.manager.docker.inspect_container(container_id)
             running = bool(info["State"]["Running"])
             code = int(info["State"].get("ExitCode", 0))
         except DockerNotFound:
@@ -548,7 +546,7 @@ class ContainerSupervisor:
         self._exited = trio.Event()
         self._exit_seen = False
         await self._attach(container_id)
-        info = await self.manager.docker.call(lambda c: c.api.inspect_container(container_id))
+        info = await self.manager.docker.inspect_container(container_id)
         self.started_at = _docker_time(info["State"].get("StartedAt", "")) or time.time()
         await self._set_state("running")
 
