@@ -70,6 +70,9 @@ class Stash:
     def get(self, key: StashKey[T], default: T | None = None) -> T | None:
         return cast("T | None", self._items.get(key, default))
 
+    def setdefault(self, key: StashKey[T], default: T) -> T:
+        return cast("T", self._items.setdefault(key, default))
+
     def __contains__(self, key: object) -> bool:
         return key in self._items
 

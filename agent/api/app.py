@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import ApiError
 from ..runtime import Agent
 from .auth import authenticate, authenticate_http, cors_headers, preflight
+from .fastpath import fast_reads
 from .views import PUBLIC_ATTR, AuthInfo
 
 __all__ = ["create_app"]
@@ -90,4 +91,5 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
         log.error("unhandled error in %s", where, exc_info=error)
         return _error(500, "Internal server error", "internal_error")
 
+    app.asgi_app = fast_reads(agent, app.asgi_app)  # type: ignore[method-assign]
     return app

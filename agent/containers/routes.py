@@ -14,6 +14,7 @@ from typing import Any
 
 from quart import Blueprint
 
+from ..api.fastpath import FAST_READS
 from ..api.views import container_scoped, current_auth, read_json
 from ..api.ws import WebSocketSettings, websocket_blueprint
 from ..config import Config
@@ -45,7 +46,13 @@ def lightd_add_migrations() -> list[Any]:
 
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
-    agent.stash[CONTAINERS] = Containers(agent, agent.config.section("containers"))
+    containers = agent.stash[CONTAINERS] = Containers(agent, agent.config.section("containers"))
+
+    def read(internal_id: str) -> dict[str, Any] | None:
+        supervisor = containers.find(internal_id)
+        return None if supervisor is None else supervisor.view()
+
+    agent.stash.setdefault(FAST_READS, {})["/containers/"] = read
 
 
 @hookimpl

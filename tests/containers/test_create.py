@@ -9,9 +9,10 @@ import docker
 import httpx
 import pytest
 
+from agent.api.fastpath import FAST_READS
 from agent.containers import CONTAINERS
 
-from ..conftest import TEST_IMAGE, RunningAgent, wait_for
+from ..conftest import TEST_IMAGE, RunningAgent, api_client, wait_for
 from .conftest import add_port, create, docker_state, get, in_thread, new_volume, ready, wait_state
 
 
@@ -250,6 +251,40 @@ async def test_list_and_restricted_tokens(
         assert [c["internal_id"] for c in mine] == [f"{prefix}-two"]
         assert (await restricted.get(f"/containers/{prefix}-one")).status_code == 401
         assert (await restricted.get(f"/containers/{prefix}-two")).status_code == 200
+
+
+async def test_get_answers_alike_on_the_fast_path_and_through_quart(
+    api_node: tuple[httpx.AsyncClient, RunningAgent], prefix: str
+) -> None:
+    """The master token's plain GET is answered in front of Quart (``agent.api.fastpath``);
+    a temporary token's goes through Quart. Both must send the same bytes and headers."""
+    api, node = api_node
+    await ready(api, f"{prefix}-a")
+    readers = node.agent.stash[FAST_READS]
+    reader = readers["/containers/"]
+    answered: list[str] = []
+
+    def counting(internal_id: str) -> dict[str, Any] | None:
+        found = reader(internal_id)
+        if found is not None:
+            answered.append(internal_id)
+        return found
+
+    readers["/containers/"] = counting
+    token = (await api.post("/auth/tokens", json={"ttl": "5m"})).json()["token"]
+    fast = await api.get(f"/containers/{prefix}-a")
+    assert answered == [f"{prefix}-a"]
+    async with api_client(node.url, token=token) as other:
+        slow = await other.get(f"/containers/{prefix}-a")
+    assert answered == [f"{prefix}-a"]  # the temporary token went through Quart
+    assert fast.status_code == slow.status_code == 200
+    assert fast.content == slow.content
+    assert fast.json()["install_state"] == "ready"
+
+    def headers(response: httpx.Response) -> dict[str, str]:
+        return {k: v for k, v in response.headers.items() if k != "date"}
+
+    assert headers(fast) == headers(slow)
 
 
 async def test_unknown_container_is_404(api: httpx.AsyncClient) -> None:

@@ -1,0 +1,94 @@
+"""Hot reads answered in front of Quart, for the plain case only.
+
+Panels poll ``GET /containers/<id>`` for every server they show. Through Quart's request
+machinery one poll costs more than Docker's whole inspect exchange, so a reader that a
+plugin registers here answers a request directly at the ASGI level when, and only when,
+nothing but the answer is in question: ``GET``, the vendor header, the master token, no
+``Origin`` (so no CORS), authorization enabled, and the reader finding the object.
+Everything else (errors, temporary tokens, browsers, unknown ids) goes on to Quart, which
+stays the one place deciding errors; a test checks both paths give the same answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from ..config import AuthorizationConfig
+from ..runtime import Agent, StashKey
+from .auth import VENDOR_MEDIA_TYPE
+
+__all__ = ["FAST_READS", "Reader", "answer", "fast_reads"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Path prefix → reader of the rest of the path: the JSON body, or ``None`` (not found,
+#: or not plain: Quart answers). Registered by plugins in ``lightd_configure``.
+Reader = Callable[[str], dict[str, Any] | None]
+FAST_READS: StashKey[dict[str, Reader]] = StashKey("fast_reads")
+
+_VENDOR = VENDOR_MEDIA_TYPE.encode()
+
+
+def fast_reads(agent: Agent, app: ASGIApp) -> ASGIApp:
+    """Wrap ``app`` (Quart's ``asgi_app``) with the registered readers."""
+    readers = agent.stash.setdefault(FAST_READS, {})
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
+            body = answer(agent.config.authorization, readers, scope)
+            if body is not None:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return front
+
+
+def answer(auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: Scope) -> bytes | None:
+    """The body to send for ``scope``, or ``None`` when Quart must answer it."""
+    path: str = scope["path"]
+    prefix = next((p for p in readers if path.startswith(p)), None)
+    if prefix is None:
+        return None
+    reader = readers[prefix]
+    rest = path[len(prefix) :]
+    if not rest or "/" in rest:
+        return None
+    accept = authorization = None
+    for name, value in scope["headers"]:
+        if name == b"accept" and accept is None:
+            accept = value
+        elif name == b"authorization" and authorization is None:
+            authorization = value
+        elif name in (b"accept", b"authorization", b"origin"):
+            return None  # repeated, or a browser (CORS): Quart decides
+    if accept is None or authorization is None or not auth.enabled:
+        return None
+    if _VENDOR not in {item.split(b";", 1)[0].strip().lower() for item in accept.split(b",")}:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(
+        token.strip(), auth.token.encode("utf-8")
+    ):
+        return None
+    found = reader(rest)
+    if found is None:
+        return None
+    # As Quart's JSON provider writes it (compact, ASCII, a final newline): the same bytes.
+    return json.dumps(found, separators=(",", ":")).encode() + b"\n"
