@@ -22,6 +22,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import attrs
 import docker
@@ -62,6 +63,9 @@ T = TypeVar("T")
 
 #: Errors that mean "the engine did not answer", as opposed to a refusal it answered with.
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+#: httpcore's "the engine did not answer (in time)".
+_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 
 #: Seconds between health probes while connected, and the back-off cap while away.
 PROBE_INTERVAL = 10.0
@@ -147,6 +151,9 @@ class DockerEngine:
         self.stream_limiter = trio.CapacityLimiter(512)
         self._client: docker.DockerClient | None = None
         self._http: httpx.AsyncClient | None = None
+        #: Control calls: httpcore's pool, and (scheme, host, port) of the engine's URL.
+        self._pool: httpcore.AsyncConnectionPool | None = None
+        self._origin: tuple[bytes, bytes, int | None] = (b"http", b"docker", None)
         self.info: EngineInfo | None = None
         self.last_error: str | None = None
         self._probe_now = trio.Event()
@@ -214,31 +221,50 @@ class DockerEngine:
     ) -> Any:
         """One engine request under the API version prefix; the decoded JSON answer.
 
+        On httpcore's pool directly: httpx's client layers (URL merging, auth and redirect
+        handling, response models) cost as much again as the request itself.
+
         A control call is waited for even when cancelled (its effect must be known: a
         create or start abandoned half-way would leave Docker ahead of the agent; the
         engine timeout bounds it); the cancellation surfaces at the caller's next
         checkpoint. A ``long`` call (wait) has no timeout and is abandoned on cancel.
         """
-        http, prefix = self._native()
+        pool, prefix = self._control()
         client = self._client
-        timeout = httpx.Timeout(self.timeout, read=None) if long else httpx.USE_CLIENT_DEFAULT
+        target = (prefix + path + ("?" + urlencode(params) if params else "")).encode()
+        url = httpcore.URL(
+            scheme=self._origin[0], host=self._origin[1], port=self._origin[2], target=target
+        )
+        content = None if body is None else json.dumps(body).encode()
+        headers = [] if content is None else [(b"Content-Type", b"application/json")]
+        read = None if long else self.timeout
+        timeout = {
+            "connect": self.timeout,
+            "read": read,
+            "write": self.timeout,
+            "pool": self.timeout,
+        }
         with trio.CancelScope(shield=not long):
             try:
-                response = await http.request(
-                    method, prefix + path, params=params, json=body, timeout=timeout
+                response = await pool.request(
+                    method, url, headers=headers, content=content, extensions={"timeout": timeout}
                 )
-            except httpx.TransportError as exc:
+            except (
+                httpcore.NetworkError,
+                httpcore.TimeoutException,
+                httpcore.ProtocolError,
+            ) as exc:
                 if client is not None:
                     self._lost(client, exc)
                 raise DockerUnavailable() from None
-        if response.status_code >= 400:
-            message = _answer_message(response)
-            if response.status_code == 404:
+        if response.status >= 400:
+            message = _answer_message(response.status, response.content)
+            if response.status == 404:
                 raise DockerNotFound(message)
-            if response.status_code == 409:
+            if response.status == 409:
                 raise DockerConflict(message)
             raise DockerError(message)
-        return response.json() if response.content else None
+        return json.loads(response.content) if response.content else None
 
     async def stream(self, fn: Callable[[docker.DockerClient], T]) -> T:
         """Like ``call``, on the stream limiter, for calls that block for a long time."""
@@ -324,6 +350,7 @@ class DockerEngine:
                         self._client, self.info, self.last_error = client, info, None
                         if self._http is None:
                             self._http = self._native_client()
+                            self._pool = self._control_pool()
                         self._connected.set()
                         delay = 0.5
                         log.info(
@@ -355,14 +382,16 @@ class DockerEngine:
             if self._http is not None:
                 with trio.CancelScope(shield=True):
                     await self._http.aclose()
+            if self._pool is not None:
+                with trio.CancelScope(shield=True):
+                    await self._pool.aclose()
 
     # -- trio-native streams (httpx over the same socket): no thread per stream ------------
 
     def _native_client(self) -> httpx.AsyncClient:
         # Every running server holds one connection (its attach), and so does the events
-        # stream: httpx's default cap of 100 would stall the 100th server's start. Few idle
-        # ones are kept: httpcore scans them on every request (quadratically in their number).
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=16)
+        # stream: httpx's default cap of 100 would stall the 100th server's start.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=4)
         url = self.base_url
         timeout = httpx.Timeout(self.timeout)
         if url.startswith("unix://"):
@@ -371,6 +400,23 @@ class DockerEngine:
         return httpx.AsyncClient(
             base_url=url.replace("tcp://", "http://", 1), limits=limits, timeout=timeout
         )
+
+    def _control_pool(self) -> httpcore.AsyncConnectionPool:
+        # Few idle connections are kept: httpcore scans them on every request (quadratically
+        # in their number).
+        url = self.base_url
+        if url.startswith("unix://"):
+            return httpcore.AsyncConnectionPool(
+                uds=url.removeprefix("unix://"), max_keepalive_connections=16
+            )
+        parsed = httpx.URL(url.replace("tcp://", "http://", 1))
+        self._origin = (b"http", parsed.host.encode("ascii"), parsed.port)
+        return httpcore.AsyncConnectionPool(max_keepalive_connections=16)
+
+    def _control(self) -> tuple[httpcore.AsyncConnectionPool, str]:
+        if self._client is None or self._pool is None or self.info is None:
+            raise DockerUnavailable()
+        return self._pool, f"/v{self.info.api_version}"
 
     def _native(self) -> tuple[httpx.AsyncClient, str]:
         if self._client is None or self._http is None or self.info is None:
@@ -484,13 +530,14 @@ def _create_body(api: docker.APIClient, options: Mapping[str, Any]) -> tuple[dic
     return {k: v for k, v in config.items() if v is not None}, name
 
 
-def _answer_message(response: httpx.Response) -> str:
+def _answer_message(status: int, content: bytes) -> str:
     """The engine's explanation of a refusal (its JSON ``message``), one short line."""
+    text = content.decode("utf-8", "replace")
     try:
-        message = response.json().get("message")
+        message = json.loads(text).get("message")
     except (ValueError, AttributeError):
         message = None
-    return _short(Exception(message or response.text or f"HTTP {response.status_code}"))
+    return _short(Exception(message or text or f"HTTP {status}"))
 
 
 def _explain(exc: docker.errors.APIError) -> str:
