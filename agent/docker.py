@@ -67,6 +67,9 @@ _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout
 #: httpcore's "the engine did not answer (in time)".
 _TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 
+#: httpcore's "the engine did not answer (in time)".
+_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
+
 #: Seconds between health probes while connected, and the back-off cap while away.
 PROBE_INTERVAL = 10.0
 RETRY_MAX = 5.0
@@ -137,6 +140,62 @@ class AttachStream:
         await self._stream.aclose()
 
 
+class _ControlConnections:
+    """Keep-alive connections for control calls, reused last-in first-out.
+
+    httpcore's own pool rescans every connection (and, for each idle one, every other) on
+    each request and each response closed; with twenty creates in flight that scanning
+    cost more than the requests' HTTP work. Here taking a connection is a pop, and a
+    stale one (the engine restarted) is noticed the way httpcore's pool notices it.
+    """
+
+    #: Idle connections kept for the next calls.
+    KEEP = 16
+
+    def __init__(self, origin: httpcore.Origin, uds: str | None) -> None:
+        self._origin = origin
+        self._uds = uds
+        self._idle: list[httpcore.AsyncHTTPConnection] = []
+
+    async def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | None,
+        extensions: dict[str, Any],
+    ) -> httpcore.Response:
+        connection = None
+        while self._idle:
+            candidate = self._idle.pop()
+            if candidate.is_idle() and not candidate.has_expired():
+                connection = candidate
+                break
+            await candidate.aclose()
+        if connection is None:
+            connection = httpcore.AsyncHTTPConnection(self._origin, uds=self._uds)
+        origin = self._origin
+        url = httpcore.URL(scheme=origin.scheme, host=origin.host, port=origin.port, target=target)
+        try:
+            response = await connection.request(
+                method, url, headers=headers, content=content, extensions=extensions
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+            raise
+        if connection.is_idle() and len(self._idle) < self.KEEP:
+            self._idle.append(connection)
+        else:
+            await connection.aclose()
+        return response
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.aclose()
+
+
 class DockerEngine:
     """Async front of one ``docker.DockerClient``; see the module docstring."""
 
@@ -151,9 +210,7 @@ class DockerEngine:
         self.stream_limiter = trio.CapacityLimiter(512)
         self._client: docker.DockerClient | None = None
         self._http: httpx.AsyncClient | None = None
-        #: Control calls: httpcore's pool, and (scheme, host, port) of the engine's URL.
-        self._pool: httpcore.AsyncConnectionPool | None = None
-        self._origin: tuple[bytes, bytes, int | None] = (b"http", b"docker", None)
+        self._pool: _ControlConnections | None = None
         self.info: EngineInfo | None = None
         self.last_error: str | None = None
         self._probe_now = trio.Event()
@@ -221,8 +278,9 @@ class DockerEngine:
     ) -> Any:
         """One engine request under the API version prefix; the decoded JSON answer.
 
-        On httpcore's pool directly: httpx's client layers (URL merging, auth and redirect
-        handling, response models) cost as much again as the request itself.
+        On httpcore directly (see ``_ControlConnections``): httpx's client layers (URL
+        merging, auth and redirect handling, response models) cost as much again as the
+        request itself.
 
         A control call is waited for even when cancelled (its effect must be known: a
         create or start abandoned half-way would leave Docker ahead of the agent; the
@@ -232,28 +290,16 @@ class DockerEngine:
         pool, prefix = self._control()
         client = self._client
         target = (prefix + path + ("?" + urlencode(params) if params else "")).encode()
-        url = httpcore.URL(
-            scheme=self._origin[0], host=self._origin[1], port=self._origin[2], target=target
-        )
         content = None if body is None else json.dumps(body).encode()
         headers = [] if content is None else [(b"Content-Type", b"application/json")]
-        read = None if long else self.timeout
-        timeout = {
-            "connect": self.timeout,
-            "read": read,
-            "write": self.timeout,
-            "pool": self.timeout,
-        }
+        limit = self.timeout
+        timeout = {"connect": limit, "read": None if long else limit, "write": limit, "pool": limit}
         with trio.CancelScope(shield=not long):
             try:
                 response = await pool.request(
-                    method, url, headers=headers, content=content, extensions={"timeout": timeout}
+                    method.encode(), target, headers, content, {"timeout": timeout}
                 )
-            except (
-                httpcore.NetworkError,
-                httpcore.TimeoutException,
-                httpcore.ProtocolError,
-            ) as exc:
+            except _TRANSPORT_ERRORS as exc:
                 if client is not None:
                     self._lost(client, exc)
                 raise DockerUnavailable() from None
@@ -401,19 +447,15 @@ class DockerEngine:
             base_url=url.replace("tcp://", "http://", 1), limits=limits, timeout=timeout
         )
 
-    def _control_pool(self) -> httpcore.AsyncConnectionPool:
-        # Few idle connections are kept: httpcore scans them on every request (quadratically
-        # in their number).
+    def _control_pool(self) -> _ControlConnections:
         url = self.base_url
         if url.startswith("unix://"):
-            return httpcore.AsyncConnectionPool(
-                uds=url.removeprefix("unix://"), max_keepalive_connections=16
-            )
+            return _ControlConnections(httpcore.Origin(b"http", b"docker", 80), url[7:])
         parsed = httpx.URL(url.replace("tcp://", "http://", 1))
-        self._origin = (b"http", parsed.host.encode("ascii"), parsed.port)
-        return httpcore.AsyncConnectionPool(max_keepalive_connections=16)
+        origin = httpcore.Origin(b"http", parsed.host.encode("ascii"), parsed.port or 80)
+        return _ControlConnections(origin, None)
 
-    def _control(self) -> tuple[httpcore.AsyncConnectionPool, str]:
+    def _control(self) -> tuple[_ControlConnections, str]:
         if self._client is None or self._pool is None or self.info is None:
             raise DockerUnavailable()
         return self._pool, f"/v{self.info.api_version}"
