@@ -13,14 +13,15 @@ function inside a transaction, so a multi-statement change (reserving a set of p
 queueing an update) is all-or-nothing and committed before the caller goes on.
 
 **Group commit.** A trip to the worker thread costs more than a small transaction itself,
-and under load (docker-py threads holding the GIL) much more. So concurrent writes share
-trips: a caller queues its function and takes a fair lock; whoever holds the lock runs
-everything queued in one ``BEGIN IMMEDIATE … COMMIT``, each function inside its own
-``SAVEPOINT``. A function that raises rolls back to its savepoint alone (its caller gets
-the exception); the others still commit. If the COMMIT itself fails, every caller in it
-gets ``StoreError`` and nothing of it stays. A caller cancelled while its function is
-still queued withdraws it; once its function is in a running transaction, its outcome is
-awaited (as ``trio.to_thread.run_sync`` does), so a change is never half-known.
+and under load much more. So concurrent writes share trips: a caller queues its function;
+if no batch is being committed, it commits everything queued in one ``BEGIN IMMEDIATE …
+COMMIT``, each function inside its own ``SAVEPOINT``; else it waits for that batch to end
+(and commits the next one if its function missed it). A function that raises rolls back
+to its savepoint alone (its caller gets the exception); the others still commit. If the
+COMMIT itself fails, every caller in it gets ``StoreError`` and nothing of it stays. A
+caller cancelled while its function is still queued withdraws it; once its function is in
+a running transaction, its outcome is awaited (as ``trio.to_thread.run_sync`` does), so a
+change is never half-known.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class Store:
         self._queue: deque[_Job[Any]] = deque()
         #: Guards ``_queue``: the worker thread takes from it.
         self._queue_lock = threading.Lock()
-        self._commit_lock = trio.Lock()
+        #: Set when the batch being committed ends; ``None`` while nobody commits.
+        self._batch: trio.Event | None = None
 
     async def read(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -122,9 +124,19 @@ class Store:
         with self._queue_lock:
             self._queue.append(job)
         try:
-            async with self._commit_lock:
-                while not job.done:
+            while not job.done:
+                if self._batch is not None:
+                    # A batch is being committed: its end wakes every waiter at once (a
+                    # lock would hand over to them one scheduler round after another).
+                    await self._batch.wait()
+                    continue
+                # Nobody commits: this caller commits all that is queued, its job too.
+                self._batch = trio.Event()
+                try:
                     await self._commit_queued()
+                finally:
+                    batch, self._batch = self._batch, None
+                    batch.set()
         except BaseException as exc:
             if self._withdraw(job):
                 raise  # it never ran: nothing changed
