@@ -233,7 +233,11 @@ class Containers:
                     await self.reconciled.wait()
             task_status.started()
 
-    async def _start_supervisor(self, record: ContainerRecord) -> ContainerSupervisor:
+    async def _start_supervisor(
+        self, record: ContainerRecord, *, wait: bool = True
+    ) -> ContainerSupervisor:
+        """Run a supervisor for ``record``; ``wait=False`` returns before it has started
+        (its queue takes actions already; a create answers sooner under load)."""
         assert self._nursery is not None
         supervisor = ContainerSupervisor(self, record)
         finished = trio.Event()
@@ -246,7 +250,10 @@ class Containers:
             finally:
                 finished.set()
 
-        await self._nursery.start(run)
+        if wait:
+            await self._nursery.start(run)
+        else:
+            self._nursery.start_soon(run)
         return supervisor
 
     async def _watch(self) -> None:
@@ -544,7 +551,7 @@ class Containers:
             raise
         if not inserted:
             raise Conflict("Container already exists", code="container_exists")
-        supervisor = await self._start_supervisor(record)
+        supervisor = await self._start_supervisor(record, wait=False)
         supervisor.submit("install", start_after=request.start_on_completion)
         return supervisor
 
