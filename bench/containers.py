@@ -4,7 +4,8 @@ Prints, each beside its baseline:
 
 * create → ready (no install script) vs a raw ``containers.create``  (target: ≤ raw + 50 ms)
 * start → running (no start pattern) vs a raw ``container.start``     (target: ≤ raw + 50 ms)
-* ``GET /containers/:id`` p50 vs a raw inspect p50                     (target: ≤ raw)
+* ``GET /containers/:id`` p50 vs a raw inspect p50                     (target: ≤ raw),
+  and beside them the floor of the stack: a bare ASGI app on hypercorn sending the same bytes
 * 20 concurrent creates until all ready vs 20 raw concurrent creates   (target: ≤ 1.5 x),
   the median of rounds that alternate agent and raw
 * reconciling 100 running containers after an agent restart            (target: ≤ 5 s)
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -77,6 +79,63 @@ def agent(folder: Path) -> Iterator[tuple[httpx.Client, Path]]:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+FLOOR_APP = """
+import sys, trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+body = sys.stdin.buffer.read()
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+config = Config()
+config.bind = [sys.argv[1]]
+config.accesslog = None
+trio.run(serve, app, config)
+"""
+
+
+@contextmanager
+def floor_server(body: bytes) -> Iterator[httpx.Client]:
+    """A bare ASGI app on hypercorn's trio worker answering ``body`` to every request."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOR_APP, f"127.0.0.1:{port}"], stdin=subprocess.PIPE
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(body)
+        proc.stdin.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client.get("/")
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield client
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until(client: httpx.Client, internal_id: str, **expected: Any) -> None:
@@ -144,12 +203,19 @@ def measure(
         "start → running": (median(starts), median(raw_starts)),
     }
     # Alternating blocks, so a change in the machine's speed hits both sides alike.
+    # Both decode the JSON (docker-py's inspect does). The floor: a bare ASGI app on the
+    # same hypercorn sending the same bytes, what no app on this stack can go below.
     gets: list[float] = []
     inspects: list[float] = []
-    for _ in range(5):
-        gets += [timed(lambda: client.get("/containers/bench-0")) for _ in range(100)]
-        inspects += [timed(lambda: raw.api.inspect_container(made[0].id)) for _ in range(100)]
+    floors: list[float] = []
+    sample = client.get("/containers/bench-0").content
+    with floor_server(sample) as floor:
+        for _ in range(5):
+            gets += [timed(lambda: client.get("/containers/bench-0").json()) for _ in range(100)]
+            inspects += [timed(lambda: raw.api.inspect_container(made[0].id)) for _ in range(100)]
+            floors += [timed(lambda: floor.get("/").json()) for _ in range(100)]
     results["GET /containers/:id p50"] = (median(gets), median(inspects))
+    results["  (hypercorn floor, same bytes)"] = (median(floors), median(inspects))
 
     def agent_batch(ids: list[str]) -> None:
         with ThreadPoolExecutor(len(ids)) as pool:
