@@ -1,5 +1,7 @@
-"""What plugin routes use: decorators that mark a view's access, and body reading."""
+"""What plugin routes use: decorators that mark a view's access, body reading, and the
+fast read path (``FAST_READS``) for a plugin's hottest ``GET``."""
 
+from .fastpath import FAST_READS, Reader
 from .views import (
     AuthInfo,
     container_scoped,
@@ -8,4 +10,12 @@ from .views import (
     read_json,
 )
 
-__all__ = ["AuthInfo", "container_scoped", "current_auth", "public", "read_json"]
+__all__ = [
+    "FAST_READS",
+    "AuthInfo",
+    "Reader",
+    "container_scoped",
+    "current_auth",
+    "public",
+    "read_json",
+]

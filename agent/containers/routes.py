@@ -14,7 +14,7 @@ from typing import Any
 
 from quart import Blueprint
 
-from ..api.fastpath import FAST_READS
+from ..api import FAST_READS
 from ..api.views import container_scoped, current_auth, read_json
 from ..api.ws import WebSocketSettings, websocket_blueprint
 from ..config import Config

@@ -9,7 +9,7 @@ import docker
 import httpx
 import pytest
 
-from agent.api.fastpath import FAST_READS
+from agent.api import FAST_READS
 from agent.containers import CONTAINERS
 
 from ..conftest import TEST_IMAGE, RunningAgent, api_client, wait_for
