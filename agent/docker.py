@@ -1,9 +1,10 @@
 """The only module that talks to the Docker engine (the only one importing ``docker``).
 
-The calls on every container's path (create, start, kill, inspect, remove, list, wait,
-attach, events) are trio-native: httpx over the engine's socket, no thread. Under load a
-thread per call costs more than the call: twenty docker-py threads contending for the GIL
-delayed the event loop (and its store writes) by tens of milliseconds. docker-py still
+The calls on every container's path are trio-native, with no thread: control calls
+(create, start, kill, inspect, remove, list, wait) on httpcore, attach and events on
+httpx, over the engine's socket. Under load a thread per call costs more than the call:
+twenty docker-py threads contending for the GIL delayed the event loop (and its store
+writes) by tens of milliseconds. docker-py still
 builds the create body (its mapping of options to the engine's JSON is pure) and serves
 the rare calls (version, pull, the probe) from worker threads, on limiters of their own
 rather than trio's default one. See ../shared/notes/docker-under-trio.md.
@@ -63,9 +64,6 @@ T = TypeVar("T")
 
 #: Errors that mean "the engine did not answer", as opposed to a refusal it answered with.
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
-
-#: httpcore's "the engine did not answer (in time)".
-_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 
 #: httpcore's "the engine did not answer (in time)".
 _TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)

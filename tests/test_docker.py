@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from agent.docker import (
     DockerConflict,
@@ -149,6 +150,8 @@ async def test_unreachable_engine_then_reconnect(
 
         await wait_for(connected, what="the agent to connect")
         assert (await c.get("/system/info")).status_code == 200
+        engine = node.agent.docker
+        assert await engine.containers(["lightd.test=none"]) == []  # leaves a kept connection
 
         # It goes away: the next call fails cleanly as 503, and the agent notices.
         relay.cancel()
@@ -157,6 +160,8 @@ async def test_unreachable_engine_then_reconnect(
             return (await c.get("/system/info")).status_code == 503
 
         await wait_for(gone, what="503 after the engine left")
+        with pytest.raises(DockerUnavailable):
+            await engine.containers(["lightd.test=none"])
         await wait_for(lambda: _is(docker_status, "unreachable"), what="ping to say unreachable")
 
         # And back again.
@@ -171,6 +176,7 @@ async def test_unreachable_engine_then_reconnect(
         await nursery.start(run_relay2)
         await wait_for(connected, what="the agent to reconnect")
         assert (await c.get("/system/info")).status_code == 200
+        assert await engine.containers(["lightd.test=none"]) == []  # no stale connection used
         relay2.cancel()
 
 
@@ -275,3 +281,30 @@ async def test_native_control_calls_on_the_real_engine(
         await engine.create_container({**options, "image": "lightd/absent:nope"})
     with pytest.raises(DockerNotFound):
         await engine.inspect_image("lightd/absent:nope")
+
+
+async def test_a_kept_connection_the_engine_closed_is_not_used(
+    docker_host: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The engine restarted between two calls: the kept connection is dead, the call is not."""
+    if not docker_host.startswith("unix://"):
+        pytest.fail("this test relays to a unix-socket engine")
+    sock = tmp_path / "engine.sock"
+    target = docker_host.removeprefix("unix://")
+
+    async def relay(scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await serve_forwarder(sock, target, task_status=task_status)
+
+    first = trio.CancelScope()
+    await nursery.start(relay, first)
+    engine = DockerEngine(f"unix://{sock}")
+    engine.probe_interval = 3600  # no probe between the calls: only the call can notice
+    await nursery.start(engine.serve)
+    assert engine.available
+    assert await engine.containers(["lightd.test=none"]) == []
+    first.cancel()  # closes the kept connection, as an engine restart does
+    await trio.testing.wait_all_tasks_blocked()
+    await nursery.start(relay, trio.CancelScope())
+    assert await engine.containers(["lightd.test=none"]) == []
+    assert engine.available
