@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 
 from agent.api.auth import VENDOR_MEDIA_TYPE
-from agent.api.fastpath import answer
+from agent.api.fastpath import answer, json_body
 from agent.config import AuthorizationConfig
 
 TOKEN = "lightd_" + "f" * 32
 AUTH = AuthorizationConfig(token=TOKEN)
-READERS = {"/containers/": lambda key: {"id": key, "é": 1} if key == "known" else None}
+READERS = {"/containers/": lambda key: json_body({"id": key, "é": 1}) if key == "known" else None}
 PLAIN = [(b"accept", VENDOR_MEDIA_TYPE.encode()), (b"authorization", f"Bearer {TOKEN}".encode())]
 
 
@@ -20,7 +20,7 @@ def scope(path: str = "/containers/known", headers: list[tuple[bytes, bytes]] = 
     return {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": headers}
 
 
-def test_the_plain_case_is_answered_compactly() -> None:
+def test_the_plain_case_is_answered_as_quart_writes_json() -> None:
     assert answer(AUTH, READERS, scope()) == b'{"id":"known","\\u00e9":1}\n'
     accept = (b"accept", b"text/html, Application/VND.pkglatv1+json; q=0.9")
     assert answer(AUTH, READERS, scope(headers=[accept, PLAIN[1]])) is not None

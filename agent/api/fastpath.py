@@ -20,16 +20,16 @@ from ..config import AuthorizationConfig
 from ..runtime import Agent, StashKey
 from .auth import VENDOR_MEDIA_TYPE
 
-__all__ = ["FAST_READS", "Reader", "answer", "fast_reads"]
+__all__ = ["FAST_READS", "Reader", "answer", "fast_reads", "json_body"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Path prefix → reader of the rest of the path: the JSON body, or ``None`` (not found,
-#: or not plain: Quart answers). Registered by plugins in ``lightd_configure``.
-Reader = Callable[[str], dict[str, Any] | None]
+#: Path prefix → reader of the rest of the path: the body (``json_body`` of the view's
+#: answer), or ``None`` (not found: Quart answers). Registered in ``lightd_configure``.
+Reader = Callable[[str], bytes | None]
 FAST_READS: StashKey[dict[str, Reader]] = StashKey("fast_reads")
 
 _VENDOR = VENDOR_MEDIA_TYPE.encode()
@@ -87,8 +87,9 @@ def answer(auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: Scop
         token.strip(), auth.token.encode("utf-8")
     ):
         return None
-    found = reader(rest)
-    if found is None:
-        return None
-    # As Quart's JSON provider writes it (compact, ASCII, a final newline): the same bytes.
-    return json.dumps(found, separators=(",", ":")).encode() + b"\n"
+    return reader(rest)
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as Quart's JSON provider writes it (compact, ASCII, a final newline)."""
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"

@@ -48,9 +48,9 @@ def lightd_add_migrations() -> list[Any]:
 def lightd_configure(agent: Agent) -> None:
     containers = agent.stash[CONTAINERS] = Containers(agent, agent.config.section("containers"))
 
-    def read(internal_id: str) -> dict[str, Any] | None:
+    def read(internal_id: str) -> bytes | None:
         supervisor = containers.find(internal_id)
-        return None if supervisor is None else supervisor.view()
+        return None if supervisor is None else supervisor.view_body()
 
     agent.stash.setdefault(FAST_READS, {})["/containers/"] = read
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from ..api.fastpath import json_body
 from ..docker import AttachStream, DockerConflict, DockerError, DockerNotFound
 from ..errors import AgentError, Conflict, DockerUnavailable
 from .console import LineSplitter
@@ -61,6 +62,7 @@ class ContainerSupervisor:
         self.manager = manager
         self.record = record
         self.state: RuntimeState = "offline"
+        self._view_body: tuple[tuple[Any, ...], bytes] | None = None
         self.hub = EventHub.for_config(manager.agent.config)
         self.stats = StatsReader(
             manager.docker,
@@ -561,6 +563,16 @@ class ContainerSupervisor:
         body["exit_code"] = self.exit_code
         body["started_at"] = int(self.started_at) if self.started_at else None
         return body
+
+    def view_body(self) -> bytes:
+        """``view()`` as sent, kept until something in it changes: panels poll it, and
+        building and encoding it is most of what the fast read path costs."""
+        # The record is frozen and replaced on every change: identity says "unchanged".
+        key = (self.record, self.state, self.exit_code, self.started_at)
+        cached = self._view_body
+        if cached is None or cached[0] != key:
+            cached = self._view_body = (key, json_body(self.view()))
+        return cached[1]
 
 
 def _docker_time(text: str) -> float | None:
