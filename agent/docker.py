@@ -17,6 +17,7 @@ as ``503 {"error": "Docker engine unreachable"}``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -202,10 +203,13 @@ class DockerEngine:
         self.timeout = timeout
         self.probe_interval = PROBE_INTERVAL
         self.retry_max = RETRY_MAX
-        #: Short request/response calls (create, start, inspect, kill…).
+        #: docker-py calls in threads: short ones (version, the probe)…
         self.control_limiter = trio.CapacityLimiter(16)
-        #: Calls that hold a thread for a long time (events, logs, attach, stats).
+        #: … and ones that hold a thread for a long time (pull).
         self.stream_limiter = trio.CapacityLimiter(512)
+        #: Native control calls in flight (a bound on connections and on the engine's load;
+        #: high enough that a burst of creates is not queued behind itself).
+        self.request_limiter = trio.CapacityLimiter(64)
         self._client: docker.DockerClient | None = None
         self._http: httpx.AsyncClient | None = None
         self._pool: _ControlConnections | None = None
@@ -292,15 +296,17 @@ class DockerEngine:
         headers = [] if content is None else [(b"Content-Type", b"application/json")]
         limit = self.timeout
         timeout = {"connect": limit, "read": None if long else limit, "write": limit, "pool": limit}
-        with trio.CancelScope(shield=not long):
-            try:
-                response = await pool.request(
-                    method.encode(), target, headers, content, {"timeout": timeout}
-                )
-            except _TRANSPORT_ERRORS as exc:
-                if client is not None:
-                    self._lost(client, exc)
-                raise DockerUnavailable() from None
+        # A caller cancelled while waiting for a slot has sent nothing: it may go.
+        async with contextlib.nullcontext() if long else self.request_limiter:
+            with trio.CancelScope(shield=not long):
+                try:
+                    response = await pool.request(
+                        method.encode(), target, headers, content, {"timeout": timeout}
+                    )
+                except _TRANSPORT_ERRORS as exc:
+                    if client is not None:
+                        self._lost(client, exc)
+                    raise DockerUnavailable() from None
         if response.status >= 400:
             message = _answer_message(response.status, response.content)
             if response.status == 404:

@@ -53,6 +53,7 @@ async def test_streams_and_control_calls_have_their_own_limiters() -> None:
     default = trio.to_thread.current_default_thread_limiter()
     assert engine.stream_limiter is not default and engine.control_limiter is not default
     assert engine.stream_limiter is not engine.control_limiter
+    assert engine.request_limiter not in (default, engine.control_limiter, engine.stream_limiter)
     assert engine.stream_limiter.total_tokens > default.total_tokens
 
 
@@ -264,14 +265,27 @@ async def test_native_control_calls_on_the_real_engine(
         assert (await engine.wait(container_id))["StatusCode"] == 3
         with pytest.raises(DockerError, match="is not running"):
             await engine.kill(container_id)
-        # A cancelled control call is still carried out, and its outcome known.
-        finished = False
+        # A control call cancelled in flight is still carried out, and its outcome known.
+        finished = in_flight = False
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_in_flight() -> None:
+                    nonlocal in_flight
+                    await trio.testing.wait_all_tasks_blocked()
+                    in_flight = engine.request_limiter.borrowed_tokens == 1
+                    scope.cancel()
+
+                nursery.start_soon(cancel_in_flight)
+                await engine.remove_container(container_id)
+                finished = True
+                await trio.lowlevel.checkpoint()  # where the cancellation surfaces
+        assert in_flight and finished and scope.cancelled_caught
+        # One cancelled before it is sent is not sent.
         with trio.CancelScope() as scope:
             scope.cancel()
-            await engine.remove_container(container_id)
-            finished = True
-            await trio.lowlevel.checkpoint()  # the cancellation surfaces at the next checkpoint
-        assert finished and scope.cancelled_caught
+            await engine.kill(container_id)
+        assert scope.cancelled_caught
         with pytest.raises(DockerNotFound, match="No such container"):
             await engine.inspect_container(container_id)
     finally:
