@@ -12,7 +12,10 @@ from agent.config import AuthorizationConfig
 
 TOKEN = "lightd_" + "f" * 32
 AUTH = AuthorizationConfig(token=TOKEN)
-READERS = {"/containers/": lambda key: json_body({"id": key, "é": 1}) if key == "known" else None}
+READERS = {
+    "/containers/": lambda key: json_body({"id": key, "é": 1}) if key == "known" else None,
+    "/containers": lambda rest: json_body({"all": rest}),
+}
 PLAIN = [(b"accept", VENDOR_MEDIA_TYPE.encode()), (b"authorization", f"Bearer {TOKEN}".encode())]
 
 
@@ -22,6 +25,7 @@ def scope(path: str = "/containers/known", headers: list[tuple[bytes, bytes]] = 
 
 def test_the_plain_case_is_answered_as_quart_writes_json() -> None:
     assert answer(AUTH, READERS, scope()) == b'{"id":"known","\\u00e9":1}\n'
+    assert answer(AUTH, READERS, scope("/containers")) == b'{"all":""}\n'
     accept = (b"accept", b"text/html, Application/VND.pkglatv1+json; q=0.9")
     assert answer(AUTH, READERS, scope(headers=[accept, PLAIN[1]])) is not None
 
@@ -32,6 +36,9 @@ def test_the_plain_case_is_answered_as_quart_writes_json() -> None:
         ("/containers/unknown", PLAIN),  # Quart says 404 in the contract's words
         ("/containers/", PLAIN),
         ("/containers/known/install-log", PLAIN),
+        ("/containers/known/", PLAIN),
+        ("/containersknown", PLAIN),
+        ("/containers//known", PLAIN),
         ("/volumes/known", PLAIN),
         ("/containers/known", PLAIN[:1]),  # no token: 401
         ("/containers/known", PLAIN[1:]),  # no vendor header: 403

@@ -27,8 +27,10 @@ Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Path prefix → reader of the rest of the path: the body (``json_body`` of the view's
-#: answer), or ``None`` (not found: Quart answers). Registered in ``lightd_configure``.
+#: Path → reader: the body (``json_body`` of the view's answer), or ``None`` (not found:
+#: Quart answers). A path ending in ``/`` stands for that path plus one segment, which
+#: the reader gets (``"/containers/"``: ``/containers/<id>``); any other path is exact
+#: and its reader gets ``""``. Registered in ``lightd_configure``.
 Reader = Callable[[str], bytes | None]
 FAST_READS: StashKey[dict[str, Reader]] = StashKey("fast_reads")
 
@@ -63,13 +65,15 @@ def fast_reads(agent: Agent, app: ASGIApp) -> ASGIApp:
 def answer(auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: Scope) -> bytes | None:
     """The body to send for ``scope``, or ``None`` when Quart must answer it."""
     path: str = scope["path"]
-    prefix = next((p for p in readers if path.startswith(p)), None)
-    if prefix is None:
-        return None
-    reader = readers[prefix]
-    rest = path[len(prefix) :]
-    if not rest or "/" in rest:
-        return None
+    if path.endswith("/"):
+        return None  # Quart's routing decides about trailing slashes
+    reader = readers.get(path)
+    rest = ""
+    if reader is None:
+        head, _, rest = path.rpartition("/")
+        reader = readers.get(head + "/")
+        if reader is None:
+            return None
     accept = authorization = None
     for name, value in scope["headers"]:
         if name == b"accept" and accept is None:

@@ -273,18 +273,23 @@ async def test_get_answers_alike_on_the_fast_path_and_through_quart(
     readers["/containers/"] = counting
     token = (await api.post("/auth/tokens", json={"ttl": "5m"})).json()["token"]
     fast = await api.get(f"/containers/{prefix}-a")
+    fast_list = await api.get("/containers")
     assert answered == [f"{prefix}-a"]
     async with api_client(node.url, token=token) as other:
         slow = await other.get(f"/containers/{prefix}-a")
+        slow_list = await other.get("/containers")
     assert answered == [f"{prefix}-a"]  # the temporary token went through Quart
-    assert fast.status_code == slow.status_code == 200
+    assert fast.status_code == slow.status_code == fast_list.status_code == 200
     assert fast.content == slow.content
+    assert fast_list.content == slow_list.content
     assert fast.json()["install_state"] == "ready"
+    assert [c["internal_id"] for c in fast_list.json()["containers"]] == [f"{prefix}-a"]
 
     def headers(response: httpx.Response) -> dict[str, str]:
         return {k: v for k, v in response.headers.items() if k != "date"}
 
     assert headers(fast) == headers(slow)
+    assert headers(fast_list) == headers(slow_list)
     # The fast path keeps the encoded body until something in it changes.
     assert (await api.post(f"/containers/{prefix}-a/start")).status_code == 200
     running = await wait_state(api, f"{prefix}-a", state="running")
