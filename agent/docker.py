@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import attrs
 import docker
@@ -66,8 +66,13 @@ T = TypeVar("T")
 #: Errors that mean "the engine did not answer", as opposed to a refusal it answered with.
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 
-#: httpcore's "the engine did not answer (in time)".
-_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
+#: httpcore's "the engine did not answer (in time)" (a request we could not even write,
+#: a ``LocalProtocolError``, is our fault, not the engine's).
+_TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.TimeoutException,
+    httpcore.RemoteProtocolError,
+)
 
 #: Seconds between health probes while connected, and the back-off cap while away.
 PROBE_INTERVAL = 10.0
@@ -243,21 +248,22 @@ class DockerEngine:
         return str(created["Id"])
 
     async def inspect_container(self, container_id: str) -> dict[str, Any]:
-        return dict(await self.request("GET", f"/containers/{container_id}/json"))
+        return dict(await self.request("GET", f"/containers/{_quote(container_id)}/json"))
 
     async def inspect_image(self, image: str) -> dict[str, Any]:
-        return dict(await self.request("GET", f"/images/{image}/json"))
+        return dict(await self.request("GET", f"/images/{_quote(image)}/json"))
 
     async def start(self, container_id: str) -> None:
-        await self.request("POST", f"/containers/{container_id}/start")
+        await self.request("POST", f"/containers/{_quote(container_id)}/start")
 
     async def kill(self, container_id: str, signal: str = "SIGKILL") -> None:
-        await self.request("POST", f"/containers/{container_id}/kill", params={"signal": signal})
+        path = f"/containers/{_quote(container_id)}/kill"
+        await self.request("POST", path, params={"signal": signal})
 
     async def remove_container(self, container_id: str, *, volumes: bool = False) -> None:
         """Remove it, running or not."""
         params = {"force": "1", "v": "1" if volumes else "0"}
-        await self.request("DELETE", f"/containers/{container_id}", params=params)
+        await self.request("DELETE", f"/containers/{_quote(container_id)}", params=params)
 
     async def containers(self, labels: list[str]) -> list[dict[str, Any]]:
         """Every container (running or not) carrying all of ``labels``."""
@@ -267,7 +273,8 @@ class DockerEngine:
     async def wait(self, container_id: str) -> dict[str, Any]:
         """Block until the container exits; its ``StatusCode``. Abandoned on cancel (it
         changes nothing), and not bounded by the engine timeout."""
-        return dict(await self.request("POST", f"/containers/{container_id}/wait", long=True))
+        path = f"/containers/{_quote(container_id)}/wait"
+        return dict(await self.request("POST", path, long=True))
 
     async def request(
         self,
@@ -289,7 +296,7 @@ class DockerEngine:
         engine timeout bounds it); the cancellation surfaces at the caller's next
         checkpoint. A ``long`` call (wait) has no timeout and is abandoned on cancel.
         """
-        pool, prefix = self._control()
+        _, pool, prefix = self._native()
         client = self._client
         target = (prefix + path + ("?" + urlencode(params) if params else "")).encode()
         content = None if body is None else json.dumps(body).encode()
@@ -459,15 +466,11 @@ class DockerEngine:
         origin = httpcore.Origin(b"http", parsed.host.encode("ascii"), parsed.port or 80)
         return _ControlConnections(origin, None)
 
-    def _control(self) -> tuple[_ControlConnections, str]:
-        if self._client is None or self._pool is None or self.info is None:
+    def _native(self) -> tuple[httpx.AsyncClient, _ControlConnections, str]:
+        """The streams' client, the control connections and the API path prefix."""
+        if self._client is None or self._http is None or self._pool is None or not self.info:
             raise DockerUnavailable()
-        return self._pool, f"/v{self.info.api_version}"
-
-    def _native(self) -> tuple[httpx.AsyncClient, str]:
-        if self._client is None or self._http is None or self.info is None:
-            raise DockerUnavailable()
-        return self._http, f"/v{self.info.api_version}"
+        return self._http, self._pool, f"/v{self.info.api_version}"
 
     @asynccontextmanager
     async def attach(self, container_id: str) -> AsyncIterator[AttachStream]:
@@ -476,7 +479,7 @@ class DockerEngine:
         Attaching before ``start`` loses no output; one attach serves both the console
         reader and the stdin writer.
         """
-        http, prefix = self._native()
+        http, _, prefix = self._native()
         request = http.build_request(
             "POST",
             f"{prefix}/containers/{container_id}/attach",
@@ -518,7 +521,7 @@ class DockerEngine:
         by a call made after ``started()`` is never missed. Raises ``DockerUnavailable``
         when the engine is away or the stream breaks.
         """
-        http, prefix = self._native()
+        http, _, prefix = self._native()
         try:
             async with http.stream(
                 "GET",
@@ -557,6 +560,12 @@ def container_states(base_url: str, labels: list[str], *, timeout: float = 5) ->
         for item in listed
         if (item.get("Labels") or {}).get("lightd.role") == "server"
     }
+
+
+def _quote(segment: str) -> str:
+    """A name in a request path, quoted as docker-py quotes it (``/`` and ``:`` kept: image
+    names have them): a space or ``?`` in an image name must not break the request."""
+    return quote(segment, safe="/:")
 
 
 def _create_body(api: docker.APIClient, options: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:

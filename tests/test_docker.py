@@ -295,6 +295,12 @@ async def test_native_control_calls_on_the_real_engine(
         await engine.create_container({**options, "image": "lightd/absent:nope"})
     with pytest.raises(DockerNotFound):
         await engine.inspect_image("lightd/absent:nope")
+    # Names are quoted into the path: odd ones are refused by the engine, and the engine
+    # is not taken for gone.
+    for odd in ("no such image", "what?x=1", "a#b", "50%"):
+        with pytest.raises(DockerError):
+            await engine.inspect_image(odd)
+        assert engine.available
 
 
 async def test_a_kept_connection_the_engine_closed_is_not_used(
