@@ -491,6 +491,17 @@ class Root:
         return cls(os.open(path, _DIR | os.O_NOFOLLOW), no_links=no_links)
 
     @classmethod
+    def open_volume(cls, folder: str | os.PathLike[str]) -> Root:
+        """``open`` for a registered volume's folder: a 404 if the folder vanished."""
+        try:
+            return cls.open(folder)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                log.warning("volume folder %s is missing or not a folder", folder)
+                raise NotFound("Volume not found", code="volume_not_found") from None
+            raise
+
+    @classmethod
     def open_at(cls, dir_fd: int, name: str, *, no_links: bool = False) -> Root:
         return cls(os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=dir_fd), no_links=no_links)
 

@@ -476,7 +476,7 @@ def decompress(
     checkpoint: Callable[[], None],
 ) -> None:
     """Extract ``archive`` into ``destination`` (both in the volume at ``folder``)."""
-    with _open_volume(folder) as root, root.open_file(archive) as fh:
+    with Root.open_volume(folder) as root, root.open_file(archive) as fh:
         head = _reading(lambda: fh.read(512))
         fh.seek(0)
         fmt = detect(archive.name or "", head)
@@ -538,15 +538,6 @@ def _remove_tree(dir_fd: int, name: str) -> None:
         log.error("could not remove the extraction folder %s: %s", name, exc)
 
 
-def _open_volume(folder: Path) -> Root:
-    try:
-        return Root.open(folder)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            raise NotFound("Volume not found", code="volume_not_found") from None
-        raise
-
-
 # --- compression -----------------------------------------------------------------------------
 
 
@@ -600,7 +591,7 @@ def compress(
     checkpoint: Callable[[], None],
 ) -> int:
     """Write the archive ``output`` of ``sources`` (default: the whole volume); its size."""
-    with _open_volume(folder) as root:
+    with Root.open_volume(folder) as root:
         chosen = _sources(root, sources)
         with root.atomic(output, replace=False, keep_mode=False) as out:
             entries = _entries(root, chosen, out.identity, checkpoint)

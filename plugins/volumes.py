@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import logging
 import math
 import os
@@ -306,17 +305,6 @@ def _remove_trash(root: Path, name: str) -> None:
             log.error("could not remove the deleted volume folder %s: %s", name, exc)
 
 
-def open_volume(folder: Path) -> Root:
-    """The ``Root`` of a registered volume's folder (a 404 if the folder vanished)."""
-    try:
-        return Root.open(folder)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            log.warning("volume folder %s is missing or not a folder", folder)
-            raise NotFound("Volume not found", code="volume_not_found") from None
-        raise
-
-
 # --- request bodies ----------------------------------------------------------------------
 
 _ENCODINGS = ("utf-8", "utf8", "base64")
@@ -384,24 +372,24 @@ def legacy_join(root: str, name: str) -> str:
 def _write(
     folder: Path, rel: RelPath, data: bytes, fsync: bool, *, checkpoint: Callable[[], None]
 ) -> None:
-    with open_volume(folder) as root:
+    with Root.open_volume(folder) as root:
         root.write_file(rel, data, fsync=fsync)
 
 
 def _mkdir(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> None:
-    with open_volume(folder) as root:
+    with Root.open_volume(folder) as root:
         root.make_dirs(rel)
 
 
 def _copy(
     folder: Path, source: RelPath, destination: RelPath, *, checkpoint: Callable[[], None]
 ) -> None:
-    with open_volume(folder) as root:
+    with Root.open_volume(folder) as root:
         root.copy(source, destination, checkpoint=checkpoint)
 
 
 def _list(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> list[dict[str, Any]]:
-    with open_volume(folder) as root:
+    with Root.open_volume(folder) as root:
         return [
             {
                 "name": e.name,
