@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from typing import Any
 
 import docker
 import httpx
+
+from bench.http import agent_like_config, free_port
 
 IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
 VENDOR = "Application/vnd.pkglatv1+json"
@@ -81,28 +82,25 @@ def agent(folder: Path) -> Iterator[tuple[httpx.Client, Path]]:
             proc.kill()
 
 
-FLOOR_APP = """
-import sys, trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+def serve_floor(port: int) -> None:
+    """Serve the bytes read from stdin to every request: a bare ASGI app on hypercorn's
+    trio worker, set up as the agent's (``python -m bench.containers --serve-floor PORT``)."""
+    import hypercorn.trio
+    import trio
 
-body = sys.stdin.buffer.read()
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
+    body = sys.stdin.buffer.read()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
-config = Config()
-config.bind = [sys.argv[1]]
-config.accesslog = None
-trio.run(serve, app, config)
-"""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    trio.run(hypercorn.trio.serve, app, agent_like_config(port))
 
 
 @contextmanager
@@ -110,7 +108,8 @@ def floor_server(body: bytes) -> Iterator[httpx.Client]:
     """A bare ASGI app on hypercorn's trio worker answering ``body`` to every request."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", FLOOR_APP, f"127.0.0.1:{port}"], stdin=subprocess.PIPE
+        [sys.executable, "-m", "bench.containers", "--serve-floor", str(port)],
+        stdin=subprocess.PIPE,
     )
     try:
         assert proc.stdin is not None
@@ -130,12 +129,6 @@ def floor_server(body: bytes) -> Iterator[httpx.Client]:
     finally:
         proc.kill()
         proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(client: httpx.Client, internal_id: str, **expected: Any) -> None:
@@ -271,7 +264,11 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=9, help="rounds of concurrent creates")
     parser.add_argument("--reconcile", type=int, default=100, help="containers to reconcile")
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return
     raw = docker.from_env(max_pool_size=64)
     try:
         with tempfile.TemporaryDirectory(prefix="lightd-bench-") as tmp:

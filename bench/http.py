@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from types import FrameType
 
+    import hypercorn.config
+
 HERE = Path(__file__).resolve()
 CONNECTIONS = 32
 TARGET_RATIO = 0.70
@@ -349,9 +351,21 @@ def warn_loudly(report: dict[str, Any], stream: Any) -> None:
         print(bar, file=stream)
 
 
+def agent_like_config(port: int) -> hypercorn.config.Config:
+    """Hypercorn set up as agent/runtime.py does: no access log, no Server header."""
+    import hypercorn.config
+
+    cfg = hypercorn.config.Config()
+    cfg.bind = [f"127.0.0.1:{port}"]
+    cfg.graceful_timeout = GRACEFUL_TIMEOUT
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    cfg.include_server_header = False
+    return cfg
+
+
 def serve_bare(port: int) -> None:
     """Serve a hello-world QuartTrio app with the agent's hypercorn settings until SIGINT."""
-    import hypercorn.config
     import hypercorn.trio
     import trio
     from quart_trio import QuartTrio
@@ -363,13 +377,7 @@ def serve_bare(port: int) -> None:
     async def hello() -> dict[str, str]:
         return {"status": "ok", "message": "hello"}
 
-    # Same as agent/runtime.py: one trio worker, no access log, no Server header.
-    cfg = hypercorn.config.Config()
-    cfg.bind = [f"127.0.0.1:{port}"]
-    cfg.graceful_timeout = GRACEFUL_TIMEOUT
-    cfg.accesslog = None
-    cfg.errorlog = logging.getLogger("hypercorn.error")
-    cfg.include_server_header = False
+    cfg = agent_like_config(port)
 
     async def until_signal() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
