@@ -1,4 +1,4 @@
-"""``python -m agent`` is the ``lightd`` command."""
+"""``python -m lightd`` is the ``lightd`` command."""
 
 from .cli import main
 

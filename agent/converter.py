@@ -9,6 +9,7 @@ config loader as a one-line error.
 
 from __future__ import annotations
 
+import json
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ __all__ = [
     "converter",
     "describe_error",
     "field_check",
+    "json_body",
     "object_structure_fn",
     "structure",
     "unstructure",
@@ -186,3 +188,8 @@ def structure(data: Any, cls: type[T], *, root: str = "") -> T:
 
 def unstructure(obj: Any) -> Any:
     return converter.unstructure(obj)
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as Quart's JSON provider writes it (compact, ASCII, a final newline)."""
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"

@@ -27,7 +27,7 @@ from . import __version__
 from .config import Config, LoadedConfig, load_config
 from .docker import DockerEngine, docker_url
 from .errors import ConfigError
-from .plugins import Hooks, make_plugin_manager
+from .plugin_manager import Hooks, make_plugin_manager
 from .store import Store, open_store
 
 if TYPE_CHECKING:

@@ -58,7 +58,7 @@ def agent(folder: Path) -> Iterator[tuple[httpx.Client, Path]]:
             )
         )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--config", str(config)],
+        [sys.executable, "-m", "lightd", "--config", str(config)],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -167,7 +167,7 @@ def prepare_agent(folder: Path) -> tuple[Path, str, int]:
     """Create a fresh agent config (via ``lightd --token what``) bound to a free local port."""
     config = folder / "config.json"
     done = subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(config), "--token", "what"],
+        [sys.executable, "-m", "lightd", "--config", str(config), "--token", "what"],
         cwd=folder,
         capture_output=True,
         text=True,
@@ -259,7 +259,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         node.mkdir()
         config, token, port = prepare_agent(node)
         auth = {"Accept": ACCEPT, "Authorization": f"Bearer {token}"}
-        agent_argv = [sys.executable, "-m", "agent", "--config", str(config)]
+        agent_argv = [sys.executable, "-m", "lightd", "--config", str(config)]
         agent_log = root / "agent.log"
         with running(
             "agent",

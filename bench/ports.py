@@ -36,14 +36,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import trio
-
-from agent.config import new_token
-from agent.interfaces import PortRequest
-from agent.runtime import open_agent
-from agent.store import _connect  # the store's own pragmas, not a copy
-from plugins.port_pool import POOL, PortPool
-from plugins.port_pool.model import ip_key
-from plugins.port_pool.pool import TAKE_SQL
+from lightd.config import new_token
+from lightd.interfaces import PortRequest
+from lightd.plugins.port_pool import POOL, PortPool
+from lightd.plugins.port_pool.model import ip_key
+from lightd.plugins.port_pool.pool import TAKE_SQL
+from lightd.runtime import open_agent
+from lightd.store import _connect  # the store's own pragmas, not a copy
 
 TARGET_RATIO = 0.50
 Key = tuple[str, int]

@@ -4,7 +4,7 @@ In one run, against one mock panel process (``python -m examples.panel_mock``):
   1. a bare httpx loop POSTs N updates to ``/update`` one after the other (keep-alive): the
      ceiling for one ordered stream of POSTs to that panel (half of them before step 2 and
      half after, so that other load on the machine weighs on both alike);
-  2. the agent (``python -m agent``, its own process) starts with N updates already queued
+  2. the agent (``python -m lightd``, its own process) starts with N updates already queued
      in its outbox (written through the plugin's ``Outbox`` into the agent's state store,
      as a panel outage would leave them) and delivers them; meanwhile this script times the
      agent's API (``GET /remote/status`` and ``GET /api/v1/public/ping``, one request every
@@ -56,7 +56,7 @@ READY_TIMEOUT = 60.0
 
 def bodies(count: int, prefix: str) -> list[tuple[str, str, str, int]]:
     """``count`` updates as the plugin builds them: ``(server, event_id, json, timestamp)``."""
-    from plugins.remote_sync.sync import update_body
+    from lightd.plugins.remote_sync.sync import update_body
 
     now = int(time.time())
     rows = []
@@ -160,8 +160,8 @@ def rate(entries: list[dict[str, Any]]) -> tuple[float, float]:
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from agent.store import open_store
-    from plugins.remote_sync.outbox import MIGRATIONS, Outbox
+    from lightd.plugins.remote_sync.outbox import MIGRATIONS, Outbox
+    from lightd.store import open_store
 
     n = args.updates
     env = {**os.environ, "PANEL_MOCK_TOKEN": f"agent={AGENT_TOKEN},bare={BARE_TOKEN}"}
@@ -182,7 +182,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             node.mkdir()
             config = node / "config.json"
             await trio.run_process(
-                [sys.executable, "-m", "agent", "--config", str(config), "--token", "what"],
+                [sys.executable, "-m", "lightd", "--config", str(config), "--token", "what"],
                 cwd=ROOT,
                 capture_stdout=True,
                 capture_stderr=True,
@@ -197,7 +197,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             print(f"agent: {n} updates queued in its outbox; starting it", file=sys.stderr)
             agent_log = root / "agent.log"
             with process(
-                [sys.executable, "-m", "agent", "--config", str(config)], agent_log
+                [sys.executable, "-m", "lightd", "--config", str(config)], agent_log
             ) as agent_proc:
                 url = await wait_log(agent_proc, agent_log, r"listening on (http://\S+)")
                 token = raw["authorization"]["token"]

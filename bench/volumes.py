@@ -12,7 +12,7 @@ Prints, each next to its baseline and the ratio:
   3. latency of ``GET /api/v1/public/ping`` while the agent compresses 1 GB (tar.gz) vs the
      same ping loop on the idle agent (target: p99 < 20 ms).
 
-The agent runs as a subprocess (``python -m agent``) with a fresh config in a temporary
+The agent runs as a subprocess (``python -m lightd``) with a fresh config in a temporary
 folder; the bench process is only its client. Other work on the machine makes figures
 noisy: the load average before and after is printed, and each archive figure is the best
 of ``--repeat`` runs (for both sides alike).
@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.safepath import Root, parse
+from lightd.safepath import Root, parse
 
 HERE = Path(__file__).resolve()
 
@@ -123,7 +123,7 @@ class Agent:
     def __init__(self, folder: Path) -> None:
         config = folder / "config.json"
         done = subprocess.run(
-            [sys.executable, "-m", "agent", "--config", str(config), "--token", "what"],
+            [sys.executable, "-m", "lightd", "--config", str(config), "--token", "what"],
             cwd=folder,
             capture_output=True,
             text=True,
@@ -139,7 +139,7 @@ class Agent:
         self.log = folder / "agent.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--config", str(config)],
+                [sys.executable, "-m", "lightd", "--config", str(config)],
                 cwd=folder,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -15,7 +15,7 @@ Prints, each beside its baseline or target:
    stream per container (agent and dockerd CPU per sample), the measurement behind the
    agent's choice.
 
-The agent runs as its own process (``python -m agent``), as in production, so its CPU and
+The agent runs as its own process (``python -m lightd``), as in production, so its CPU and
 memory are its own; the clients run in this process. The raw baseline attaches from this
 process with the agent's own attach code (``agent.docker``) to an identical container:
 the same image, the same command loop, the same producer, started the same way.
@@ -48,9 +48,8 @@ import docker
 import httpx
 import trio
 import trio_websocket
-
-from agent.containers.stats import ApiStats, locate_cgroup
-from agent.docker import DockerEngine, docker_url
+from lightd.containers.stats import ApiStats, locate_cgroup
+from lightd.docker import DockerEngine, docker_url
 
 IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
 VENDOR = "Application/vnd.pkglatv1+json"
@@ -96,7 +95,7 @@ class AgentProcess:
 def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(config)],
+            [sys.executable, "-m", "lightd", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -1,1 +1,1 @@
-"""Feature plugins shipped with lightd; each module is listed in agent.plugins.BUILTIN_PLUGINS."""
+"""Feature plugins shipped with lightd (``lightd.plugins``); listed in ``BUILTIN_PLUGINS``."""

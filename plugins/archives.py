@@ -49,14 +49,12 @@ from typing import Any, BinaryIO, TypeVar
 
 import attrs
 import trio
-from quart import Blueprint
-
-from agent import BadRequest, NotFound, hookimpl
-from agent.api import read_json
-from agent.converter import field_check
-from agent.interfaces import VOLUMES
-from agent.runtime import Agent, StashKey
-from agent.safepath import (
+from lightd import BadRequest, NotFound, hookimpl
+from lightd.api import read_json
+from lightd.converter import field_check
+from lightd.interfaces import VOLUMES
+from lightd.runtime import Agent, StashKey
+from lightd.safepath import (
     CHUNK,
     NAME_MAX,
     TEMP_PREFIX,
@@ -72,6 +70,7 @@ from agent.safepath import (
     merge_tree,
     parse,
 )
+from quart import Blueprint
 
 __all__ = ["FORMATS", "ArchivesConfig", "InvalidArchive", "compress", "decompress", "detect"]
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from lightd import Agent, AgentError, NotFound, hookimpl
+from lightd.containers import CONTAINERS, InstallFailed, InstallJob, LineSplitter
 from quart import Blueprint
-
-from agent import Agent, AgentError, NotFound, hookimpl
-from agent.containers import CONTAINERS, InstallFailed, InstallJob, LineSplitter
 
 log = logging.getLogger(__name__)
 

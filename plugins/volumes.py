@@ -52,15 +52,14 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
+from lightd import BadRequest, Conflict, Migration, NotFound, hookimpl
+from lightd.api import read_json
+from lightd.converter import field_check
+from lightd.interfaces import VOLUMES
+from lightd.runtime import Agent, Service, StashKey
+from lightd.safepath import RelPath, Root, parse
+from lightd.store import Store
 from quart import Blueprint, request
-
-from agent import BadRequest, Conflict, Migration, NotFound, hookimpl
-from agent.api import read_json
-from agent.converter import field_check
-from agent.interfaces import VOLUMES
-from agent.runtime import Agent, Service, StashKey
-from agent.safepath import RelPath, Root, parse
-from agent.store import Store
 
 __all__ = [
     "FILE_WORKERS",

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from agent.config import new_token, write_config
+from lightd.config import new_token, write_config
 
 path, url = Path(sys.argv[1]), sys.argv[2]
 raw = json.loads(path.read_text(encoding="utf-8"))

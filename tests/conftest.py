@@ -20,9 +20,8 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-
-from agent.config import deep_merge, new_token
-from agent.runtime import Agent, open_agent, serve_agent
+from lightd.config import deep_merge, new_token
+from lightd.runtime import Agent, open_agent, serve_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = "Application/vnd.pkglatv1+json"

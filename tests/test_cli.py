@@ -23,7 +23,7 @@ def lightd(
     *args: str, stdin: str = "", cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
+        [sys.executable, "-m", "lightd", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -132,7 +132,7 @@ def test_serves_and_stops_gracefully_on_sigterm(
 ) -> None:
     path = make_config()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--config", str(path)],
+        [sys.executable, "-m", "lightd", "--config", str(path)],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "DOCKER_HOST": docker_host},

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from agent.config import (
+from lightd.config import (
     AuthorizationConfig,
     Config,
     create_config,
@@ -21,7 +20,7 @@ from agent.config import (
     new_token,
     write_config,
 )
-from agent.errors import ConfigError
+from lightd.errors import ConfigError
 
 from .conftest import MASTER, RunningAgent, StartAgent, api_client
 

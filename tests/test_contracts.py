@@ -6,8 +6,8 @@ import ast
 import inspect
 from pathlib import Path
 
-import agent
-from agent import hookspecs
+import lightd
+from lightd import hookspecs
 
 TESTS = Path(__file__).resolve().parent
 
@@ -44,6 +44,6 @@ def test_every_hook_spec_has_a_test() -> None:
 
 
 def test_public_surface_is_sorted_and_complete() -> None:
-    assert agent.__all__ == sorted(agent.__all__)
-    for name in agent.__all__:
-        assert hasattr(agent, name)
+    assert lightd.__all__ == sorted(lightd.__all__)
+    for name in lightd.__all__:
+        assert hasattr(lightd, name)

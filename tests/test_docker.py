@@ -12,8 +12,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-
-from agent.docker import (
+from lightd.docker import (
     DockerConflict,
     DockerEngine,
     DockerError,
@@ -21,7 +20,7 @@ from agent.docker import (
     _create_body,
     docker_url,
 )
-from agent.errors import DockerUnavailable
+from lightd.errors import DockerUnavailable
 
 from .conftest import ROOT, TEST_IMAGE, RunningAgent, StartAgent, api_client, wait_for
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from agent.api.auth import VENDOR_MEDIA_TYPE
-from agent.api.fastpath import answer, json_body
-from agent.config import AuthorizationConfig
+from lightd.api.auth import VENDOR_MEDIA_TYPE
+from lightd.api.fastpath import answer, json_body
+from lightd.config import AuthorizationConfig
 
 TOKEN = "lightd_" + "f" * 32
 AUTH = AuthorizationConfig(token=TOKEN)

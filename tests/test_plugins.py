@@ -11,11 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from agent import hookimpl
-from agent.errors import PluginError
-from agent.plugins import BUILTIN_PLUGINS, make_plugin_manager
-from agent.runtime import Agent
+from lightd import hookimpl
+from lightd.errors import PluginError
+from lightd.plugin_manager import BUILTIN_PLUGINS, make_plugin_manager
+from lightd.runtime import Agent
 
 from .conftest import MASTER, RunningAgent, StartAgent, api_client
 
@@ -73,7 +72,7 @@ async def test_hook_lightd_add_config_sections(
 async def test_plugin_config_section_is_validated(
     start_agent: StartAgent, make_config: Callable[..., Path], hello_plugin: str
 ) -> None:
-    from agent.errors import ConfigError
+    from lightd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^hello.greeting: must be a string$"):
         await start_agent(make_config({"hello": {"greeting": 5}}), load_entrypoints=True)
@@ -168,8 +167,8 @@ def test_every_builtin_plugin_is_registered() -> None:
 
 def test_every_module_of_plugins_package_is_a_builtin() -> None:
     root = Path(__file__).resolve().parent.parent / "plugins"
-    modules = {f"plugins.{p.stem}" for p in root.glob("*.py") if p.stem != "__init__"} | {
-        f"plugins.{p.name}" for p in root.iterdir() if (p / "__init__.py").exists()
+    modules = {f"lightd.plugins.{p.stem}" for p in root.glob("*.py") if p.stem != "__init__"} | {
+        f"lightd.plugins.{p.name}" for p in root.iterdir() if (p / "__init__.py").exists()
     }
     assert modules <= set(BUILTIN_PLUGINS.values())
 
@@ -197,7 +196,7 @@ def test_broken_plugin_stops_the_cli_with_exit_2(config_path: Path, tmp_path: Pa
     (dist / "entry_points.txt").write_text("[lightd.plugins]\nbroken = lightd_no_such_module\n")
     env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(config_path)],
+        [sys.executable, "-m", "lightd", "--config", str(config_path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
-
-from agent.store import Migration, StoreError, open_store
+from lightd.store import Migration, StoreError, open_store
 
 NOTES = [
     Migration("notes", 1, "CREATE TABLE notes_items (id INTEGER PRIMARY KEY, text TEXT NOT NULL)"),

@@ -12,11 +12,11 @@ stays the one place deciding errors; a test checks both paths give the same answ
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from ..config import AuthorizationConfig
+from ..converter import json_body
 from ..runtime import Agent, StashKey
 from .auth import VENDOR_MEDIA_TYPE
 
@@ -92,8 +92,3 @@ def answer(auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: Scop
     ):
         return None
     return reader(rest)
-
-
-def json_body(value: Any) -> bytes:
-    """``value`` as Quart's JSON provider writes it (compact, ASCII, a final newline)."""
-    return json.dumps(value, separators=(",", ":")).encode() + b"\n"

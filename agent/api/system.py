@@ -14,7 +14,7 @@ from ..config import deep_merge, redact
 from ..converter import unstructure
 from ..errors import BadRequest, ConfigError
 from ..hookspecs import hookimpl
-from ..plugins import describe_plugins
+from ..plugin_manager import describe_plugins
 from ..runtime import Agent
 from .views import public
 

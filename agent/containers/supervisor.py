@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..api.fastpath import json_body
+from ..converter import json_body
 from ..docker import AttachStream, DockerConflict, DockerError, DockerNotFound
 from ..errors import AgentError, Conflict, DockerUnavailable
 from .console import LineSplitter

@@ -45,11 +45,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable
 
+from lightd import Agent, Migration, Service, StashKey, hookimpl
+from lightd.config import Config
+from lightd.interfaces import PORT_POOL
 from quart import Blueprint
-
-from agent import Agent, Migration, Service, StashKey, hookimpl
-from agent.config import Config
-from agent.interfaces import PORT_POOL
 
 from .firewall import Firewall
 from .model import NetworkConfig

@@ -25,9 +25,8 @@ import json
 import re
 
 import attrs
-
-from agent.converter import field_check
-from agent.errors import BadRequest
+from lightd.converter import field_check
+from lightd.errors import BadRequest
 
 __all__ = [
     "PROTOCOLS",

@@ -19,15 +19,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-
-from agent import AgentError, BadRequest, Conflict, Migration, NotFound
-from agent.interfaces import PoolPort, PortRequest
-from agent.store import StoreError
+from lightd import AgentError, BadRequest, Conflict, Migration, NotFound
+from lightd.interfaces import PoolPort, PortRequest
+from lightd.store import StoreError
 
 from .model import PROTOCOL_BITS, covers, display, ip_key, parse_ip, parse_port, parse_protocol
 
 if TYPE_CHECKING:
-    from agent.store import Store
+    from lightd.store import Store
 
 __all__ = ["MIGRATIONS", "TAKE_SQL", "Entry", "PortPool", "PortPoolError"]
 

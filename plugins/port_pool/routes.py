@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from lightd import BadRequest, ValidationError
+from lightd.api import read_json
 from quart import Blueprint, request
-
-from agent import BadRequest, ValidationError
-from agent.api import read_json
 
 from .model import echo, parse_ip, parse_path_port, parse_port, parse_protocol
 from .pool import PortPool

@@ -34,10 +34,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any
 
+from lightd import Agent, Migration, Service, hookimpl
+from lightd.config import Config
 from quart import Blueprint
-
-from agent import Agent, Migration, Service, hookimpl
-from agent.config import Config
 
 from .outbox import MIGRATIONS
 from .sync import REMOTE_SYNC, RemoteSync

@@ -19,9 +19,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 import attrs
-
-from agent import Migration
-from agent.store import Store
+from lightd import Migration
+from lightd.store import Store
 
 __all__ = ["MIGRATIONS", "Outbox", "QueuedUpdate"]
 

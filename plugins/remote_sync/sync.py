@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import httpx
 import trio
-
-from agent import Agent, StashKey
-from agent.config import RemoteConfig
-from agent.store import StoreError
+from lightd import Agent, StashKey
+from lightd.config import RemoteConfig
+from lightd.store import StoreError
 
 from .outbox import Outbox, QueuedUpdate
 
@@ -61,7 +60,7 @@ __all__ = [
     "update_body",
 ]
 
-log = logging.getLogger("plugins.remote_sync")
+log = logging.getLogger("lightd.plugins.remote_sync")
 
 INSTALL_STATES = frozenset({"installing", "ready", "failed"})
 RUNTIME_STATES = frozenset({"starting", "running", "stopping", "offline"})

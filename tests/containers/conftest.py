@@ -35,7 +35,7 @@ def prefix() -> str:
 def containers_config(make_config: Callable[..., Path]) -> Callable[..., Path]:
     def make(overrides: dict[str, Any] | None = None, **kwargs: Any) -> Path:
         base = {"containers": {"stop_timeout": 5, "install_timeout": 60}}
-        from agent.config import deep_merge
+        from lightd.config import deep_merge
 
         return make_config(deep_merge(base, overrides or {}), **kwargs)
 

@@ -8,9 +8,8 @@ import json
 import pytest
 import trio
 import trio.testing
-
-from agent.api.ws import parse_request
-from agent.containers.console import (
+from lightd.api.ws import parse_request
+from lightd.containers.console import (
     FRAME_MAX,
     MAX_LINE,
     THROTTLED,
@@ -21,7 +20,7 @@ from agent.containers.console import (
     LineSplitter,
     TokenBucket,
 )
-from agent.containers.hub import EventHub, Subscription
+from lightd.containers.hub import EventHub, Subscription
 
 
 class FakeClock:

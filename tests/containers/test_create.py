@@ -8,9 +8,8 @@ from typing import Any
 import docker
 import httpx
 import pytest
-
-from agent.api import FAST_READS
-from agent.containers import CONTAINERS
+from lightd.api import FAST_READS
+from lightd.containers import CONTAINERS
 
 from ..conftest import TEST_IMAGE, RunningAgent, api_client, wait_for
 from .conftest import add_port, create, docker_state, get, in_thread, new_volume, ready, wait_state
@@ -317,7 +316,7 @@ class _WatchInstalls:
     def __init__(self) -> None:
         self.jobs: list[Any] = []
 
-    @__import__("agent").hookimpl(tryfirst=True)
+    @__import__("lightd").hookimpl(tryfirst=True)
     def lightd_run_install_script(self, agent: Any, job: Any) -> None:
         self.jobs.append(job)
 
@@ -353,7 +352,7 @@ async def test_servers_cli_lists_containers_five_per_page(
             [
                 sys.executable,
                 "-m",
-                "agent",
+                "lightd",
                 "--config",
                 str(node.agent.config_path),
                 "--servers",

@@ -7,8 +7,7 @@ from typing import Any
 import docker
 import httpx
 import trio
-
-from agent.containers import CONTAINERS
+from lightd.containers import CONTAINERS
 
 from ..conftest import RunningAgent, wait_for
 from .conftest import add_port, docker_state, get, in_thread, ready, wait_state
@@ -325,7 +324,7 @@ async def test_a_kill_cuts_a_stop_short(
 async def test_a_stop_is_not_held_by_a_server_that_never_reads_stdin(
     api: httpx.AsyncClient, node: RunningAgent, prefix: str
 ) -> None:
-    from agent.errors import Conflict
+    from lightd.errors import Conflict
 
     internal_id = f"{prefix}-deaf"
     await ready(api, internal_id, startup_command="sleep 3600", stop_command="stop")

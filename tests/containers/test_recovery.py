@@ -17,9 +17,8 @@ import docker
 import httpx
 import pytest
 import trio
-
-from agent.containers import CONTAINERS
-from agent.interfaces import PORT_POOL, PortRequest
+from lightd.containers import CONTAINERS
+from lightd.interfaces import PORT_POOL, PortRequest
 
 from ..conftest import TEST_IMAGE, api_client, wait_for
 from .conftest import StartNode, add_port, create, docker_state, get, in_thread, ready, wait_state
@@ -144,7 +143,7 @@ async def test_ports_of_unknown_owners_are_released(start_node: StartNode, prefi
 @contextmanager
 def agent_process(config: Path, docker_host: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--config", str(config)],
+        [sys.executable, "-m", "lightd", "--config", str(config)],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "DOCKER_HOST": docker_host},

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-
-from agent.containers.hub import EventHub
-from agent.containers.stats import (
+from lightd.containers.hub import EventHub
+from lightd.containers.stats import (
     HOST_MEMORY,
     CgroupV1,
     CgroupV2,

@@ -13,9 +13,8 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-
-from agent.containers import CONTAINERS
-from agent.containers.hub import EventHub
+from lightd.containers import CONTAINERS
+from lightd.containers.hub import EventHub
 
 from ..conftest import MASTER, Clock, RunningAgent, api_client, wait_for
 from .conftest import StartNode, create, ready, wait_state

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightd import Agent, hookimpl
+from lightd.api import read_json
 from quart import Blueprint
-
-from agent import Agent, hookimpl
-from agent.api import read_json
 
 
 @hookimpl

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from lightd.config import write_config
+from lightd.runtime import Agent
 
-from agent.config import write_config
-from agent.runtime import Agent
 from examples.panel_mock import PanelState, serve_panel
 
 from ..conftest import wait_for

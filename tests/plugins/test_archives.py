@@ -15,9 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from agent.safepath import NoSpace, RelPath, parse
-from plugins.archives import InvalidArchive, compress, decompress, detect, link_stays_inside
+from lightd.plugins.archives import InvalidArchive, compress, decompress, detect, link_stays_inside
+from lightd.safepath import NoSpace, RelPath, parse
 
 from ..conftest import StartAgent, api_client
 from .conftest import error, new_volume
@@ -376,7 +375,7 @@ def test_decompress_failure_undoes_moves_already_made(
     archive = zip_bytes([("a", b"new a"), ("b", b"b"), ("m/c", b"c"), ("z", b"new z")])
     (tmp_path / "p.zip").write_bytes(archive)
     before = snapshot(tmp_path)
-    from agent import safepath
+    from lightd import safepath
 
     original = safepath.rename_noreplace
     moves = 0
@@ -430,7 +429,7 @@ async def test_decompress_limits_come_from_config(
 async def test_archive_config_is_validated(
     start_agent: StartAgent, make_config: Callable[..., Path], section: dict[str, Any], message: str
 ) -> None:
-    from agent.errors import ConfigError
+    from lightd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"^{message}$"):
         await start_agent(make_config({"archives": section}))
@@ -439,7 +438,7 @@ async def test_archive_config_is_validated(
 async def test_volumes_config_is_validated(
     start_agent: StartAgent, make_config: Callable[..., Path]
 ) -> None:
-    from agent.errors import ConfigError
+    from lightd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^volumes.workers: must be 1 to 64$"):
         await start_agent(make_config({"volumes": {"workers": 0}}))

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from agent.interfaces import PORT_POOL, PortRequest
-from plugins.port_pool.model import ip_key
+from lightd.interfaces import PORT_POOL, PortRequest
+from lightd.plugins.port_pool.model import ip_key
 
 from ..conftest import MASTER, RunningAgent, StartAgent, api_client
 

@@ -17,12 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
-
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.interfaces import PORT_POOL, PortRequest
-from plugins.port_pool import FIREWALL, NetworkConfig
-from plugins.port_pool.firewall import parse_rule, rule_args, rules_for
+from lightd.config import load_config
+from lightd.errors import ConfigError
+from lightd.interfaces import PORT_POOL, PortRequest
+from lightd.plugins.port_pool import FIREWALL, NetworkConfig
+from lightd.plugins.port_pool.firewall import parse_rule, rule_args, rules_for
 
 from ..conftest import RunningAgent, StartAgent, api_client, wait_for
 

@@ -15,10 +15,9 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-
-from agent.errors import ApiError, BadRequest, Conflict, NotFound
-from agent.interfaces import PORT_POOL, PoolPort, PortPoolService, PortRequest
-from plugins.port_pool import POOL, PortPool, PortPoolError
+from lightd.errors import ApiError, BadRequest, Conflict, NotFound
+from lightd.interfaces import PORT_POOL, PoolPort, PortPoolService, PortRequest
+from lightd.plugins.port_pool import POOL, PortPool, PortPoolError
 
 from ..conftest import RunningAgent
 

@@ -15,11 +15,8 @@ from typing import Any
 
 import pytest
 import trio
-
-from agent.runtime import Agent
-from agent.store import open_store
-from plugins.remote_sync.outbox import MIGRATIONS, Outbox
-from plugins.remote_sync.sync import (
+from lightd.plugins.remote_sync.outbox import MIGRATIONS, Outbox
+from lightd.plugins.remote_sync.sync import (
     BACKOFF_CAP,
     REMOTE_SYNC,
     Backoff,
@@ -31,6 +28,8 @@ from plugins.remote_sync.sync import (
     run_periodically,
     update_body,
 )
+from lightd.runtime import Agent
+from lightd.store import open_store
 
 from ..conftest import MASTER, RunningAgent, StartAgent, api_client, wait_for
 from .remote_sync_support import (
@@ -481,7 +480,7 @@ async def test_a_4xx_answer_is_logged_and_not_retried(
 ) -> None:
     node = await start_node(panel)
     panel.state.fail_status = 422
-    with caplog.at_level(logging.ERROR, logger="plugins.remote_sync"):
+    with caplog.at_level(logging.ERROR, logger="lightd.plugins.remote_sync"):
         await transitions(node.agent, ("srv-11", "installing"), ("srv-11", "ready"))
         await until(lambda: panel.state.update_requests == 2)
         await drained(node)
@@ -611,7 +610,7 @@ async def test_the_outbox_is_bounded(
 ) -> None:
     node = await start_node(down_panel, outbox_max=5, report_power_state=True)
     states = ["installing", "ready", "starting", "running", "stopping", "offline", "starting"]
-    with caplog.at_level(logging.ERROR, logger="plugins.remote_sync"):
+    with caplog.at_level(logging.ERROR, logger="lightd.plugins.remote_sync"):
         await transitions(node.agent, *[("srv-18", s) for s in states], ("srv-19", "installing"))
     dropped = [r for r in caplog.records if "outbox full" in r.getMessage()]
     assert len(dropped) == 3 and all(r.levelno == logging.ERROR for r in dropped)

@@ -1,5 +1,5 @@
 """Contract §9/§10: queued updates survive a hard crash. The agent runs as a real process
-(``python -m agent``), queues 20 updates while the panel is down, is SIGKILLed, and once
+(``python -m lightd``), queues 20 updates while the panel is down, is SIGKILLed, and once
 restarted delivers all 20, each once, in order per server."""
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def driver_env(tmp_path: Path) -> dict[str, str]:
 async def agent_process(
     config: Path, env: dict[str, str], log: Path
 ) -> AsyncIterator[tuple[trio.Process, str]]:
-    """``python -m agent --config …`` until it listens; killed on exit if still running."""
+    """``python -m lightd --config …`` until it listens; killed on exit if still running."""
     with log.open("wb") as out:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "agent", "--config", str(config)],
+            [sys.executable, "-m", "lightd", "--config", str(config)],
             stdin=None,
             stdout=out,
             stderr=out,

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from agent import safepath
-from agent.safepath import (
+from lightd import safepath
+from lightd.safepath import (
     MAX_DEPTH,
     FileExists,
     FolderExists,

@@ -15,9 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from agent import hookimpl
-from agent.interfaces import VOLUMES
+from lightd import hookimpl
+from lightd.interfaces import VOLUMES
 
 from ..conftest import RunningAgent, StartAgent, api_client, wait_for
 from .conftest import error, new_volume

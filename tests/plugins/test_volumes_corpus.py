@@ -18,8 +18,7 @@ from typing import Any
 
 import attrs
 import pytest
-
-from agent import safepath
+from lightd import safepath
 
 from ..conftest import StartAgent, api_client
 from .volumes_corpus import (

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 import trio
-
-from agent import safepath
-from agent.errors import ApiError
-from agent.safepath import RelPath, Root, parse
+from lightd import safepath
+from lightd.errors import ApiError
+from lightd.safepath import RelPath, Root, parse
 
 from ..conftest import StartAgent, api_client
 from .volumes_corpus import SECRET, leaked, snapshot, zip_bytes

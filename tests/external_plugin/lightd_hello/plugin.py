@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import attrs
 import trio
+from lightd import Agent, Migration, Service, StashKey, hookimpl
+from lightd.api import current_auth
 from quart import Blueprint, websocket
-
-from agent import Agent, Migration, Service, StashKey, hookimpl
-from agent.api import current_auth
 
 
 @attrs.frozen

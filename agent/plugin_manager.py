@@ -49,14 +49,14 @@ ENTRY_POINT_GROUP = "lightd.plugins"
 
 #: Short name → module, in registration order.
 BUILTIN_PLUGINS: Mapping[str, str] = {
-    "system": "agent.api.system",
-    "tokens": "agent.tokens",
-    "volumes": "plugins.volumes",
-    "archives": "plugins.archives",
-    "port_pool": "plugins.port_pool",
-    "remote_sync": "plugins.remote_sync",
-    "containers": "agent.containers.routes",
-    "install_scripts": "plugins.install_scripts",
+    "system": "lightd.api.system",
+    "tokens": "lightd.tokens",
+    "volumes": "lightd.plugins.volumes",
+    "archives": "lightd.plugins.archives",
+    "port_pool": "lightd.plugins.port_pool",
+    "remote_sync": "lightd.plugins.remote_sync",
+    "containers": "lightd.containers.routes",
+    "install_scripts": "lightd.plugins.install_scripts",
 }
 
 ESSENTIAL_PLUGINS = frozenset({"system", "tokens", "containers"})
