@@ -1,19 +1,19 @@
 """Lightd node agent: the core, and the public surface for plugin authors.
 
-Layering, bottom up: ``errors`` and ``converter`` (no I/O) → ``config``, ``store``,
-``docker`` (the edges) → ``plugins`` and ``hookspecs`` (the contract with features) →
-``runtime`` (the agent object, its root nursery and services) → ``api`` (the HTTP app) →
-``cli``. Features live in the top-level ``plugins`` package and in third-party packages;
-they import only the names below.
+A plugin (a built-in one under ``lightd.plugins`` or a third-party package) imports only
+``lightd`` (this module), ``lightd.api`` (what views use) and ``lightd.files`` (the safe
+file layer), never another plugin and never any other core module; a test checks this for
+every built-in. What a plugin needs from another feature it asks the core for, through a
+hook or one of the service interfaces below (``agent.stash[VOLUMES]``).
+
+Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`` →
+``files``, ``config``, ``store``, ``docker`` → ``hookspecs``, ``plugin_manager``,
+``runtime``, ``interfaces`` → ``containers`` → ``api`` → ``server`` → ``cli``.
 """
 
-from importlib import metadata as _metadata
-
-try:
-    __version__ = _metadata.version("lightd")
-except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
-
+from ._version import __version__
+from .config import Config
+from .converter import FieldError, field_check
 from .errors import (
     AgentError,
     ApiError,
@@ -25,28 +25,49 @@ from .errors import (
     NotFound,
     PluginError,
     Unauthorized,
+    UnsupportedMedia,
     ValidationError,
 )
 from .hookspecs import hookimpl
+from .interfaces import (
+    PORT_POOL,
+    VOLUMES,
+    PoolPort,
+    PortPoolService,
+    PortRequest,
+    VolumeService,
+)
 from .runtime import Agent, Service, StashKey
-from .store import Migration
+from .store import Migration, Store, StoreError
 
 __all__ = [
+    "PORT_POOL",
+    "VOLUMES",
     "Agent",
     "AgentError",
     "ApiError",
     "BadRequest",
+    "Config",
     "ConfigError",
     "Conflict",
     "DockerUnavailable",
+    "FieldError",
     "Forbidden",
     "Migration",
     "NotFound",
     "PluginError",
+    "PoolPort",
+    "PortPoolService",
+    "PortRequest",
     "Service",
     "StashKey",
+    "Store",
+    "StoreError",
     "Unauthorized",
+    "UnsupportedMedia",
     "ValidationError",
+    "VolumeService",
     "__version__",
+    "field_check",
     "hookimpl",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from ._version import __version__
 from .config import (
     CONFIG_ENV,
     create_config,
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sys.stdout.write(render(load_config(path), args.servers))
             return 0
-        from .runtime import open_agent, serve_agent
+        from .runtime import open_agent
+        from .server import serve_agent
 
         _raise_open_files_limit()
 

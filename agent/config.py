@@ -16,7 +16,7 @@ import secrets
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from cattrs.gen import make_dict_unstructure_fn, override
@@ -38,7 +38,6 @@ __all__ = [
     "DockerConfig",
     "LoadedConfig",
     "PluginsConfig",
-    "RemoteConfig",
     "ServerConfig",
     "StorageConfig",
     "create_config",
@@ -51,6 +50,8 @@ __all__ = [
     "redact",
     "write_config",
 ]
+
+T = TypeVar("T")
 
 CONFIG_ENV = "LIGHTD_CONFIG"
 TOKEN_PREFIX = "lightd_"
@@ -118,23 +119,6 @@ class StorageConfig:
 
 
 @attrs.frozen
-class RemoteConfig:
-    enabled: bool = False
-    url: str = "https://panel.example/api"
-    token: str = ""
-    #: Seconds between ``GET {url}/health`` heartbeats.
-    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
-    #: Also report runtime states (starting, running, stopping, offline).
-    report_power_state: bool = False
-    #: Seconds one request to the panel may take.
-    timeout: float = attrs.field(default=10.0, validator=_positive)
-    #: Updates kept while the panel is unreachable; the oldest are dropped beyond this.
-    outbox_max: int = attrs.field(
-        default=100_000, validator=field_check(lambda v: v >= 1, "must be >= 1")
-    )
-
-
-@attrs.frozen
 class PluginsConfig:
     #: Plugin names (built-in short names or entry-point names) not to load.
     disabled: tuple[str, ...] = ()
@@ -147,14 +131,22 @@ class Config:
     authorization: AuthorizationConfig
     docker: DockerConfig = attrs.Factory(DockerConfig)
     storage: StorageConfig = attrs.Factory(StorageConfig)
-    remote: RemoteConfig = attrs.Factory(RemoteConfig)
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
     #: Plugin sections by name, structured from their declared classes.
-    sections: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    sections: Mapping[str, object] = attrs.field(factory=dict, eq=False, repr=False)
 
-    def section(self, name: str) -> Any:
-        """A plugin's typed section (its defaults when the file has none)."""
-        return self.sections[name]
+    def section(self, cls: type[T]) -> T:
+        """The section a plugin declared with ``cls`` (its defaults when the file has none).
+
+        Sections are looked up by their class, so the value comes back typed; a class no
+        plugin declared raises ``KeyError``.
+        """
+        if isinstance(cls, str):  # TRANSITIONAL(issue 11): by name, until every caller moves
+            return self.sections[cls]  # type: ignore[return-value]
+        for value in self.sections.values():
+            if type(value) is cls:
+                return value
+        raise KeyError(f"no config section is declared with {cls.__qualname__}")
 
 
 converter.register_structure_hook(Config, object_structure_fn(Config, sections=override(omit=True)))
@@ -196,6 +188,8 @@ def parse_config(raw: Any, sections: Mapping[str, type] | None = None) -> Config
         raise ConfigError(*describe_error(exc)) from None
     parsed: dict[str, Any] = {}
     for name, cls in (sections or {}).items():
+        if not attrs.has(cls):
+            raise ConfigError(name, f"the section's class {cls.__qualname__} is not an attrs class")
         if name in _CORE_KEYS:
             raise ConfigError(name, "a plugin may not redefine a core section")
         value = raw.get(name, {})

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from quart import Blueprint
 
     from .config import Config
+    from .containers.install import InstallJob
     from .runtime import Agent, Service
     from .store import Migration
 
@@ -50,7 +51,7 @@ ENTRY_POINT_GROUP = "lightd.plugins"
 #: Short name → module, in registration order.
 BUILTIN_PLUGINS: Mapping[str, str] = {
     "system": "lightd.api.system",
-    "tokens": "lightd.tokens",
+    "tokens": "lightd.api.tokens",
     "volumes": "lightd.plugins.volumes",
     "archives": "lightd.plugins.archives",
     "port_pool": "lightd.plugins.port_pool",
@@ -137,15 +138,24 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
 
 
 class Hooks:
-    """Typed calls into the plugins; the core calls hooks only through this.
+    """Typed calls into the plugins; the core calls hooks only through this, and plugins
+    get this, never the plugin manager.
 
     Declarations flatten their results; notifications await each awaitable an
     implementation returned, in order.
     """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
-        self.pm = pm
+        self._pm = pm
         self._relay = pm.hook
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The registered plugins, as ``describe_plugins`` tells them."""
+        return describe_plugins(self._pm)
+
+    def loaded(self, name: str) -> bool:
+        """Is a plugin of this name registered (not disabled, not blocked)?"""
+        return self._pm.get_plugin(name) is not None
 
     def config_sections(self) -> dict[str, type]:
         sections: dict[str, type] = {}
@@ -153,6 +163,8 @@ class Hooks:
             for name, cls in result.items():
                 if name in sections:
                     raise PluginError(f"two plugins declare the config section {name!r}")
+                if cls in sections.values():  # sections are read back by their class
+                    raise PluginError(f"two config sections are declared with {cls.__qualname__}")
                 sections[name] = cls
         return sections
 
@@ -191,6 +203,12 @@ class Hooks:
 
     async def container_deleted(self, agent: Agent, internal_id: str) -> None:
         await _await_all(self._relay.lightd_container_deleted(agent=agent, internal_id=internal_id))
+
+    def run_install_script(self, agent: Agent, job: InstallJob) -> Awaitable[None] | None:
+        result: Awaitable[None] | None = self._relay.lightd_run_install_script(
+            agent=agent, job=job
+        )
+        return result
 
     def volume_in_use(self, agent: Agent, volume_id: str) -> str | None:
         result: str | None = self._relay.lightd_volume_in_use(agent=agent, volume_id=volume_id)

@@ -1,29 +1,22 @@
-"""The agent object and its runtime: one root nursery that owns every long-lived task.
+"""The agent object: what routes, services and hooks are handed.
 
 ``open_agent`` builds an ``Agent`` (config, plugins, state store, Docker adapter) and
-tears it down; ``serve_agent`` runs it: services first (each reports readiness), then the
-HTTP API on hypercorn, until ``Agent.request_stop`` (SIGINT/SIGTERM when the CLI runs it).
-Shutdown: the API stops accepting and drains for ``server.graceful_timeout``, plugins get
-``lightd_shutdown`` within the same bound, then the services are cancelled.
+tears it down; ``lightd.server.serve_agent`` runs it. This module knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import trio
 
-from . import __version__
+from ._version import __version__
 from .config import Config, LoadedConfig, load_config
 from .docker import DockerEngine, docker_url
 from .errors import ConfigError
@@ -33,14 +26,11 @@ from .store import Store, open_store
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-__all__ = ["Agent", "Service", "Stash", "StashKey", "StoragePaths", "open_agent", "serve_agent"]
+__all__ = ["Agent", "Service", "Stash", "StashKey", "StoragePaths", "open_agent"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Restart back-off of a crashed service, in seconds.
-RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class StashKey(Generic[T]):
@@ -142,7 +132,6 @@ class Agent:
         self.loaded = loaded
         self.config = loaded.config
         self.hooks = hooks
-        self.pm = hooks.pm
         self.sections = dict(sections)
         self.store = store
         self.docker = docker
@@ -222,109 +211,3 @@ async def open_agent(
         )
         hooks.configure(agent)
         yield agent
-
-
-class _Readiness:
-    """The ``task_status`` handed to a service: remembers that it reported ready."""
-
-    def __init__(self, forward: trio.TaskStatus[None]) -> None:
-        self.forward = forward
-        self.ready = False
-
-    def started(self, value: object = None) -> None:
-        self.ready = True
-        self.forward.started()
-
-
-async def _supervise(
-    service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Run a service; once it has reported ready, log and restart it when it crashes."""
-    readiness = _Readiness(task_status)
-    failures = 0
-    while True:
-        try:
-            if readiness.ready:
-                await service.run(task_status=trio.TASK_STATUS_IGNORED)
-            else:
-                await service.run(task_status=readiness)
-        except Exception:  # the one place that supervises services: log, back off, restart
-            if not readiness.ready:
-                raise
-            log.exception("service %r crashed", service.name)
-            if not service.restart:
-                return
-            await trio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)])
-            failures += 1
-        else:
-            log.info("service %r finished", service.name)
-            return
-
-
-def _bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def serve_agent(
-    agent: Agent,
-    *,
-    handle_signals: bool = False,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the agent until ``request_stop`` (or SIGINT/SIGTERM with ``handle_signals``).
-
-    Reports the bound URLs with ``task_status.started`` once the API listens.
-    """
-    from .api.app import create_app  # the API imports the runtime's types
-
-    config = agent.config
-    if not config.authorization.enabled:
-        log.warning("authorization is disabled: every request is accepted without a token")
-    async with trio.open_nursery() as root:
-        if handle_signals:
-            await root.start(_watch_signals, agent)
-        await root.start(_supervise, Service("docker", agent.docker.serve))
-        for service in agent.hooks.services(agent):
-            await root.start(_supervise, service)
-        app = create_app(agent, agent.hooks.routes(agent))
-        agent.app = app
-        hcfg = hypercorn.config.Config()
-        hcfg.bind = [_bind(config.server.host, config.server.port)]
-        hcfg.graceful_timeout = config.server.graceful_timeout
-        hcfg.accesslog = None
-        hcfg.errorlog = logging.getLogger("hypercorn.error")
-        hcfg.include_server_header = False
-        websocket = config.sections.get("websocket")
-        if websocket is not None:  # refuse oversized inbound frames (1009) before buffering them
-            hcfg.websocket_max_message_size = websocket.max_frame_bytes
-        async with trio.open_nursery() as http:
-            urls = await http.start(
-                partial(hypercorn.trio.serve, app, hcfg, shutdown_trigger=agent.wait_stop_requested)
-            )
-            agent.urls = list(urls)
-            log.info("Lightd %s listening on %s", agent.version, ", ".join(agent.urls))
-            await agent.hooks.startup(agent)
-            task_status.started(agent.urls)
-        log.info("API stopped; shutting down")
-        with trio.move_on_after(config.server.graceful_timeout) as scope:
-            scope.shield = True
-            await agent.hooks.shutdown(agent)
-        if scope.cancelled_caught:
-            log.warning(
-                "plugins did not finish shutting down within %.1fs", config.server.graceful_timeout
-            )
-        root.cancel_scope.cancel()
-    log.info("stopped")
-
-
-async def _watch_signals(
-    agent: Agent, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            if agent._stop.is_set():
-                log.warning("second %s: stopping now", signal.Signals(signum).name)
-                raise KeyboardInterrupt
-            log.info("%s received: stopping gracefully", signal.Signals(signum).name)
-            agent.request_stop()

@@ -21,7 +21,8 @@ import pytest
 import trio
 import trio_websocket
 from lightd.config import deep_merge, new_token
-from lightd.runtime import Agent, open_agent, serve_agent
+from lightd.runtime import Agent, open_agent
+from lightd.server import serve_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = "Application/vnd.pkglatv1+json"

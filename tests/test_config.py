@@ -18,9 +18,11 @@ from lightd.config import (
     load_config,
     locate_config,
     new_token,
+    parse_config,
     write_config,
 )
 from lightd.errors import ConfigError
+from lightd.plugins.remote_sync import RemoteConfig
 
 from .conftest import MASTER, RunningAgent, StartAgent, api_client
 
@@ -49,7 +51,6 @@ def test_defaults_match_the_contract(tmp_path: Path) -> None:
     assert config.server.allowed_origins == ()
     assert config.server.max_body_bytes == 8 * 1024 * 1024
     assert config.authorization.enabled is True
-    assert config.remote.enabled is False
     assert config.plugins.disabled == ()
 
 
@@ -103,6 +104,7 @@ def test_failed_rewrite_leaves_the_old_file(tmp_path: Path) -> None:
         ({"storage": {"base_path": 7}}, "storage.base_path: must be a string"),
         ({"plugins": {"disabled": "volumes"}}, "plugins.disabled"),
         ({"remote": []}, "remote"),
+        ({"remote": {"timeout": 0}}, "remote.timeout: must be > 0"),
         ([], "the file must hold a JSON object"),
     ],
 )
@@ -112,7 +114,7 @@ def test_invalid_values_name_the_key(tmp_path: Path, raw: object, message: str) 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError) as error:
-        load_config(path)
+        load_config(path, {"remote": RemoteConfig})  # a plugin's section is checked as well
     assert str(error.value).startswith(message)
     assert "\n" not in str(error.value)
 
@@ -199,3 +201,24 @@ async def test_reload_applies_origins_and_body_limit(
     assert refused.status_code == 403
     big = await client.post("/auth/tokens", json={"ttl": "5m", "pad": "x" * 2048})
     assert big.status_code == 413
+
+
+def test_a_plugin_section_reads_back_typed_by_its_class(tmp_path: Path) -> None:
+    raw = {"authorization": {"token": MASTER}, "remote": {"enabled": True}}
+    config = parse_config(raw, {"remote": RemoteConfig})
+    remote = config.section(RemoteConfig)
+    assert isinstance(remote, RemoteConfig)
+    assert (remote.enabled, remote.timeout) == (True, 10.0)
+    assert parse_config({"authorization": {"token": MASTER}}, {"remote": RemoteConfig}).section(
+        RemoteConfig
+    ) == RemoteConfig()
+    with pytest.raises(KeyError, match="no config section"):
+        parse_config(raw).section(RemoteConfig)
+
+
+def test_a_section_class_must_be_attrs() -> None:
+    class Plain:
+        pass
+
+    with pytest.raises(ConfigError, match="not an attrs class"):
+        parse_config({"authorization": {"token": MASTER}}, {"plain": Plain})

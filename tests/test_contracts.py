@@ -43,7 +43,8 @@ def test_every_hook_spec_has_a_test() -> None:
     assert missing == []
 
 
-def test_public_surface_is_sorted_and_complete() -> None:
-    assert lightd.__all__ == sorted(lightd.__all__)
+def test_public_surface_is_complete() -> None:
+    # Its order is ruff's (RUF022, isort-style: constants, classes, then the rest).
+    assert len(set(lightd.__all__)) == len(lightd.__all__)
     for name in lightd.__all__:
         assert hasattr(lightd, name)

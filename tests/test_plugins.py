@@ -61,8 +61,10 @@ async def test_start_up_hooks_run_in_lifecycle_order(hello: RunningAgent) -> Non
 async def test_hook_lightd_add_config_sections(
     start_agent: StartAgent, make_config: Callable[..., Path], hello_plugin: str
 ) -> None:
+    from lightd_hello.plugin import HelloConfig
+
     node = await start_agent(make_config({"hello": {"greeting": "panel"}}), load_entrypoints=True)
-    assert node.agent.config.section("hello").greeting == "panel"
+    assert node.agent.config.section(HelloConfig).greeting == "panel"
     async with api_client(node.url) as c:
         assert (await c.get("/hello")).json()["hello"] == "panel"
         shown = (await c.get("/remote/config")).json()
@@ -142,7 +144,7 @@ async def test_disabled_external_plugin_is_not_loaded(
     node = await start_agent(
         make_config({"plugins": {"disabled": ["hello"]}}), load_entrypoints=True
     )
-    assert node.agent.pm.get_plugin("hello") is None
+    assert not node.agent.hooks.loaded("hello")
     async with api_client(node.url) as c:
         assert (await c.get("/hello")).status_code == 404
 
@@ -152,7 +154,7 @@ async def test_essential_plugins_cannot_be_disabled(
 ) -> None:
     with caplog.at_level(logging.WARNING):
         node = await start_agent(make_config({"plugins": {"disabled": ["tokens", "nonesuch"]}}))
-    assert node.agent.pm.get_plugin("tokens") is not None
+    assert node.agent.hooks.loaded("tokens")
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "'tokens' is essential" in messages
     assert "'nonesuch', which is not an installed plugin" in messages

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from lightd.api.tokens import TOKENS, parse_ttl
 from lightd.errors import BadRequest
-from lightd.tokens import TOKENS, parse_ttl
 
 from .conftest import Clock, RunningAgent, StartAgent, api_client
 

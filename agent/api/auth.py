@@ -18,7 +18,7 @@ from quart.wrappers import BaseRequestWebsocket
 
 from ..errors import Forbidden, Unauthorized
 from ..runtime import Agent
-from ..tokens import TOKENS, TemporaryToken
+from .tokens import TOKENS, TemporaryToken
 from .views import CONTAINER_SCOPED_ATTR, AuthInfo
 
 __all__ = ["VENDOR_MEDIA_TYPE", "authenticate", "cors_headers", "preflight"]

@@ -14,7 +14,6 @@ from ..config import deep_merge, redact
 from ..converter import unstructure
 from ..errors import BadRequest, ConfigError
 from ..hookspecs import hookimpl
-from ..plugin_manager import describe_plugins
 from ..runtime import Agent
 from .views import public
 
@@ -54,7 +53,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
                 "os": engine.get("Os"),
                 "arch": engine.get("Arch"),
             },
-            "plugins": describe_plugins(agent.pm),
+            "plugins": agent.hooks.describe(),
         }
 
     @bp.get("/remote/config")

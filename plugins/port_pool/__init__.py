@@ -45,9 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable
 
-from lightd import Agent, Migration, Service, StashKey, hookimpl
-from lightd.config import Config
-from lightd.interfaces import PORT_POOL
+from lightd import PORT_POOL, Agent, Config, Migration, Service, StashKey, hookimpl
 from quart import Blueprint
 
 from .firewall import Firewall
@@ -86,7 +84,7 @@ def lightd_add_migrations() -> list[Migration]:
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
     pool = PortPool(agent.store, agent.clock)
-    section: NetworkConfig = agent.config.section("network")
+    section: NetworkConfig = agent.config.section(NetworkConfig)
     if section.manage_firewall:
         firewall = Firewall(section, pool.rule_targets)
         pool.on_change = firewall.kick
@@ -124,5 +122,5 @@ def lightd_container_deleted(agent: Agent, internal_id: str) -> Awaitable[None]:
 
 @hookimpl
 def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
-    if old.section("network") != new.section("network"):
+    if old.section(NetworkConfig) != new.section(NetworkConfig):
         log.warning("config reload: network changed; it takes effect at the next restart")

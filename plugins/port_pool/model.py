@@ -25,8 +25,7 @@ import json
 import re
 
 import attrs
-from lightd.converter import field_check
-from lightd.errors import BadRequest
+from lightd import BadRequest, field_check
 
 __all__ = [
     "PROTOCOLS",

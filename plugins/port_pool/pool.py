@@ -19,14 +19,21 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-from lightd import AgentError, BadRequest, Conflict, Migration, NotFound
-from lightd.interfaces import PoolPort, PortRequest
-from lightd.store import StoreError
+from lightd import (
+    AgentError,
+    BadRequest,
+    Conflict,
+    Migration,
+    NotFound,
+    PoolPort,
+    PortRequest,
+    StoreError,
+)
 
 from .model import PROTOCOL_BITS, covers, display, ip_key, parse_ip, parse_port, parse_protocol
 
 if TYPE_CHECKING:
-    from lightd.store import Store
+    from lightd import Store
 
 __all__ = ["MIGRATIONS", "TAKE_SQL", "Entry", "PortPool", "PortPoolError"]
 

@@ -34,14 +34,19 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any
 
-from lightd import Agent, Migration, Service, hookimpl
-from lightd.config import Config
+from lightd import Agent, Config, Migration, Service, hookimpl
 from quart import Blueprint
 
+from .config import RemoteConfig
 from .outbox import MIGRATIONS
 from .sync import REMOTE_SYNC, RemoteSync
 
-__all__ = ["REMOTE_SYNC", "RemoteSync"]
+__all__ = ["REMOTE_SYNC", "RemoteConfig", "RemoteSync"]
+
+
+@hookimpl
+def lightd_add_config_sections() -> dict[str, type]:
+    return {"remote": RemoteConfig}
 
 
 @hookimpl
@@ -89,4 +94,4 @@ def lightd_container_deleted(agent: Agent, internal_id: str) -> None:
 
 @hookimpl
 def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
-    agent.stash[REMOTE_SYNC].config_changed(old.remote, new.remote)
+    agent.stash[REMOTE_SYNC].config_changed(old.section(RemoteConfig), new.section(RemoteConfig))

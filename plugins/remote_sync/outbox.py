@@ -19,8 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 import attrs
-from lightd import Migration
-from lightd.store import Store
+from lightd import Migration, Store
 
 __all__ = ["MIGRATIONS", "Outbox", "QueuedUpdate"]
 

@@ -14,7 +14,7 @@
   ``remote.heartbeat_interval`` seconds. A healthy answer also cuts a running back-off
   short, so queued updates flow as soon as the panel is back.
 * ``config_changed`` (on ``POST /remote/config/reload``) cancels requests in flight, resets
-  the back-off and wakes both services, which read ``agent.config.remote`` afresh for
+  the back-off and wakes both services, which read the ``remote`` section afresh for
   every request: a new URL or token applies to the very next request, and nothing queued
   is lost by enabling, disabling or re-pointing the link.
 """
@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import httpx
 import trio
-from lightd import Agent, StashKey
-from lightd.config import RemoteConfig
-from lightd.store import StoreError
+from lightd import Agent, StashKey, StoreError
 
+from .config import RemoteConfig
 from .outbox import Outbox, QueuedUpdate
 
 if TYPE_CHECKING:
@@ -240,7 +239,7 @@ class RemoteSync:
 
     @property
     def config(self) -> RemoteConfig:
-        return self.agent.config.remote
+        return self.agent.config.section(RemoteConfig)
 
     # --- recording -----------------------------------------------------------------
 

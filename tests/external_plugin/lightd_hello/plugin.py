@@ -66,7 +66,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
     @bp.get("/hello")
     async def hello() -> dict[str, object]:
-        section: HelloConfig = agent.config.section("hello")
+        section: HelloConfig = agent.config.section(HelloConfig)
         return {"hello": section.greeting, "calls": state.calls, "ticks": state.ticks}
 
     @bp.get("/hello/events")

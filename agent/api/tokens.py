@@ -1,7 +1,9 @@
 """Temporary tokens (contract §2.1): mint, check, consume, persist, purge.
 
-Built-in plugin ``tokens``: adds ``POST /auth/tokens``, the ``tokens`` schema, and a service
-that loads live tokens at start and purges expired ones every five minutes.
+Part of the core, like the rest of authentication: it is the essential built-in ``tokens``
+only so that it declares its route (``POST /auth/tokens``), its ``tokens`` schema and its
+service (load live tokens at start, purge expired ones every five minutes) through the same
+hooks as every feature. It cannot be disabled; ``lightd.api.auth`` checks tokens with it.
 
 Only a SHA-256 of each token is stored, in the store and in memory: a copy of the state
 file gives nobody a usable token. Checks run against the in-memory table, so they cost no
@@ -24,13 +26,13 @@ import attrs
 import trio
 from quart import Blueprint
 
-from .api.views import current_auth, read_json
-from .config import TOKEN_PREFIX
-from .converter import field_check
-from .errors import BadRequest, Unauthorized
-from .hookspecs import hookimpl
-from .runtime import Agent, Service, StashKey
-from .store import Migration, Store
+from ..config import TOKEN_PREFIX
+from ..converter import field_check
+from ..errors import BadRequest, Unauthorized
+from ..hookspecs import hookimpl
+from ..runtime import Agent, Service, StashKey
+from ..store import Migration, Store
+from .views import current_auth, read_json
 
 __all__ = ["TOKENS", "TemporaryToken", "TokenRegistry", "parse_ttl"]
 
