@@ -54,8 +54,9 @@ def lightd_add_config_sections() -> Mapping[str, type] | None:
     The class must be an attrs class whose every field has a default, so that a config
     file without the section keeps working. The core structures the section from
     config.json with the agent's converter (a bad value stops the agent with a one-line
-    error naming the key) and exposes it as ``agent.config.section("section_name")``.
-    A section may not reuse the name of a core section.
+    error naming the key) and reads it back typed by its class:
+    ``agent.config.section(AttrsClass)``. A section may not reuse the name of a core
+    section, and a class serves one section only.
     """
 
 
@@ -74,7 +75,7 @@ def lightd_configure(agent: Agent) -> None:
     """The config is loaded and the store is open: build your plugin's state objects.
 
     Put them where routes and services find them: ``agent.stash[MY_KEY] = MyThing(...)``
-    (see ``agent.runtime.StashKey``). No I/O that can block here; do slow loading in a
+    (see ``lightd.StashKey``). No I/O that can block here; do slow loading in a
     service before it reports ``started()``.
 
     :param agent: the agent being built.
@@ -100,10 +101,10 @@ def lightd_add_routes(agent: Agent) -> Iterable[Blueprint] | None:
     """Declare HTTP and WebSocket routes, as Quart blueprints.
 
     Every route requires the vendor header and a token unless its view is decorated with
-    ``agent.api.public``. Views must be ``async def``. Raise ``agent.errors.ApiError``
-    subclasses for failures; read JSON bodies with ``agent.api.read_json``. A view whose
+    ``lightd.api.public``. Views must be ``async def``. Raise ``lightd.ApiError``
+    subclasses for failures; read JSON bodies with ``lightd.api.read_json``. A view whose
     URL has an ``internal_id`` argument, or that is decorated with
-    ``agent.api.container_scoped``, is reachable by tokens restricted to containers.
+    ``lightd.api.container_scoped``, is reachable by tokens restricted to containers.
 
     :param agent: the agent being built; capture it in your views' closure.
     """

@@ -4,6 +4,9 @@ The order is the contract's: a request with neither header gets the vendor 403 f
 master token is compared in constant time; temporary tokens are looked up by hash. A
 single-use token is claimed only once every other check has passed, so a request refused
 for its origin does not burn it.
+
+The rules live here once: the fast read path (``lightd.api.fastpath``) calls the same
+``has_vendor_type``, ``bearer_token`` and ``is_master`` on the raw headers.
 """
 
 from __future__ import annotations
@@ -16,12 +19,21 @@ from typing import Any
 from quart import Response, request
 from quart.wrappers import BaseRequestWebsocket
 
+from ..config import AuthorizationConfig
 from ..errors import Forbidden, Unauthorized
 from ..runtime import Agent
 from .tokens import TOKENS, TemporaryToken
 from .views import CONTAINER_SCOPED_ATTR, AuthInfo
 
-__all__ = ["VENDOR_MEDIA_TYPE", "authenticate", "cors_headers", "preflight"]
+__all__ = [
+    "VENDOR_MEDIA_TYPE",
+    "authenticate",
+    "bearer_token",
+    "cors_headers",
+    "has_vendor_type",
+    "is_master",
+    "preflight",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +41,16 @@ VENDOR_MEDIA_TYPE = "application/vnd.pkglatv1+json"
 INVALID_TOKEN = "Missing or invalid authorization token"
 
 
-def _has_vendor_type(accept: str) -> bool:
+def has_vendor_type(accept: str) -> bool:
+    """Does an ``Accept`` header name the vendor media type (any case, any parameters)?"""
     for item in accept.split(","):
         if item.split(";", 1)[0].strip().lower() == VENDOR_MEDIA_TYPE:
             return True
     return False
 
 
-def _bearer(header: str) -> str | None:
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         return None
@@ -53,9 +67,9 @@ def _check_origin(agent: Agent, conn: BaseRequestWebsocket) -> None:
         raise Forbidden("Origin not allowed", code="origin_not_allowed")
 
 
-def _master_matches(agent: Agent, token: str) -> bool:
-    master = agent.config.authorization.token
-    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), master.encode("utf-8"))
+def is_master(auth: AuthorizationConfig, token: str) -> bool:
+    """Is ``token`` the master token? Compared in constant time."""
+    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), auth.token.encode("utf-8"))
 
 
 def _scope_allows(
@@ -83,7 +97,7 @@ async def authenticate(
         return AuthInfo("disabled")
     if token is None or not token.startswith("lightd_") or len(token) < 20:
         raise Unauthorized(INVALID_TOKEN)
-    if _master_matches(agent, token):
+    if is_master(agent.config.authorization, token):
         _check_origin(agent, conn)
         return AuthInfo("master")
     registry = agent.stash[TOKENS]
@@ -99,9 +113,9 @@ async def authenticate(
 
 
 async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> AuthInfo:
-    if not _has_vendor_type(request.headers.get("Accept", "")):
+    if not has_vendor_type(request.headers.get("Accept", "")):
         raise Forbidden("Invalid vendor header", code="invalid_vendor")
-    token = _bearer(request.headers.get("Authorization", ""))
+    token = bearer_token(request.headers.get("Authorization", ""))
     return await authenticate(agent, token, view, request._get_current_object())
 
 

@@ -11,14 +11,13 @@ stays the one place deciding errors; a test checks both paths give the same answ
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from ..config import AuthorizationConfig
 from ..converter import json_body
 from ..runtime import Agent, StashKey
-from .auth import VENDOR_MEDIA_TYPE
+from .auth import bearer_token, has_vendor_type, is_master
 
 __all__ = ["FAST_READS", "Reader", "answer", "fast_reads", "json_body"]
 
@@ -33,8 +32,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: and its reader gets ``""``. Registered in ``lightd_configure``.
 Reader = Callable[[str], bytes | None]
 FAST_READS: StashKey[dict[str, Reader]] = StashKey("fast_reads")
-
-_VENDOR = VENDOR_MEDIA_TYPE.encode()
 
 
 def fast_reads(agent: Agent, app: ASGIApp) -> ASGIApp:
@@ -84,11 +81,11 @@ def answer(auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: Scop
             return None  # repeated, or a browser (CORS): Quart decides
     if accept is None or authorization is None or not auth.enabled:
         return None
-    if _VENDOR not in {item.split(b";", 1)[0].strip().lower() for item in accept.split(b",")}:
+    # The same checks as every other request (lightd.api.auth), on the headers as Quart
+    # decodes them (latin-1); anything they refuse goes on to Quart, which answers it.
+    if not has_vendor_type(accept.decode("latin-1")):
         return None
-    scheme, _, token = authorization.strip().partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(
-        token.strip(), auth.token.encode("utf-8")
-    ):
+    token = bearer_token(authorization.decode("latin-1"))
+    if token is None or not is_master(auth, token):
         return None
     return reader(rest)
