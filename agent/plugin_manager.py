@@ -118,9 +118,7 @@ def _register(pm: pluggy.PluginManager, name: str, load: Any) -> None:
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     """Name, origin, version and hooks of each registered plugin (for ``/system/info``)."""
-    versions = {
-        plugin: dist.version if dist else None for plugin, dist in pm.list_plugin_distinfo()
-    }
+    versions = {plugin: dist.version for plugin, dist in pm.list_plugin_distinfo()}
     described = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
@@ -205,9 +203,7 @@ class Hooks:
         await _await_all(self._relay.lightd_container_deleted(agent=agent, internal_id=internal_id))
 
     def run_install_script(self, agent: Agent, job: InstallJob) -> Awaitable[None] | None:
-        result: Awaitable[None] | None = self._relay.lightd_run_install_script(
-            agent=agent, job=job
-        )
+        result: Awaitable[None] | None = self._relay.lightd_run_install_script(agent=agent, job=job)
         return result
 
     def volume_in_use(self, agent: Agent, volume_id: str) -> str | None:

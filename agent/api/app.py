@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable
 
 from quart import Blueprint, Response, g, has_request_context, jsonify, request, websocket
+from quart.globals import websocket_ctx
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -65,7 +66,7 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
             return
         view = app.view_functions.get(websocket.endpoint or "")
         token = websocket.args.get("token")
-        g.lightd_auth = await authenticate(agent, token, view, websocket._get_current_object())
+        g.lightd_auth = await authenticate(agent, token, view, websocket_ctx.websocket)
 
     @app.after_request
     async def add_cors(response: Response) -> Response:
@@ -91,5 +92,6 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
         log.error("unhandled error in %s", where, exc_info=error)
         return _error(500, "Internal server error", "internal_error")
 
-    app.asgi_app = fast_reads(agent, app.asgi_app)  # type: ignore[method-assign]
+    # Quart's documented way to add ASGI middleware; the wrapper has the same call shape.
+    app.asgi_app = fast_reads(agent, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from quart import Response, request
+from quart.globals import request_ctx
 from quart.wrappers import BaseRequestWebsocket
 
 from ..config import AuthorizationConfig
@@ -116,7 +117,7 @@ async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> Au
     if not has_vendor_type(request.headers.get("Accept", "")):
         raise Forbidden("Invalid vendor header", code="invalid_vendor")
     token = bearer_token(request.headers.get("Authorization", ""))
-    return await authenticate(agent, token, view, request._get_current_object())
+    return await authenticate(agent, token, view, request_ctx.request)
 
 
 def cors_headers(agent: Agent, response: Response) -> None:

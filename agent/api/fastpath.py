@@ -11,8 +11,10 @@ stays the one place deciding errors; a test checks both paths give the same answ
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from ..config import AuthorizationConfig
 from ..converter import json_body
@@ -21,10 +23,8 @@ from .auth import bearer_token, has_vendor_type, is_master
 
 __all__ = ["FAST_READS", "Reader", "answer", "fast_reads", "json_body"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Any]]
-Send = Callable[[Any], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: What Quart's ``asgi_app`` is.
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Coroutine[Any, Any, None]]
 
 #: Path → reader: the body (``json_body`` of the view's answer), or ``None`` (not found:
 #: Quart answers). A path ending in ``/`` stands for that path plus one segment, which
@@ -38,7 +38,7 @@ def fast_reads(agent: Agent, app: ASGIApp) -> ASGIApp:
     """Wrap ``app`` (Quart's ``asgi_app``) with the registered readers."""
     readers = agent.stash.setdefault(FAST_READS, {})
 
-    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+    async def front(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
             body = answer(agent.config.authorization, readers, scope)
             if body is not None:
@@ -52,14 +52,16 @@ def fast_reads(agent: Agent, app: ASGIApp) -> ASGIApp:
                         ],
                     }
                 )
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
         await app(scope, receive, send)
 
     return front
 
 
-def answer(auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: Scope) -> bytes | None:
+def answer(
+    auth: AuthorizationConfig, readers: Mapping[str, Reader], scope: HTTPScope
+) -> bytes | None:
     """The body to send for ``scope``, or ``None`` when Quart must answer it."""
     path: str = scope["path"]
     if path.endswith("/"):

@@ -58,7 +58,8 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
     @bp.get("/remote/config")
     async def get_config() -> dict[str, Any]:
-        return redact(effective_config(agent))
+        shown: dict[str, Any] = redact(effective_config(agent))
+        return shown
 
     @bp.post("/remote/config/reload")
     async def reload_config() -> dict[str, str]:

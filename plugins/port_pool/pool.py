@@ -204,7 +204,8 @@ def _sorted_ports(rows: Iterable[Sequence[Any]]) -> list[PoolPort]:
     return ports
 
 
-def _check_owner(owner: str) -> None:
+def _check_owner(owner: object) -> None:
+    """Callers are typed, but a plugin may still hand anything over at run time."""
     if not isinstance(owner, str) or not owner:
         raise ValueError(f"a pool owner is a container's internal_id, not {owner!r}")
 

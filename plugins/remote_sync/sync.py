@@ -154,7 +154,7 @@ class Backoff:
     def next_delay(self) -> float:
         ceiling = min(self.cap, self.base * 2 ** min(self.failures, 62))
         self.failures += 1
-        return ceiling * (0.5 + 0.5 * self.random())
+        return float(ceiling * (0.5 + 0.5 * self.random()))
 
     def reset(self) -> None:
         self.failures = 0
@@ -240,6 +240,10 @@ class RemoteSync:
     @property
     def config(self) -> RemoteConfig:
         return self.agent.config.section(RemoteConfig)
+
+    def enabled(self) -> bool:
+        """Is remote sync switched on now (the config may have been reloaded)?"""
+        return self.config.enabled
 
     # --- recording -----------------------------------------------------------------
 
@@ -486,7 +490,7 @@ class RemoteSync:
                 await self._work.wait()
                 continue
             for update in batch:
-                if not self.config.enabled:
+                if not self.enabled():  # a reload may switch it off between two sends
                     break
                 attempt = await self.send(client, update)
                 if attempt.outcome is Outcome.RETRY:
@@ -597,7 +601,7 @@ def _snippet(text: str) -> str:
 
 def _describe(exc: httpx.RequestError) -> str:
     if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({exc or 'connection failed'})"
+        return f"cannot connect ({str(exc) or 'connection failed'})"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
