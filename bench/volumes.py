@@ -1,7 +1,7 @@
 """The volume file API against its baselines, each measured in the same run on the same disk.
 
 Prints, each next to its baseline and the ratio:
-  1. small files: write+read of 1 000 small files per second through ``agent.safepath``
+  1. small files: write+read of 1 000 small files per second through ``lightd.files``
      (what every route uses: fd-relative resolution, temp file + rename) vs plain Python
      ``open().write()`` / ``open().read()`` on the same disk (target: >= 30 %); and, for
      information, writes per second through ``POST /volumes/:id/files`` of a live agent;
@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightd.safepath import Root, parse
+from lightd.files import Root, parse
 
 HERE = Path(__file__).resolve()
 
@@ -238,7 +238,7 @@ def small_files(base: Path, agent: Agent, volume_id: str) -> dict[str, float]:
     api_rate = len(texts) / timed(api)
     return {
         "plain_files_per_s": statistics.median(plain_rates),
-        "safepath_files_per_s": statistics.median(safe_rates),
+        "safe_files_per_s": statistics.median(safe_rates),
         "api_writes_per_s": api_rate,
     }
 
@@ -474,9 +474,9 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def print_small(s: dict[str, float]) -> None:
-    ratio = s["safepath_files_per_s"] / s["plain_files_per_s"]
+    ratio = s["safe_files_per_s"] / s["plain_files_per_s"]
     print(f"small files (write+read of {SMALL_FILES}, files/s, median of {SMALL_ROUNDS}):")
-    print(f"  agent.safepath       {s['safepath_files_per_s']:10.0f}")
+    print(f"  lightd.files         {s['safe_files_per_s']:10.0f}")
     print(f"  plain Python         {s['plain_files_per_s']:10.0f}")
     ok = verdict(ratio >= SMALL_TARGET)
     print(f"  ratio                {ratio:10.1%}   (target >= {SMALL_TARGET:.0%})  {ok}")

@@ -1,7 +1,7 @@
 """Built-in plugin ``archives``: compress and decompress inside a volume (contract §5).
 
 Formats: ``zip``, ``tar``, ``tar.gz``, ``tar.bz2`` and [ext] ``tar.xz``, with the standard
-library only. Every file touched goes through ``agent.safepath``; volumes are reached only
+library only. Every file touched goes through ``lightd.files``; volumes are reached only
 through ``agent.stash[VOLUMES]`` (the ``VolumeService`` of the volumes plugin).
 
 Compression walks the sources beneath the volume root without following any link, stores
@@ -14,7 +14,7 @@ written into a private folder inside the destination, resolved with no link foll
 all (so "link, then write through it" cannot work); absolute names, ``..``, device files,
 links or hard links leaving the destination, and the size and entry-count limits fail the
 whole request with ``400 Invalid archive: <reason>``. Only a complete, valid tree is then
-moved into place (``safepath.merge_tree``: existing files replaced, folders merged, every
+moved into place (``lightd.files.merge_tree``: existing files replaced, folders merged, every
 move undone if one fails); the private folder is removed in every case.
 
 Hooks: ``lightd_add_config_sections`` (section ``archives``), ``lightd_configure``
@@ -44,17 +44,15 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import attrs
 import trio
-from lightd import BadRequest, NotFound, hookimpl
+from lightd import VOLUMES, Agent, BadRequest, NotFound, StashKey, field_check, hookimpl
 from lightd.api import read_json
-from lightd.converter import field_check
-from lightd.interfaces import VOLUMES
-from lightd.runtime import Agent, StashKey
-from lightd.safepath import (
+from lightd.files import (
     CHUNK,
     NAME_MAX,
     TEMP_PREFIX,
@@ -380,14 +378,14 @@ class _Extractor:
                 if kind == stat.S_IFLNK:
                     if info.file_size > MAX_LINK_TARGET:
                         raise InvalidArchive(f"link target too long: {_show(rel.text)}")
-                    data = _reading(lambda info=info: zf.read(info))
+                    data = _reading(partial(zf.read, info))
                     self.add_symlink(rel, os.fsdecode(data))
                 elif info.is_dir() or kind == stat.S_IFDIR:
                     self.add_dir(rel, stat.S_IMODE(unix) or 0o755, mtime)
                 elif kind not in (0, stat.S_IFREG):
                     raise InvalidArchive(f"device or special file: {_show(rel.text)}")
                 else:
-                    stream = _reading(lambda info=info: zf.open(info))
+                    stream = _reading(partial(zf.open, info))
                     with stream:
                         self.add_file(
                             rel, stat.S_IMODE(unix) or 0o644, mtime, stream.read, info.file_size
@@ -400,13 +398,13 @@ class _Extractor:
         cost a whole second decompression."""
 
         def open_tar() -> tarfile.TarFile:
-            return tarfile.open(fileobj=fh, mode="r:", tarinfo=_BoundedTarInfo)
+            return _open_tar(fh, "r:", tarinfo=_BoundedTarInfo)
 
         count = total = 0
         with _reading(open_tar) as tf:
             while (member := _reading(tf.next)) is not None:
                 self.checkpoint()
-                tf.members.clear()
+                _forget_members(tf)
                 count += 1
                 total += member.size if member.isreg() else 0
                 if count > self.max_entries or total > self.max_total:
@@ -419,7 +417,7 @@ class _Extractor:
         mode = {"tar": "r:", "tar.gz": "r:gz", "tar.bz2": "r:bz2", "tar.xz": "r:xz"}[fmt]
 
         def open_tar() -> tarfile.TarFile:
-            return tarfile.open(fileobj=fh, mode=mode, tarinfo=_BoundedTarInfo, copybufsize=CHUNK)
+            return _open_tar(fh, mode, tarinfo=_BoundedTarInfo, copybufsize=CHUNK)
 
         with _reading(open_tar) as tf:
             while True:
@@ -427,7 +425,7 @@ class _Extractor:
                 member = _reading(tf.next)
                 if member is None:
                     return
-                tf.members.clear()  # stream through: tarfile keeps no list of 100 000 entries
+                _forget_members(tf)  # stream through: tarfile keeps no list of 100 000 entries
                 rel = self.entry(member.name)
                 if member.isdir():
                     self.add_dir(rel, member.mode, member.mtime)
@@ -438,11 +436,26 @@ class _Extractor:
                 elif member.ischr() or member.isblk() or member.isfifo():
                     raise InvalidArchive(f"device or special file: {_show(rel.text)}")
                 elif member.isreg():
-                    stream = _reading(lambda m=member: tf.extractfile(m))
+                    stream = _reading(partial(tf.extractfile, member))
                     assert stream is not None
                     self.add_file(rel, member.mode, member.mtime, stream.read, member.size)
                 else:
                     raise InvalidArchive(f"unsupported entry type: {_show(rel.text)}")
+
+
+def _open_tar(fh: BinaryIO, mode: str, **options: Any) -> tarfile.TarFile:
+    """``tarfile.open(fileobj=fh, mode=mode, **options)``. Through a plain callable: the
+    typed overloads of ``open`` want a literal mode and lack ``copybufsize`` (an argument
+    ``TarFile`` takes)."""
+    opener: Callable[..., tarfile.TarFile] = tarfile.open
+    return opener(fileobj=fh, mode=mode, **options)
+
+
+def _forget_members(tf: tarfile.TarFile) -> None:
+    """Drop the members ``tf`` has read so far: ``TarFile`` keeps each one in its
+    ``members`` list (not in its typed API), which would grow with the archive."""
+    members: list[tarfile.TarInfo] = tf.members  # type: ignore[attr-defined]
+    members.clear()
 
 
 def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> float:
@@ -612,9 +625,7 @@ def _write_tar(
         options["compresslevel"] = GZIP_LEVEL
     mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[fmt]
     hardlinks: dict[tuple[int, int], str] = {}
-    with tarfile.open(
-        fileobj=out, mode=mode, format=tarfile.PAX_FORMAT, copybufsize=CHUNK, **options
-    ) as tf:
+    with _open_tar(out, mode, format=tarfile.PAX_FORMAT, copybufsize=CHUNK, **options) as tf:
         for entry in entries:
             st = entry.stat
             info = tarfile.TarInfo(entry.path)
@@ -641,7 +652,7 @@ def _write_tar(
                     continue
                 with fh:
                     info.size = os.fstat(fh.fileno()).st_size
-                    tf.addfile(info, _ExactReader(fh, info.size, checkpoint))  # type: ignore[arg-type]
+                    tf.addfile(info, _ExactReader(fh, info.size, checkpoint))
                 if st.st_nlink > 1:
                     hardlinks[key] = entry.path
             # sockets, FIFOs, device nodes: not data, not archived
@@ -731,7 +742,9 @@ def lightd_add_config_sections() -> dict[str, type]:
 
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
-    agent.stash[ARCHIVE_WORKERS] = trio.CapacityLimiter(agent.config.section("archives").workers)
+    agent.stash[ARCHIVE_WORKERS] = trio.CapacityLimiter(
+        agent.config.section(ArchivesConfig).workers
+    )
 
 
 @hookimpl
@@ -784,7 +797,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             raise BadRequest("archive_path: is required", code="invalid_field")
         if not archive.parts:
             raise InvalidArchive("not a file")
-        config: ArchivesConfig = agent.config.section("archives")
+        config: ArchivesConfig = agent.config.section(ArchivesConfig)
         await run(
             decompress, folder, archive, destination, config.max_total_bytes, config.max_entries
         )

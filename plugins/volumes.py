@@ -2,7 +2,7 @@
 
 A volume is the folder ``{storage.volumes_path}/{volume_id}`` (UUID v4), the same folder
 the containers supervisor bind-mounts. Every file operation goes through
-``agent.safepath`` (resolved beneath a descriptor of the volume root, never following a
+``lightd.files`` (resolved beneath a descriptor of the volume root, never following a
 link out of it) and runs in a worker thread on this plugin's own limiters, so the event
 loop never waits on a disk.
 
@@ -52,13 +52,21 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
-from lightd import BadRequest, Conflict, Migration, NotFound, hookimpl
+from lightd import (
+    VOLUMES,
+    Agent,
+    BadRequest,
+    Conflict,
+    Migration,
+    NotFound,
+    Service,
+    StashKey,
+    Store,
+    field_check,
+    hookimpl,
+)
 from lightd.api import read_json
-from lightd.converter import field_check
-from lightd.interfaces import VOLUMES
-from lightd.runtime import Agent, Service, StashKey
-from lightd.safepath import RelPath, Root, parse
-from lightd.store import Store
+from lightd.files import RelPath, Root, parse
 from quart import Blueprint, request
 
 __all__ = [
@@ -127,7 +135,7 @@ FILE_WORKERS: StashKey[FileWorkers] = StashKey("volumes.file_workers")
 
 
 class VolumeRegistry:
-    """The volumes of this node (implements ``agent.interfaces.VolumeService``)."""
+    """The volumes of this node (implements ``lightd.VolumeService``)."""
 
     def __init__(self, store: Store, root: Path, clock: Callable[[], float]) -> None:
         self._store = store
@@ -427,7 +435,7 @@ def lightd_add_migrations() -> list[Migration]:
 
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
-    config: VolumesConfig = agent.config.section("volumes")
+    config: VolumesConfig = agent.config.section(VolumesConfig)
     registry = VolumeRegistry(agent.store, agent.paths.volumes, agent.clock)
     agent.stash[REGISTRY] = registry
     agent.stash[VOLUMES] = registry
@@ -459,7 +467,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     async def write(volume_id: str, text: str, data: bytes) -> dict[str, str]:
         folder = await folder_of(volume_id)
         rel = parse(text)
-        fsync = agent.config.section("volumes").fsync_writes
+        fsync = agent.config.section(VolumesConfig).fsync_writes
         await workers.run(_write, folder, rel, data, fsync)
         return {"message": "File written successfully", "path": str(rel)}
 

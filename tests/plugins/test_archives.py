@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+from lightd.files import NoSpace, RelPath, parse
 from lightd.plugins.archives import InvalidArchive, compress, decompress, detect, link_stays_inside
-from lightd.safepath import NoSpace, RelPath, parse
 
 from ..conftest import StartAgent, api_client
 from .conftest import error, new_volume
@@ -375,9 +375,9 @@ def test_decompress_failure_undoes_moves_already_made(
     archive = zip_bytes([("a", b"new a"), ("b", b"b"), ("m/c", b"c"), ("z", b"new z")])
     (tmp_path / "p.zip").write_bytes(archive)
     before = snapshot(tmp_path)
-    from lightd import safepath
+    from lightd.files import tree
 
-    original = safepath.rename_noreplace
+    original = tree.rename_noreplace
     moves = 0
 
     def failing(*args: Any) -> None:
@@ -387,7 +387,7 @@ def test_decompress_failure_undoes_moves_already_made(
             raise OSError(28, "No space left on device")
         original(*args)
 
-    monkeypatch.setattr(safepath, "rename_noreplace", failing)
+    monkeypatch.setattr(tree, "rename_noreplace", failing)
     with pytest.raises(NoSpace):
         decompress(
             tmp_path, parse("p.zip"), RelPath((), "."), 1 << 30, 100, checkpoint=lambda: None

@@ -1,5 +1,6 @@
-"""agent/safepath.py on real folders: path rules, and every primitive against links that
-point out of the root, run with ``openat2`` and with the ``O_NOFOLLOW`` component walk."""
+"""The file layer (``lightd.files``) on real folders: path rules, and every primitive
+against links that point out of the root, run with ``openat2`` and with the ``O_NOFOLLOW``
+component walk."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lightd import safepath
-from lightd.safepath import (
+from lightd.files import (
     MAX_DEPTH,
+    TEMP_PREFIX,
     FileExists,
     FolderExists,
     InvalidPath,
@@ -21,10 +22,13 @@ from lightd.safepath import (
     PathNotFound,
     RelPath,
     Root,
+    api_status,
     merge_tree,
+    openat2_available,
     parse,
-    rename_noreplace,
 )
+from lightd.files import resolve as resolution
+from lightd.files.resolve import rename_noreplace
 
 from .volumes_corpus import SECRET, snapshot
 
@@ -32,8 +36,8 @@ from .volumes_corpus import SECRET, snapshot
 @pytest.fixture(params=["openat2", "walk"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "walk":
-        monkeypatch.setattr(safepath, "USE_OPENAT2", False)
-        monkeypatch.setattr(safepath, "USE_RENAMEAT2", False)
+        monkeypatch.setattr(resolution, "USE_OPENAT2", False)
+        monkeypatch.setattr(resolution, "USE_RENAMEAT2", False)
     return str(request.param)
 
 
@@ -122,7 +126,7 @@ def test_parse_rejects(text: str, reason: str) -> None:
     with pytest.raises(InvalidPath) as caught:
         parse(text)
     assert caught.value.message == f"Invalid path: {reason}"
-    assert caught.value.status == 400
+    assert api_status(caught.value) == 400
 
 
 def test_parse_empty_as_root() -> None:
@@ -131,7 +135,7 @@ def test_parse_empty_as_root() -> None:
 
 
 def test_openat2_is_probed_once_and_available_here() -> None:
-    assert safepath.openat2_available() is True
+    assert openat2_available() is True
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -320,7 +324,7 @@ def test_copy_refuses_too_deep_trees_and_leaves_nothing(vol: tuple[Path, Root]) 
     path.mkdir(parents=True)
     with pytest.raises(InvalidPath, match="folder tree too deep"):
         root.copy(p("deep"), p("deep_copy"))
-    assert not [n for n in os.listdir(folder) if n.startswith(safepath.TEMP_PREFIX)]
+    assert not [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX)]
     with pytest.raises(InvalidPath, match="folder tree too deep"):
         list(root.walk(p("deep")))
 

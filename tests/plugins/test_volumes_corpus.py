@@ -18,7 +18,8 @@ from typing import Any
 
 import attrs
 import pytest
-from lightd import safepath
+from lightd.files import TEMP_PREFIX, openat2_available
+from lightd.files import resolve as resolution
 
 from ..conftest import StartAgent, api_client
 from .volumes_corpus import (
@@ -618,10 +619,10 @@ assert len(CASES) >= 40
 @pytest.fixture(params=["openat2", "walk"])
 def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "walk":
-        monkeypatch.setattr(safepath, "USE_OPENAT2", False)
-        monkeypatch.setattr(safepath, "USE_RENAMEAT2", False)
+        monkeypatch.setattr(resolution, "USE_OPENAT2", False)
+        monkeypatch.setattr(resolution, "USE_RENAMEAT2", False)
     else:
-        assert safepath.openat2_available(), "this kernel should have openat2"
+        assert openat2_available(), "this kernel should have openat2"
     return str(request.param)
 
 
@@ -706,7 +707,7 @@ async def test_bad_input(world: World, case: Case) -> None:
         assert snapshot(world.volume) == volume, "a refused request changed the volume"
     else:
         case.check(world)
-    assert not [n for n in _names(world.volume) if n.startswith(safepath.TEMP_PREFIX)]
+    assert not [n for n in _names(world.volume) if n.startswith(TEMP_PREFIX)]
 
 
 def _names(root: Path) -> Iterator[str]:

@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 import trio
-from lightd import safepath
-from lightd.errors import ApiError
-from lightd.safepath import RelPath, Root, parse
+from lightd.files import FileError, RelPath, Root, api_status, parse
+from lightd.files import resolve as resolution
 
 from ..conftest import StartAgent, api_client
 from .volumes_corpus import SECRET, leaked, snapshot, zip_bytes
@@ -65,8 +64,8 @@ def swapping(pairs: list[tuple[Path, Path]]) -> Iterator[Counter[str]]:
 @pytest.fixture(params=["openat2", "walk"])
 def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "walk":
-        monkeypatch.setattr(safepath, "USE_OPENAT2", False)
-        monkeypatch.setattr(safepath, "USE_RENAMEAT2", False)
+        monkeypatch.setattr(resolution, "USE_OPENAT2", False)
+        monkeypatch.setattr(resolution, "USE_RENAMEAT2", False)
     return str(request.param)
 
 
@@ -169,10 +168,11 @@ async def test_race_on_the_safe_path_layer(tmp_path: Path, resolver: str) -> Non
     def attempt(what: str, fn: Callable[..., object], *args: Any) -> None:
         try:
             value = fn(*args)
-        except ApiError as exc:
-            if exc.status not in (400, 404, 409):
-                raise AssertionError(f"{what}: {exc.status} {exc.message}") from exc
-            outcome = str(exc.status)
+        except FileError as exc:
+            status = api_status(exc)
+            if status not in (400, 404, 409):
+                raise AssertionError(f"{what}: {status} {exc.message}") from exc
+            outcome = str(status)
         else:
             if isinstance(value, bytes):
                 assert SECRET not in value, f"{what} read the outside folder"
