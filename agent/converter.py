@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 import cattrs.cols
+from cattrs.dispatch import StructureHook
 from cattrs.errors import (
     ClassValidationError,
     ForbiddenExtraKeysError,
@@ -101,6 +102,7 @@ def _is_sequence(type_: Any) -> bool:
 
 def _sequence_factory(type_: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
     """Lists and ``tuple[X, ...]`` come from JSON arrays only (a string is not a list)."""
+    inner: StructureHook
     if typing.get_origin(type_) is list:
         inner = cattrs.cols.list_structure_factory(type_, conv)
     else:
@@ -117,12 +119,12 @@ def _sequence_factory(type_: Any, conv: cattrs.Converter) -> Callable[[Any, Any]
 converter.register_structure_hook_factory(_is_sequence, _sequence_factory)
 
 
-def object_structure_fn(cls: type, **overrides: Any) -> Callable[[Any, Any], Any]:
+def object_structure_fn(cls: type[T], **overrides: Any) -> Callable[[Any, Any], T]:
     """Structure an attrs class from a JSON object only (cattrs alone accepts any mapping-
     like value, even a list); ``overrides`` are cattrs ``override(...)`` per field."""
     inner = make_dict_structure_fn(cls, converter, **overrides)
 
-    def structure_object(value: Any, cl: Any) -> Any:
+    def structure_object(value: Any, cl: Any) -> T:
         if not isinstance(value, dict):
             raise TypeError("must be an object")
         return inner(value, cl)
@@ -155,10 +157,10 @@ def _walk(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
         for sub in without:
             yield from _walk(sub, path)
     elif isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            yield from _walk(sub, f"{path}[{note.index!r}]")
-        for sub in without:
+        with_indexes, rest = exc.group_exceptions()
+        for sub, index_note in with_indexes:
+            yield from _walk(sub, f"{path}[{index_note.index!r}]")
+        for sub in rest:
             yield from _walk(sub, path)
     elif isinstance(exc, FieldError):
         yield (f"{path}.{exc.name}" if path else exc.name), exc.message

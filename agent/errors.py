@@ -5,8 +5,22 @@
     AgentError                  base of everything below
     ├── ConfigError             config.json is unreadable or invalid (CLI: one line, exit 2)
     ├── PluginError             a plugin could not be loaded or does not match the hook specs
+    ├── StoreError              the state store cannot be opened or migrated (lightd.store)
+    ├── DockerError             the engine refused a call (lightd.docker); routes turn it into
+    │   ├── DockerNotFound      an ApiError, and losing the engine into DockerUnavailable
+    │   └── DockerConflict
+    ├── InstallFailed           an install step failed; its message is the panel's reason
+    ├── PortPoolError           the port pool's store rows are inconsistent (port_pool plugin)
+    ├── FileError               the file layer refused (lightd.files; plain, no HTTP status:
+    │   │                       the app answers with the status of files.API_STATUS)
+    │   ├── InvalidPath         400  (PathEscapes: a path or link leading out of the volume)
+    │   ├── NotAFile, NotAFolder                                400
+    │   ├── PathNotFound, VolumeNotFound                        404
+    │   ├── FileExists, FolderExists                            409
+    │   └── NoSpace, FileOperationFailed                        500
     └── ApiError                answered to an API client as {"error": message}; carries a status
-        ├── BadRequest          400  invalid input (ValidationError: a field of a JSON body)
+        ├── BadRequest          400  invalid input (ValidationError: a field of a JSON body;
+        │                            InvalidArchive: the archives plugin's refusals)
         ├── Unauthorized        401  missing, wrong or expired token
         ├── Forbidden           403  vendor header or origin refused
         ├── NotFound            404  unknown resource or route
@@ -17,9 +31,13 @@
         ├── TooManyRequests     429
         └── DockerUnavailable   503  the Docker engine does not answer
 
-Plugins raise these (or subclasses) from their routes; the app turns them into responses.
-Anything else that escapes a route is a bug: it is logged with its traceback and answered
-as a bare 500 that reveals nothing.
+    FieldError (a ValueError)   a config or body field failed its check; the converter turns
+                                it into ConfigError or ValidationError naming the field
+
+Plugins raise these (or subclasses) from their routes; the app turns ApiError and FileError
+into responses. Anything else that escapes a route is a bug: it is logged with its
+traceback and answered as a bare 500 that reveals nothing. ``tests/test_contracts.py``
+fails when a module defines an exception class this tree does not name.
 """
 
 from __future__ import annotations
@@ -70,13 +88,14 @@ class ApiError(AgentError):
     """An error answered to the API client; ``status`` and ``code`` come from the class."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
+    #: The class's code; one instance may carry a more specific one (``code=`` below).
+    code: str = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code  # type: ignore[misc]
+            self.code = code
 
     def to_body(self) -> dict[str, str]:
         return {"error": self.message, "code": self.code}

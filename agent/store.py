@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import attrs
 import trio
@@ -91,7 +91,8 @@ class _Job(Generic[T]):
     def result(self) -> T:
         if self.error is not None:
             raise self.error
-        return self.value  # type: ignore[return-value]
+        # finished without an error: the worker stored fn's result (which may be None)
+        return cast("T", self.value)
 
 
 class Store:

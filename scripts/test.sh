@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# test.sh - set up (venv, Docker engine, test image, chromium) and run the checks: ruff, then pytest.
+# test.sh - set up (venv, Docker engine, test image, chromium) and run the checks: ruff, mypy, then pytest.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k tokens -x`.
 set -euo pipefail
 
@@ -10,4 +10,6 @@ export DOCKER_HOST
 bash scripts/chromium.sh || echo "test.sh: chromium could not be installed (see above)" >&2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# Types: mypy strict over lightd and the mock panel ([tool.mypy]); on errors it lists them per file.
+.venv/bin/python scripts/typecheck.py
 exec .venv/bin/pytest "$@"

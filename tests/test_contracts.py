@@ -48,3 +48,29 @@ def test_public_surface_is_complete() -> None:
     assert len(set(lightd.__all__)) == len(lightd.__all__)
     for name in lightd.__all__:
         assert hasattr(lightd, name)
+
+
+def test_the_error_tree_names_every_error_class() -> None:
+    root = TESTS.parent
+    defined = set()
+    for path in [*(root / "agent").rglob("*.py"), *(root / "plugins").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(base, ast.Name) and _is_error_base(base.id) for base in node.bases
+            ):
+                defined.add(node.name)
+    tree = lightd.errors.__doc__ or ""
+    assert len(defined) > 20
+    # A private class (``_NoEngine``) never leaves its module, so it is not in the tree.
+    assert sorted(n for n in defined if not n.startswith("_") and n not in tree) == []
+
+
+def _is_error_base(name: str) -> bool:
+    return name.endswith(("Error", "Exception")) or name in _ERROR_BASES
+
+
+#: Classes whose subclasses are errors although their names do not say so.
+_ERROR_BASES = frozenset(
+    {"BadRequest", "NotFound", "Conflict", "Forbidden", "Unauthorized", "InvalidPath"}
+    | {"FileExists", "DockerUnavailable"}
+)

@@ -25,6 +25,13 @@ async def test_invalid_json_is_400(client: httpx.AsyncClient) -> None:
     assert_error(response, 400, "Invalid JSON body")
 
 
+async def test_json_nested_too_deep_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/auth/tokens", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "Invalid JSON body")
+
+
 async def test_json_that_is_not_an_object_is_400(client: httpx.AsyncClient) -> None:
     response = await client.post("/auth/tokens", json=["ttl", "5m"])
     assert_error(response, 400, "Body must be a JSON object")

@@ -84,7 +84,7 @@ async def read_json(cls: type[T] | None = None) -> T | Any:
             raise UnsupportedMedia("Content-Type must be application/json")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nesting too deep too
             raise BadRequest("Invalid JSON body", code="invalid_json") from None
     if cls is None:
         return data
