@@ -13,6 +13,7 @@ Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`
 
 from ._version import __version__
 from .config import Config
+from .containers.install import InstallJob, InstallRun
 from .converter import FieldError, field_check
 from .errors import (
     AgentError,
@@ -30,8 +31,10 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .interfaces import (
+    CONTAINER_SERVICE,
     PORT_POOL,
     VOLUMES,
+    ContainerService,
     PoolPort,
     PortPoolService,
     PortRequest,
@@ -41,6 +44,7 @@ from .runtime import Agent, Service, StashKey
 from .store import Migration, Store, StoreError
 
 __all__ = [
+    "CONTAINER_SERVICE",
     "PORT_POOL",
     "VOLUMES",
     "Agent",
@@ -50,9 +54,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "Conflict",
+    "ContainerService",
     "DockerUnavailable",
     "FieldError",
     "Forbidden",
+    "InstallJob",
+    "InstallRun",
     "Migration",
     "NotFound",
     "PluginError",

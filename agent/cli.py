@@ -89,9 +89,7 @@ def _setup_logging(dev: bool) -> None:
         stream=sys.stderr,
     )
     if not dev:
-        # docker-py's HTTP layer logs every request at DEBUG only, httpx (remote sync) at
-        # INFO; keep INFO readable.
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
+        # httpx logs every request (remote sync, Docker streams) at INFO; keep INFO readable.
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -141,12 +141,18 @@ class Config:
         Sections are looked up by their class, so the value comes back typed; a class no
         plugin declared raises ``KeyError``.
         """
-        if isinstance(cls, str):  # TRANSITIONAL(issue 11): by name, until every caller moves
-            return self.sections[cls]  # type: ignore[return-value]
         for value in self.sections.values():
             if type(value) is cls:
                 return value
         raise KeyError(f"no config section is declared with {cls.__qualname__}")
+
+    def section_or_default(self, cls: type[T]) -> T:
+        """``section(cls)``, or ``cls()`` (its defaults) when no plugin declared it (a
+        config built by hand, or the declaring plugin disabled)."""
+        try:
+            return self.section(cls)
+        except KeyError:
+            return cls()
 
 
 converter.register_structure_hook(Config, object_structure_fn(Config, sections=override(omit=True)))

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from quart import Blueprint
 
     from .config import Config
-    from .containers.install import InstallJob
+    from .containers.install import InstallJob, InstallRun
     from .runtime import Agent, Service
     from .store import Migration
 
@@ -188,15 +188,19 @@ def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
 
 
 @hookspec(firstresult=True)
-def lightd_run_install_script(agent: Agent, job: InstallJob) -> Awaitable[None] | None:
-    """Run a container's install script; return an awaitable that does it.
+def lightd_run_install_script(agent: Agent, job: InstallJob) -> InstallRun | None:
+    """Say how a container's install script runs: return an ``InstallRun``.
 
-    Called during an install when the container has an ``install_script``. The awaitable
-    finishes when the script succeeded and raises ``InstallFailed(reason)`` when it did
-    not; see ``InstallJob`` for what the runner must do (inside a container, never on the
-    host). The built-in ``install_scripts`` plugin implements it; with no implementation
-    an install with a script fails.
+    Called during an install when the container has an ``install_script``. The core runs
+    the answer in a container of the record, never on the host: it writes
+    ``InstallRun.script`` to ``job.script_path``, creates the container from the run's
+    image, entrypoint, environment, mounts and limits (``None`` fields take the job's)
+    with the core's labels and hardening, streams its output to the console and
+    ``install.log``, and fails the install on a non-zero exit
+    (``Install script failed with exit code <n>``) or after the timeout
+    (``Install script timed out``). The built-in ``install_scripts`` plugin implements
+    it; with no implementation an install with a script fails.
 
     :param agent: the running agent.
-    :param job: the script, image, paths, limits and output callbacks of this run.
+    :param job: the script, image, limits, timeout, environment and mounts of this run.
     """

@@ -4,7 +4,8 @@ The containers supervisor (core) needs host ports from the port pool plugin and 
 folders from the volumes plugin. Each plugin puts its implementation on the agent in
 ``lightd_configure`` (``agent.stash[PORT_POOL] = pool``); the core looks it up with
 ``agent.stash.get(PORT_POOL)`` and works without it (no pool: no port can be reserved).
-The Protocols below are the whole contract between them.
+The other way round, the core offers plugins what they may know of containers
+(``CONTAINER_SERVICE``). The Protocols below are the whole contract between them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import attrs
 
 from .runtime import StashKey
 
-__all__ = ["PORT_POOL", "VOLUMES", "PoolPort", "PortPoolService", "PortRequest", "VolumeService"]
+__all__ = [
+    "CONTAINER_SERVICE",
+    "PORT_POOL",
+    "VOLUMES",
+    "ContainerService",
+    "PoolPort",
+    "PortPoolService",
+    "PortRequest",
+    "VolumeService",
+]
 
 
 @attrs.frozen
@@ -84,5 +94,16 @@ class VolumeService(Protocol):
         ...
 
 
+class ContainerService(Protocol):
+    """The node's containers, as plugins may use them (the core's containers plugin puts
+    it on the stash)."""
+
+    def install_log(self, internal_id: str) -> Path:
+        """Where the output of the container's last install-script run is kept (the file
+        may not exist). ``NotFound("Container not found")`` for an unknown container."""
+        ...
+
+
+CONTAINER_SERVICE: StashKey[ContainerService] = StashKey("container_service")
 PORT_POOL: StashKey[PortPoolService] = StashKey("port_pool")
 VOLUMES: StashKey[VolumeService] = StashKey("volumes")

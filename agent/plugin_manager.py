@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from quart import Blueprint
 
     from .config import Config
-    from .containers.install import InstallJob
+    from .containers.install import InstallJob, InstallRun
     from .runtime import Agent, Service
     from .store import Migration
 
@@ -56,7 +56,7 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
     "archives": "lightd.plugins.archives",
     "port_pool": "lightd.plugins.port_pool",
     "remote_sync": "lightd.plugins.remote_sync",
-    "containers": "lightd.containers.routes",
+    "containers": "lightd.api.containers",
     "install_scripts": "lightd.plugins.install_scripts",
 }
 
@@ -202,8 +202,8 @@ class Hooks:
     async def container_deleted(self, agent: Agent, internal_id: str) -> None:
         await _await_all(self._relay.lightd_container_deleted(agent=agent, internal_id=internal_id))
 
-    def run_install_script(self, agent: Agent, job: InstallJob) -> Awaitable[None] | None:
-        result: Awaitable[None] | None = self._relay.lightd_run_install_script(agent=agent, job=job)
+    def run_install_script(self, agent: Agent, job: InstallJob) -> InstallRun | None:
+        result: InstallRun | None = self._relay.lightd_run_install_script(agent=agent, job=job)
         return result
 
     def volume_in_use(self, agent: Agent, volume_id: str) -> str | None:

@@ -19,6 +19,7 @@ import hypercorn.trio
 import trio
 
 from .api.app import create_app
+from .api.ws import websocket_settings
 from .runtime import Agent, Service
 
 __all__ = ["RESTART_DELAYS", "serve_agent"]
@@ -97,9 +98,8 @@ async def serve_agent(
         hcfg.accesslog = None
         hcfg.errorlog = logging.getLogger("hypercorn.error")
         hcfg.include_server_header = False
-        websocket = config.sections.get("websocket")
-        if websocket is not None:  # refuse oversized inbound frames (1009) before buffering them
-            hcfg.websocket_max_message_size = websocket.max_frame_bytes
+        # refuse oversized inbound frames (1009) before buffering them
+        hcfg.websocket_max_message_size = websocket_settings(agent).max_frame_bytes
         async with trio.open_nursery() as http:
             urls = await http.start(
                 partial(hypercorn.trio.serve, app, hcfg, shutdown_trigger=agent.wait_stop_requested)

@@ -209,9 +209,12 @@ def test_a_plugin_section_reads_back_typed_by_its_class(tmp_path: Path) -> None:
     remote = config.section(RemoteConfig)
     assert isinstance(remote, RemoteConfig)
     assert (remote.enabled, remote.timeout) == (True, 10.0)
-    assert parse_config({"authorization": {"token": MASTER}}, {"remote": RemoteConfig}).section(
-        RemoteConfig
-    ) == RemoteConfig()
+    assert (
+        parse_config({"authorization": {"token": MASTER}}, {"remote": RemoteConfig}).section(
+            RemoteConfig
+        )
+        == RemoteConfig()
+    )
     with pytest.raises(KeyError, match="no config section"):
         parse_config(raw).section(RemoteConfig)
 

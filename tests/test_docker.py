@@ -6,19 +6,28 @@ import ast
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 import trio.lowlevel
 import trio.testing
 from lightd.docker import (
+    ContainerSpec,
     DockerConflict,
     DockerEngine,
     DockerError,
     DockerNotFound,
-    _create_body,
+    LogConfig,
+    Mount,
+    PortPublish,
+    ResourceLimits,
+    create_body,
+    demux,
     docker_url,
+    split_image,
 )
 from lightd.errors import DockerUnavailable
 
@@ -33,7 +42,9 @@ def test_docker_host_wins_over_the_configured_socket() -> None:
     assert docker_url("unix:///run/d.sock", {}) == "unix:///run/d.sock"
 
 
-def test_only_the_adapter_imports_docker() -> None:
+def test_nothing_imports_docker_py() -> None:
+    """The adapter speaks the Engine API itself: no module uses docker-py (or requests),
+    and only the adapter's own package reaches the engine's socket."""
     offenders = []
     for path in [*ROOT.joinpath("agent").rglob("*.py"), *ROOT.joinpath("plugins").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -42,18 +53,14 @@ def test_only_the_adapter_imports_docker() -> None:
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
-            if any(n == "docker" or n.startswith("docker.") for n in names):
+            if any(n.split(".")[0] in ("docker", "requests") for n in names):
                 offenders.append(path.relative_to(ROOT))
-    assert offenders == [Path("agent/docker.py")]
+    assert offenders == []
 
 
-async def test_streams_and_control_calls_have_their_own_limiters() -> None:
+async def test_control_calls_have_their_own_limiter() -> None:
     engine = DockerEngine("unix:///nonexistent.sock")
-    default = trio.to_thread.current_default_thread_limiter()
-    assert engine.stream_limiter is not default and engine.control_limiter is not default
-    assert engine.stream_limiter is not engine.control_limiter
-    assert engine.request_limiter not in (default, engine.control_limiter, engine.stream_limiter)
-    assert engine.stream_limiter.total_tokens > default.total_tokens
+    assert engine.request_limiter is not trio.to_thread.current_default_thread_limiter()
 
 
 async def test_engine_info_from_the_real_engine(
@@ -68,13 +75,22 @@ async def test_engine_info_from_the_real_engine(
     assert info["docker"]["api_version"]
     assert {p["name"] for p in info["plugins"]} >= {"system", "tokens"}
     assert ping.json()["docker"] == "connected"
-    assert node.agent.docker.info is not None
-    limiter = node.agent.docker.control_limiter
-    client = node.agent.docker._client
-    assert client is not None
-    # docker-py's connection pool is raised above its default of 10.
-    assert client.api.adapters["http+docker://"].max_pool_size == 64
-    assert limiter.borrowed_tokens == 0
+    engine = node.agent.docker
+    assert engine.info is not None
+    assert info["docker"]["api_version"] == engine.info.api_version
+    version = await engine.version()
+    assert version.version and version.os == "linux" and version.arch
+    assert info["docker"] == {
+        "version": version.version,
+        "api_version": version.api_version,
+        "os": version.os,
+        "arch": version.arch,
+    }
+    await engine.ping()
+    assert "Containers" in await engine.system_info()
+    assert any(TEST_IMAGE in (i.get("RepoTags") or []) for i in await engine.images())
+    assert {"bridge", "host", "none"} <= {n["Name"] for n in await engine.networks()}
+    assert engine.request_limiter.borrowed_tokens == 0
 
 
 async def _relay(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
@@ -189,7 +205,10 @@ async def test_docker_call_outside_the_engine_lifecycle_is_503() -> None:
     with pytest.raises(DockerUnavailable, match="Docker engine unreachable"):
         await engine.inspect_container("abc")
     with pytest.raises(DockerUnavailable, match="Docker engine unreachable"):
-        await engine.call(lambda client: client.ping())
+        await engine.version()
+    with pytest.raises(DockerUnavailable):
+        async with engine.attach("abc"):
+            pass
 
 
 async def test_agent_with_engine_serves_http(running: RunningAgent) -> None:
@@ -197,47 +216,206 @@ async def test_agent_with_engine_serves_http(running: RunningAgent) -> None:
         assert (await c.get("/api/v1/public/ping")).status_code == 200
 
 
-def test_create_body_is_docker_pys_own() -> None:
-    """The native create sends exactly what docker-py's ``containers.create`` would."""
-    import docker
+SPEC = ContainerSpec(
+    image=TEST_IMAGE,
+    name="lightd-x",
+    entrypoint=("/bin/sh", "/app/data/entrypoint.sh"),
+    cmd=(),
+    working_dir="/home/container",
+    env={"STARTUP": "run it", "SERVER_PORT": "25565"},
+    labels={"lightd.managed": "true"},
+    mounts=(Mount("/srv/v", "/home/container"), Mount("/srv/d", "/app/data", read_only=True)),
+    ports=(
+        PortPublish(25565, "tcp", "127.0.0.1", 25565),
+        PortPublish(25565, "udp", "127.0.0.1", 25565),
+        PortPublish(25565, "udp", "127.0.0.2", 25566),
+    ),
+    limits=ResourceLimits(memory=1 << 28, memory_swap=1 << 29, nano_cpus=500_000_000, pids=64),
+    stdin_open=True,
+    security_opt=("no-new-privileges",),
+    log_config=LogConfig("json-file", {"max-size": "10m", "max-file": "2"}),
+)
 
-    client = docker.DockerClient(base_url="unix:///nonexistent.sock", version="1.41")
-    api = client.api
-    options = {
-        "image": TEST_IMAGE,
-        "name": "lightd-x",
-        "entrypoint": ["/bin/sh", "/app/data/entrypoint.sh"],
-        "command": [],
-        "working_dir": "/home/container",
-        "environment": {"STARTUP": "run it", "SERVER_PORT": "25565"},
-        "labels": {"lightd.managed": "true"},
-        "volumes": {"/srv/v": {"bind": "/home/container", "mode": "rw"}},
-        "stdin_open": True,
-        "tty": False,
-        "detach": True,
-        "pids_limit": 64,
-        "security_opt": ["no-new-privileges"],
-        "privileged": False,
-        "ports": {"25565/tcp": ("127.0.0.1", 25565), "25565/udp": [("127.0.0.1", 25565)]},
-        "mem_limit": 1 << 28,
-        "memswap_limit": 1 << 29,
-        "nano_cpus": 500_000_000,
+
+def test_create_body_field_by_field() -> None:
+    """Our spec in the Engine API's own names (``POST /containers/create``, API 1.41)."""
+    assert create_body(SPEC) == {
+        "Image": TEST_IMAGE,
+        "Entrypoint": ["/bin/sh", "/app/data/entrypoint.sh"],
+        "Cmd": [],
+        "WorkingDir": "/home/container",
+        "Env": ["STARTUP=run it", "SERVER_PORT=25565"],
+        "Labels": {"lightd.managed": "true"},
+        "Tty": False,
+        "OpenStdin": True,
+        "StdinOnce": False,
+        "AttachStdin": False,
+        "AttachStdout": False,
+        "AttachStderr": False,
+        "NetworkDisabled": False,
+        "Volumes": {"/home/container": {}, "/app/data": {}},
+        "ExposedPorts": {"25565/tcp": {}, "25565/udp": {}},
+        "HostConfig": {
+            "NetworkMode": "default",
+            "Binds": ["/srv/v:/home/container:rw", "/srv/d:/app/data:ro"],
+            "PortBindings": {
+                "25565/tcp": [{"HostIp": "127.0.0.1", "HostPort": "25565"}],
+                "25565/udp": [
+                    {"HostIp": "127.0.0.1", "HostPort": "25565"},
+                    {"HostIp": "127.0.0.2", "HostPort": "25566"},
+                ],
+            },
+            "Memory": 1 << 28,
+            "MemorySwap": 1 << 29,
+            "NanoCpus": 500_000_000,
+            "PidsLimit": 64,
+            "SecurityOpt": ["no-new-privileges"],
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+        },
     }
-    sent: dict[str, object] = {}
+    # What is not asked for is left to the image and the engine; never privileged.
+    bare = create_body(ContainerSpec(image="img"))
+    assert bare == {
+        "Image": "img",
+        "Tty": False,
+        "OpenStdin": False,
+        "StdinOnce": False,
+        "AttachStdin": False,
+        "AttachStdout": False,
+        "AttachStderr": False,
+        "NetworkDisabled": False,
+        "HostConfig": {"NetworkMode": "default"},
+    }
+    assert create_body(ContainerSpec(image="img", privileged=True))["HostConfig"]["Privileged"]
 
-    def capture(url: str, data: dict[str, object], **kwargs: object) -> None:
-        sent.update(data=data, params=kwargs.get("params"))
-        raise StopIteration
 
-    api._post_json = capture  # type: ignore[method-assign]
-    with pytest.raises(StopIteration):
-        client.containers.create(**options)
-    body, name = _create_body(api, options)
-    expected = {k: v for k, v in sent["data"].items() if v is not None}  # type: ignore[union-attr]
-    assert body == expected
-    assert sent["params"] == {"name": name} == {"name": "lightd-x"}
-    assert body["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
-    assert not body["HostConfig"].get("Privileged", False)
+def test_image_names_split_as_the_engine_pulls_them() -> None:
+    assert split_image("busybox") == ("busybox", "latest")
+    assert split_image("lightd/busybox:1.36") == ("lightd/busybox", "1.36")
+    assert split_image("registry:5000/team/app") == ("registry:5000/team/app", "latest")
+    assert split_image("registry:5000/app:v2") == ("registry:5000/app", "v2")
+    assert split_image("app@sha256:abc") == ("app", "sha256:abc")
+
+
+def test_demux_joins_the_frames_payloads() -> None:
+    frames = b"\x01\0\0\0\0\0\0\x03out" + b"\x02\0\0\0\0\0\0\x04err\n"
+    assert demux(frames) == b"outerr\n"
+
+
+async def test_create_inspect_round_trip(
+    start_agent: StartAgent, config_path: Path, docker_host: str, tmp_path: Path
+) -> None:
+    """The engine reads back what the spec says."""
+    node = await start_agent(config_path, environ={"DOCKER_HOST": docker_host})
+    engine = node.agent.docker
+    (tmp_path / "v").mkdir()
+    (tmp_path / "d").mkdir()
+    spec = attrs.evolve(
+        SPEC,
+        name=f"lightd-spec-{id(node) % 100000}",
+        labels={"lightd.test": "spec"},
+        mounts=(
+            Mount(str(tmp_path / "v"), "/home/container"),
+            Mount(str(tmp_path / "d"), "/app/data", read_only=True),
+        ),
+    )
+    container_id = await engine.create_container(spec)
+    try:
+        seen: dict[str, Any] = await engine.inspect_container(container_id)
+    finally:
+        await engine.remove_container(container_id)
+    config, host = seen["Config"], seen["HostConfig"]
+    assert seen["Name"] == f"/{spec.name}"
+    assert config["Image"] == TEST_IMAGE
+    assert config["Entrypoint"] == ["/bin/sh", "/app/data/entrypoint.sh"]
+    assert config["WorkingDir"] == "/home/container"
+    assert {"STARTUP=run it", "SERVER_PORT=25565"} <= set(config["Env"])
+    assert config["Labels"] == {"lightd.test": "spec"}
+    assert config["OpenStdin"] and not config["StdinOnce"] and not config["Tty"]
+    assert set(config["ExposedPorts"]) == {"25565/tcp", "25565/udp"}
+    assert host["Binds"] == [
+        f"{tmp_path / 'v'}:/home/container:rw",
+        f"{tmp_path / 'd'}:/app/data:ro",
+    ]
+    assert host["PortBindings"]["25565/udp"] == [
+        {"HostIp": "127.0.0.1", "HostPort": "25565"},
+        {"HostIp": "127.0.0.2", "HostPort": "25566"},
+    ]
+    assert (host["Memory"], host["MemorySwap"]) == (1 << 28, 1 << 29)
+    assert (host["NanoCpus"], host["PidsLimit"]) == (500_000_000, 64)
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert not host["Privileged"]
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-size": "10m", "max-file": "2"},
+    }
+
+
+async def test_stop_logs_stats_and_events_on_the_real_engine(
+    start_agent: StartAgent, config_path: Path, docker_host: str
+) -> None:
+    node = await start_agent(config_path, environ={"DOCKER_HOST": docker_host})
+    engine = node.agent.docker
+    spec = ContainerSpec(
+        image=TEST_IMAGE,
+        cmd=("sh", "-c", "echo one; echo two >&2; trap 'exit 7' TERM; sleep 60 & wait"),
+        labels={"lightd.test": "streams"},
+    )
+    container_id = await engine.create_container(spec)
+    events: list[dict[str, Any]] = []
+    died = trio.Event()
+
+    async def seen(event: dict[str, Any]) -> None:
+        events.append(event)
+        if event.get("Action") == "die":
+            died.set()
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                filters = {"label": ["lightd.test=streams"], "event": ["start", "die"]}
+                await nursery.start(engine.watch_events, filters, seen)
+                await engine.start(container_id)
+                async with engine.stats(container_id) as items:
+                    async for item in items:
+                        assert "cpu_stats" in item and "memory_stats" in item
+                        break
+
+                async def both_lines() -> bool:
+                    return b"two" in await engine.logs(container_id)
+
+                await wait_for(both_lines, what="both lines in the logs")
+                logs = await engine.logs(container_id)  # stdout and stderr, demultiplexed
+                assert sorted(logs.splitlines()) == [b"one", b"two"]
+                assert await engine.logs(container_id, tail=1) in (b"one\n", b"two\n")
+                await engine.stop(container_id, grace=10)
+                assert (await engine.inspect_container(container_id))["State"]["ExitCode"] == 7
+                await engine.stop(container_id)  # stopped already: no error
+                await died.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        await engine.remove_container(container_id)
+    assert [e["Action"] for e in events] == ["start", "die"]
+    assert events[1]["Actor"]["Attributes"]["exitCode"] == "7"
+    with pytest.raises(DockerNotFound):
+        await engine.logs(container_id)
+    with pytest.raises(DockerNotFound):
+        async with engine.stats(container_id):
+            pass
+
+
+async def test_pull_failure_is_the_engines_refusal(
+    start_agent: StartAgent, config_path: Path, docker_host: str
+) -> None:
+    """No registry is reachable here: a pull fails with the engine's reason, and the
+    engine is not taken for gone."""
+    node = await start_agent(config_path, environ={"DOCKER_HOST": docker_host})
+    engine = node.agent.docker
+    progress: list[str] = []
+    with trio.fail_after(60), pytest.raises(DockerError) as caught:
+        await engine.pull("127.0.0.1:9/lightd/absent:nope", progress.append)
+    assert str(caught.value)
+    assert engine.available
 
 
 async def test_native_control_calls_on_the_real_engine(
@@ -248,12 +426,9 @@ async def test_native_control_calls_on_the_real_engine(
     node = await start_agent(config_path, environ={"DOCKER_HOST": docker_host})
     engine = node.agent.docker
     name = f"lightd-native-{id(node) % 100000}"
-    options = {
-        "image": TEST_IMAGE,
-        "name": name,
-        "command": ["sh", "-c", "exit 3"],
-        "labels": {"lightd.test": "native"},
-    }
+    options = ContainerSpec(
+        image=TEST_IMAGE, name=name, cmd=("sh", "-c", "exit 3"), labels={"lightd.test": "native"}
+    )
     container_id = await engine.create_container(options)
     try:
         assert (await engine.inspect_container(container_id))["Name"] == f"/{name}"
@@ -291,7 +466,7 @@ async def test_native_control_calls_on_the_real_engine(
         with contextlib.suppress(DockerNotFound):
             await engine.remove_container(container_id)
     with pytest.raises(DockerNotFound):
-        await engine.create_container({**options, "image": "lightd/absent:nope"})
+        await engine.create_container(attrs.evolve(options, image="lightd/absent:nope"))
     with pytest.raises(DockerNotFound):
         await engine.inspect_image("lightd/absent:nope")
     # Names are quoted into the path: odd ones are refused by the engine, and the engine

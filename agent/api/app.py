@@ -11,6 +11,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..errors import ApiError
+from ..files import FileError, api_status
 from ..runtime import Agent
 from .auth import authenticate, authenticate_http, cors_headers, preflight
 from .fastpath import fast_reads
@@ -76,6 +77,11 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
         return _error(error.status, error.message, error.code)
+
+    @app.errorhandler(FileError)
+    async def file_error(error: FileError) -> Response:
+        # the file layer's plain exceptions: message and code as raised, status from its table
+        return _error(api_status(error), error.message, error.code)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:

@@ -43,15 +43,15 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
     @bp.get("/system/info")
     async def system_info() -> dict[str, Any]:
-        engine = await agent.docker.call(lambda client: client.version())
+        engine = await agent.docker.version()
         return {
             "version": agent.version,
             "uptime": int(agent.clock() - agent.started_at),
             "docker": {
-                "version": engine.get("Version"),
-                "api_version": engine.get("ApiVersion"),
-                "os": engine.get("Os"),
-                "arch": engine.get("Arch"),
+                "version": engine.version,
+                "api_version": engine.api_version,
+                "os": engine.os,
+                "arch": engine.arch,
             },
             "plugins": agent.hooks.describe(),
         }

@@ -128,8 +128,7 @@ def parse_request(message: str | bytes) -> tuple[str, Any] | None:
 
 
 def websocket_settings(agent: Agent) -> WebSocketSettings:
-    settings: WebSocketSettings = agent.config.sections.get("websocket") or WebSocketSettings()
-    return settings
+    return agent.config.section_or_default(WebSocketSettings)
 
 
 def status_of(supervisor: ContainerSupervisor) -> str:
@@ -239,7 +238,7 @@ def websocket_blueprint(agent: Agent, containers: Containers) -> Blueprint:
         supervisor = containers.get(internal_id)  # 404 before the upgrade
         settings = websocket_settings(agent)
         auth = current_auth()
-        ws = websocket._get_current_object()
+        ws: Websocket = websocket._get_current_object()  # type: ignore[attr-defined]
         await ws.accept()
         if sockets.get(internal_id, 0) >= settings.max_sockets_per_container:
             await ws.close(CLOSE_TOO_MANY, "Too many connections")

@@ -1,15 +1,18 @@
 """Containers: records, supervisors (state machine, power queue, console), event hubs.
 
-Public for plugins: ``CONTAINERS`` (the ``Containers`` manager on the agent's stash),
-``InstallJob`` and ``InstallFailed`` (the install-script hook), ``EventHub``.
+The domain only: it imports nothing from ``lightd.api`` (the HTTP views and the WebSocket
+in ``lightd.api.containers`` and ``lightd.api.ws`` depend on it, never the reverse).
+``CONTAINERS`` is the ``Containers`` manager on the agent's stash (core only; plugins use
+``lightd.interfaces.CONTAINER_SERVICE``). ``InstallJob``, ``InstallRun`` and
+``InstallFailed`` are the install-script hook's types (exported by ``lightd``).
 """
 
 from ..runtime import StashKey
 from .console import LineSplitter
 from .hub import EventHub, Subscription
-from .install import InstallFailed, InstallJob
+from .install import InstallFailed, InstallJob, InstallRun
 from .manager import Containers, ContainersSettings
-from .supervisor import ContainerSupervisor
+from .supervisor import ContainerSupervisor, SupervisorHost
 
 CONTAINERS: StashKey[Containers] = StashKey("containers")
 
@@ -21,6 +24,8 @@ __all__ = [
     "EventHub",
     "InstallFailed",
     "InstallJob",
+    "InstallRun",
     "LineSplitter",
     "Subscription",
+    "SupervisorHost",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from ..config import Config
 from .console import THROTTLED, Console, ConsoleSettings, Frame, History
 
 __all__ = ["EventHub", "Frame", "Subscription"]
@@ -161,10 +162,9 @@ class EventHub:
         return self._console.throttled
 
     @classmethod
-    def for_config(cls, config: Any) -> EventHub:
+    def for_config(cls, config: Config) -> EventHub:
         """A hub set up from the ``console`` section."""
-        console: ConsoleSettings = config.sections.get("console") or ConsoleSettings()
-        return cls(console=console)
+        return cls(console=config.section_or_default(ConsoleSettings))
 
     def configure(self, console: ConsoleSettings) -> None:
         """Apply reloaded settings."""

@@ -1,46 +1,132 @@
-"""What an install-script runner is handed (the ``lightd_run_install_script`` hook)."""
+"""Install scripts: what a plugin is asked (``InstallJob``), what it answers
+(``InstallRun``), and the core's runner of that answer.
+
+The ``lightd_run_install_script`` hook *describes* an install run; the core runs it, in a
+container of the record (labels, hardening and log rotation are the core's), never on the
+host: the script is written to the container's data folder (``InstallJob.script_path``
+inside the container), the output goes to the console as it comes and to ``install.log``
+(bounded), a non-zero exit or the timeout fails the install with ``InstallFailed``, and a
+cancellation (the container is deleted) removes the install container.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
+import trio
 
+from ..docker import ContainerSpec, DockerEngine, Mount
 from ..errors import AgentError
+from .console import LineSplitter
 from .models import Limits
 
-__all__ = ["InstallFailed", "InstallJob"]
+__all__ = ["InstallFailed", "InstallJob", "InstallRun", "run_install"]
+
+log = logging.getLogger(__name__)
+
+#: Bytes of output kept in install.log (a runaway script must not fill the disk).
+LOG_MAX = 16 * 1024 * 1024
 
 
 class InstallFailed(AgentError):
     """An install step failed; the message is the reason the panel and the console see."""
 
 
+def _mapping(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    return None if value is None else dict(value)
+
+
+def _env(value: Mapping[str, str]) -> Mapping[str, str]:
+    return dict(value)
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class InstallJob:
-    """One run of a container's install script.
-
-    The runner must run ``script`` inside a container from ``image`` (never on the host),
-    with ``docker_options(...)`` (the volume at /home/container, the data folder at
-    /app/data, limits, hardening, labels), stream its output through ``console`` and keep
-    it in ``log_path``, and fail with ``InstallFailed`` on a non-zero exit
-    (``Install script failed with exit code <n>``) or after ``timeout`` seconds
-    (``Install script timed out``). Cancelled (the container is deleted), it must remove
-    its container before returning.
-    """
+    """One install of a container that has an install script: what the hook is told."""
 
     internal_id: str
+    #: The image to install from (the request's ``install_image``, else the server's).
+    image: str
+    #: The script as the API was given it.
+    script: str
+    #: The container's limits (memory and swap in bytes, CPU in cores, pids).
+    limits: Limits
+    #: Seconds the run may take (config ``containers.install_timeout``).
+    timeout: float
+    #: The server's environment (``SERVER_IP``, ``SERVER_PORT``, ``SERVER_MEMORY``,
+    #: ``STARTUP`` and the container's own variables).
+    environment: Mapping[str, str] = attrs.field(converter=_env)
+    #: The server's mounts: the volume at /home/container (read-write), the agent's data
+    #: folder at /app/data (read-only), and the container's extra mounts.
+    mounts: tuple[Mount, ...]
+    #: Where ``InstallRun.script`` is inside the container (executable).
+    script_path: str = "/app/data/install.sh"
+
+
+@attrs.frozen
+class InstallRun:
+    """How to run an install: the answer of ``lightd_run_install_script``.
+
+    ``None`` fields take the job's value. The core writes ``script`` to the job's
+    ``script_path`` (mode 0755) and runs ``entrypoint`` + ``command`` from ``image``.
+    """
+
     image: str
     script: str
-    data_path: Path
-    log_path: Path
-    timeout: float
-    limits: Limits
-    #: Publish complete output lines (each ending with ``\\n``) to the container's console.
-    console: Callable[[list[str]], None]
-    #: Publish a daemon message (install progress).
-    message: Callable[[str], None]
-    #: ``docker_options(entrypoint=[...])``: keyword arguments for ``containers.create``.
-    docker_options: Callable[..., dict[str, Any]]
+    entrypoint: tuple[str, ...] = attrs.field(converter=_strings)
+    command: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    environment: Mapping[str, str] | None = attrs.field(default=None, converter=_mapping)
+    mounts: tuple[Mount, ...] | None = None
+    limits: Limits | None = None
+    timeout: float | None = None
+
+
+async def run_install(
+    docker: DockerEngine,
+    spec: ContainerSpec,
+    *,
+    internal_id: str,
+    log_path: Path,
+    time_limit: float,
+    console: Callable[[list[str]], None],
+) -> None:
+    """Create the install container from ``spec``, attach, start, stream its output to
+    ``console`` and ``log_path``, and judge its exit (or ``time_limit`` seconds passing:
+    ``Install script timed out``); the container is removed however this ends."""
+    container_id = await docker.create_container(spec)
+    try:
+        log_file = await trio.open_file(log_path, "wb")
+        async with log_file, docker.attach(container_id) as stream:
+            await docker.start(container_id)
+            lines = LineSplitter()  # cuts lines at 64 KiB: no unbounded re-splitting
+            logged = 0
+            with trio.move_on_after(time_limit) as deadline:
+                while (chunk := await stream.receive()) is not None:
+                    if logged < LOG_MAX:
+                        await log_file.write(chunk[: LOG_MAX - logged])
+                        logged += len(chunk)
+                        if logged >= LOG_MAX:
+                            await log_file.write(b"\n[install.log cut: output too long]\n")
+                    if complete := lines.feed(chunk):
+                        console(complete)
+                if rest := lines.close():
+                    console(rest)
+                result = await docker.wait(container_id)
+            if deadline.cancelled_caught:
+                raise InstallFailed("Install script timed out")
+        code = int(result.get("StatusCode", -1))
+        if code != 0:
+            raise InstallFailed(f"Install script failed with exit code {code}")
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await docker.remove_container(container_id)
+            except AgentError as exc:  # reconciliation removes what is left
+                log.warning("%s: install container not removed: %s", internal_id, exc)

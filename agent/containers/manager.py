@@ -25,14 +25,26 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from .. import safepath
-from ..converter import converter, field_check
-from ..docker import DockerError, DockerNotFound
-from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable, NotFound
+from .. import files
+from ..converter import converter
+from ..docker import ContainerSpec, DockerError, DockerNotFound
+from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
 from ..interfaces import PORT_POOL, VOLUMES, PortRequest
 from ..store import Migration, Store
-from .install import InstallFailed, InstallJob
+from .hub import EventHub
+from .install import InstallFailed, InstallJob, InstallRun, run_install
 from .models import ContainerRecord, CreateRequest, PortBinding, PortSpec
+from .settings import ContainersSettings, CrashRestart
+from .specs import (
+    LABEL_ID,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_ROLE,
+    container_spec,
+    server_environment,
+    standard_mounts,
+)
+from .stats import StatsSettings
 from .supervisor import ContainerSupervisor
 
 if TYPE_CHECKING:
@@ -47,40 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED = "lightd.managed"
-LABEL_ID = "lightd.internal_id"
-LABEL_ROLE = "lightd.role"
-#: Which agent owns a container: agents sharing an engine never touch each other's.
-LABEL_NODE = "lightd.node"
-
-
-@attrs.frozen
-class CrashRestart:
-    """Restart a crashed server, at most ``max_restarts`` times in ``window`` seconds."""
-
-    enabled: bool = False
-    max_restarts: int = attrs.field(
-        default=3, validator=field_check(lambda v: v >= 0, "must be >= 0")
-    )
-    window: float = attrs.field(
-        default=600.0, validator=field_check(lambda v: v > 0, "must be > 0")
-    )
-
-
-@attrs.frozen
-class ContainersSettings:
-    """Config section ``containers``."""
-
-    #: Seconds an install script may run.
-    install_timeout: float = attrs.field(
-        default=3600.0, validator=field_check(lambda v: v > 0, "must be > 0")
-    )
-    #: Seconds a stop (or restart, reinstall, rebind) waits before SIGKILL.
-    stop_timeout: float = attrs.field(
-        default=30.0, validator=field_check(lambda v: v >= 0, "must be >= 0")
-    )
-    crash_restart: CrashRestart = attrs.Factory(CrashRestart)
 
 
 MIGRATIONS = [
@@ -159,7 +137,21 @@ def _dump(record: ContainerRecord) -> str:
     return json.dumps(converter.unstructure(record), separators=(",", ":"))
 
 
+def _stats_settings(agent: Agent) -> StatsSettings:
+    return agent.config.section_or_default(StatsSettings)
+
+
+def _write_script(path: Path, script: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(script)
+    tmp.chmod(0o755)
+    tmp.replace(path)
+
+
 class Containers:
+    """Every container of the node; the ``SupervisorHost`` of each supervisor."""
+
     def __init__(self, agent: Agent, settings: ContainersSettings) -> None:
         self.agent = agent
         self.docker = agent.docker
@@ -203,6 +195,15 @@ class Containers:
     def data_path(self, internal_id: str) -> Path:
         return self.agent.paths.containers / internal_id
 
+    def install_log(self, internal_id: str) -> Path:
+        """Where the last install run's output is kept (``ContainerService``); ``NotFound``
+        for an unknown container."""
+        self.get(internal_id)
+        return self.data_path(internal_id) / "install.log"
+
+    async def save_record(self, record: ContainerRecord) -> None:
+        await self.repo.save(record)
+
     async def notify(self, internal_id: str, state: str, error: str | None = None) -> None:
         await self.agent.hooks.container_state_changed(self.agent, internal_id, state, error)
 
@@ -239,7 +240,13 @@ class Containers:
         """Run a supervisor for ``record``; ``wait=False`` returns before it has started
         (its queue takes actions already; a create answers sooner under load)."""
         assert self._nursery is not None
-        supervisor = ContainerSupervisor(self, record)
+        agent = self.agent
+        supervisor = ContainerSupervisor(
+            self,
+            record,
+            EventHub.for_config(agent.config),
+            lambda: _stats_settings(agent),
+        )
         finished = trio.Event()
         self._supervisors[record.internal_id] = supervisor
         self._finished[record.internal_id] = finished
@@ -334,61 +341,19 @@ class Containers:
 
     # -- Docker mapping -----------------------------------------------------------------
 
-    def docker_options(
-        self, record: ContainerRecord, *, role: str, entrypoint: list[str] | None = None
-    ) -> dict[str, Any]:
-        """``containers.create`` arguments for the server (or install) container."""
-        volume = self.agent.paths.volumes / record.volume_id
-        data = self.data_path(record.internal_id)
-        first = record.ports[0] if record.ports else None
-        memory = record.limits.memory
-        environment = {
-            "SERVER_IP": first.ip if first else "",
-            "SERVER_PORT": str(first.port) if first else "",
-            "SERVER_MEMORY": str(memory // (1024 * 1024)) if memory else "0",
-            "STARTUP": record.startup_command,
-            **record.environment,
-        }
-        volumes = {
-            str(volume): {"bind": "/home/container", "mode": "rw"},
-            str(data): {"bind": "/app/data", "mode": "ro"},
-        }
-        for target, source in record.mount.items():
-            volumes[source] = {"bind": target, "mode": "rw"}
-        options: dict[str, Any] = {
-            "image": record.image,
-            "entrypoint": entrypoint or ["/bin/sh", "/app/data/entrypoint.sh"],
-            "command": [],
-            "working_dir": "/home/container",
-            "environment": environment,
-            "labels": {
-                LABEL_MANAGED: "true",
-                LABEL_NODE: self.node_id,
-                LABEL_ID: record.internal_id,
-                LABEL_ROLE: role,
-            },
-            "volumes": volumes,
-            "stdin_open": True,
-            "tty": False,
-            "detach": True,  # with stdin_open, keeps StdinOnce false (notes, pitfall 17)
-            "pids_limit": record.limits.pids,
-            "security_opt": ["no-new-privileges"],
-            "privileged": False,
-            "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}},
-        }
-        if role == "server":
-            options["name"] = f"lightd-{record.internal_id}"
-            ports: dict[str, Any] = {}
-            for p in record.ports:
-                for proto in ("tcp", "udp") if p.protocol == "both" else (p.protocol,):
-                    ports.setdefault(f"{p.container_port}/{proto}", []).append((p.ip, p.port))
-            options["ports"] = {k: v[0] if len(v) == 1 else v for k, v in ports.items()}
-        if memory:
-            options["mem_limit"] = memory
-            options["memswap_limit"] = memory + record.limits.swap
-        if record.limits.cpu:
-            options["nano_cpus"] = int(record.limits.cpu * 1e9)
-        return options
+    async def volume_path(self, volume_id: str) -> Path:
+        """The volume's host folder, from the volumes service."""
+        volumes = self.agent.stash.get(VOLUMES)
+        folder = None if volumes is None else await volumes.path(volume_id)
+        if folder is None:
+            raise NotFound("Volume not found", code="volume_not_found")
+        return folder
+
+    async def server_spec(self, record: ContainerRecord) -> ContainerSpec:
+        """The server container of ``record``."""
+        volume = await self.volume_path(record.volume_id)
+        mounts = standard_mounts(record, volume, self.data_path(record.internal_id))
+        return container_spec(record, node_id=self.node_id, role="server", mounts=mounts)
 
     async def ensure_image(self, image: str, message: Callable[[str], None]) -> None:
         """Use the local image, else pull it with progress messages."""
@@ -400,20 +365,15 @@ class Containers:
         message(f"Pulling image: {image}")
         last = time.monotonic()
 
-        def pull(client: Any) -> None:
+        def progress(status: str) -> None:
             nonlocal last
-            # docker-py splits "repo:tag" itself and pulls only "latest" when no tag is named.
-            for item in client.api.pull(image, stream=True, decode=True):
-                if "error" in item:
-                    raise InstallFailed(item["error"])
-                status = item.get("status")
-                if status and time.monotonic() - last > 1:
-                    last = time.monotonic()
-                    trio.from_thread.run_sync(message, f"Pulling image: {image}: {status}")
+            if time.monotonic() - last > 1:
+                last = time.monotonic()
+                message(f"Pulling image: {image}: {status}")
 
         try:
-            await self.docker.stream(pull)
-        except (DockerError, InstallFailed) as exc:
+            await self.docker.pull(image, progress)
+        except DockerError as exc:
             raise InstallFailed(f"Failed to pull image {image}: {exc}") from None
         message(f"Image pulled: {image}")
 
@@ -430,11 +390,49 @@ class Containers:
         with contextlib.suppress(DockerNotFound):
             await self.docker.remove_container(container_id, volumes=True)
 
-    async def run_install_script(self, job: InstallJob) -> None:
-        runner = self.agent.pm.hook.lightd_run_install_script(agent=self.agent, job=job)
-        if runner is None:
+    async def run_install_script(
+        self, record: ContainerRecord, image: str, console: Callable[[list[str]], None]
+    ) -> None:
+        """Ask the ``lightd_run_install_script`` hook how to run the record's script, and
+        run it (see ``install.run_install``)."""
+        assert record.install_script is not None
+        volume = await self.volume_path(record.volume_id)
+        data = self.data_path(record.internal_id)
+        mounts = standard_mounts(record, volume, data)
+        job = InstallJob(
+            internal_id=record.internal_id,
+            image=image,
+            script=record.install_script,
+            limits=record.limits,
+            timeout=self.settings.install_timeout,
+            environment=server_environment(record),
+            mounts=mounts,
+        )
+        run: object = self.agent.hooks.run_install_script(self.agent, job)
+        if not isinstance(run, InstallRun):
             raise InstallFailed("Install scripts are not available (plugin disabled)")
-        await runner
+        script = run.script if run.script.endswith("\n") else run.script + "\n"
+        name = posixpath.basename(job.script_path)
+        await trio.to_thread.run_sync(_write_script, data / name, script)
+        spec = container_spec(
+            record,
+            node_id=self.node_id,
+            role="install",
+            image=run.image,
+            mounts=job.mounts if run.mounts is None else run.mounts,
+            entrypoint=run.entrypoint,
+            cmd=run.command,
+            environment=job.environment if run.environment is None else run.environment,
+            limits=run.limits,
+        )
+        await run_install(
+            self.docker,
+            spec,
+            internal_id=record.internal_id,
+            log_path=data / "install.log",
+            time_limit=job.timeout if run.timeout is None else run.timeout,
+            console=console,
+        )
 
     # -- ports --------------------------------------------------------------------------
 
@@ -491,11 +489,11 @@ class Containers:
                     continue
                 rel = norm[len(root) :].lstrip("/")
                 try:
-                    with safepath.Root.open(root, no_links=True) as handle:
-                        found = handle.stat(safepath.parse(rel), follow=False) if rel else None
+                    with files.Root.open(root, no_links=True) as handle:
+                        found = handle.stat(files.parse(rel), follow=False) if rel else None
                     if found is None or not stat.S_ISLNK(found.st_mode):
                         return
-                except (ApiError, OSError):
+                except (files.FileError, OSError):
                     break
             raise BadRequest(f"Mount not allowed: {source}", code="mount_not_allowed")
 

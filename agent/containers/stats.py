@@ -12,7 +12,7 @@ event loop: kernel pseudo-files never block on a disk, and a thread hop costs mo
 
 A host where the files are elsewhere (systemd cgroup driver) or shaped differently
 (cgroup v2) is handled by ``locate_cgroup``; where none is found, the reader falls back to
-one long-lived Docker stats stream for the container, on the engine's stream limiter.
+one long-lived Docker stats stream for the container (trio-native, no thread).
 
 The reader samples only while the container's hub has subscribers, about every
 ``stats.interval`` seconds, and publishes a ``stats`` frame only when a value changed.
@@ -279,8 +279,8 @@ def locate_cgroup(container_id: str, root: Path = CGROUP_ROOT) -> StatsSource | 
 
 
 class ApiStats:
-    """The fallback: one long-lived Docker stats stream, in a thread of the engine's
-    stream limiter, keeping the latest item (about one a second)."""
+    """The fallback: one long-lived Docker stats stream, keeping the latest item (about
+    one a second)."""
 
     name = "docker-api"
 
@@ -288,35 +288,26 @@ class ApiStats:
         self.engine = engine
         self.container_id = container_id
         self._latest: Sample | None = None
-        self._closed = False
 
     def read(self) -> Sample | None:
         return self._latest
 
-    def _follow(self, client: Any) -> None:
-        # Runs in a worker thread; stores each item (an attribute write, no hop needed).
-        stream = client.api.stats(self.container_id, stream=True, decode=True)
+    async def _follow(self) -> None:
         try:
-            for item in stream:
-                if self._closed:
-                    return
-                self._latest = sample_of(item)
-        except (OSError, ValueError) as exc:  # requests' errors are OSErrors; bad JSON
+            async with self.engine.stats(self.container_id) as items:
+                async for item in items:
+                    self._latest = sample_of(item)
+        except ValueError as exc:  # bad JSON
             log.info("%s: stats stream ended: %s", self.container_id[:12], exc)
-        finally:
-            stream.close()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        try:
-            while True:
-                try:
-                    await self.engine.stream(self._follow)
-                except AgentError as exc:
-                    log.info("%s: stats stream: %s", self.container_id[:12], exc)
-                await trio.sleep(5)  # the stream ended (the container stopped?): retry
-        finally:
-            self._closed = True  # an abandoned thread ends at its next item
+        while True:
+            try:
+                await self._follow()
+            except AgentError as exc:
+                log.info("%s: stats stream: %s", self.container_id[:12], exc)
+            await trio.sleep(5)  # the stream ended (the container stopped?): retry
 
 
 def sample_of(item: dict[str, Any]) -> Sample | None:
@@ -345,8 +336,11 @@ def sample_of(item: dict[str, Any]) -> Sample | None:
 
 
 class _Owner(Protocol):
-    state: str
-    started_at: float | None
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def started_at(self) -> float | None: ...
 
 
 def frame_values(previous: Sample, sample: Sample) -> dict[str, Any]:
@@ -398,7 +392,10 @@ class StatsReader:
             started = self.owner.started_at
             running = started is not None and started >= began
             if settings.source == "api" or (
-                settings.source == "auto" and running and time.time() - started > LOCATE_GRACE
+                settings.source == "auto"
+                and started is not None
+                and running
+                and time.time() - started > LOCATE_GRACE
             ):
                 break
             await trio.sleep(min(settings.interval, 0.5))

@@ -19,25 +19,31 @@ import re
 import shlex
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from ..converter import json_body
-from ..docker import AttachStream, DockerConflict, DockerError, DockerNotFound
+from ..docker import (
+    AttachStream,
+    ContainerSpec,
+    DockerConflict,
+    DockerEngine,
+    DockerError,
+    DockerNotFound,
+)
 from ..errors import AgentError, Conflict, DockerUnavailable
 from .console import LineSplitter
 from .hub import EventHub
-from .install import InstallJob
 from .models import ContainerRecord, PortBinding, RuntimeState
+from .settings import ContainersSettings
 from .stats import StatsReader, StatsSettings
 
-if TYPE_CHECKING:
-    from .manager import Containers
-
-__all__ = ["ContainerSupervisor"]
+__all__ = ["ContainerSupervisor", "SupervisorHost"]
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +63,70 @@ def entrypoint_script(startup_command: str) -> str:
     )
 
 
+class SupervisorHost(Protocol):
+    """What a supervisor needs of the rest of the node: Docker, the record store,
+    notifications, ports, settings, and the container mapping. The ``Containers``
+    manager provides it; the supervisor knows nothing else of it."""
+
+    @property
+    def docker(self) -> DockerEngine: ...
+
+    @property
+    def settings(self) -> ContainersSettings: ...
+
+    async def save_record(self, record: ContainerRecord) -> None:
+        """Persist ``record`` (committed when this returns)."""
+        ...
+
+    async def notify(self, internal_id: str, state: str, error: str | None = None) -> None:
+        """Tell plugins the container's state changed (``lightd_container_state_changed``)."""
+        ...
+
+    def data_path(self, internal_id: str) -> Path:
+        """The agent's own folder for the container (entrypoint.sh, install.log)."""
+        ...
+
+    async def check_mounts(self, mount: dict[str, str]) -> None:
+        """``BadRequest`` unless every extra mount is still allowed."""
+        ...
+
+    async def server_spec(self, record: ContainerRecord) -> ContainerSpec:
+        """The server container of ``record``."""
+        ...
+
+    async def remove_docker_container(self, internal_id: str, *, role: str | None) -> None:
+        """Remove the container's Docker containers (of one role, or all)."""
+        ...
+
+    async def ensure_image(self, image: str, message: Callable[[str], None]) -> None:
+        """Pull ``image`` unless the engine has it (``InstallFailed`` when it cannot)."""
+        ...
+
+    async def run_install_script(
+        self, record: ContainerRecord, image: str, console: Callable[[list[str]], None]
+    ) -> None:
+        """Run the record's install script from ``image`` (``InstallFailed`` on failure)."""
+        ...
+
+    async def set_ports(self, internal_id: str, ports: Sequence[PortBinding]) -> None:
+        """Make ``ports`` exactly what the container holds in the port pool."""
+        ...
+
+
 class ContainerSupervisor:
-    def __init__(self, manager: Containers, record: ContainerRecord) -> None:
-        self.manager = manager
+    def __init__(
+        self,
+        host: SupervisorHost,
+        record: ContainerRecord,
+        hub: EventHub,
+        stats_settings: Callable[[], StatsSettings],
+    ) -> None:
+        self.host = host
         self.record = record
         self.state: RuntimeState = "offline"
         self._view_body: tuple[tuple[Any, ...], bytes] | None = None
-        self.hub = EventHub.for_config(manager.agent.config)
-        self.stats = StatsReader(
-            manager.docker,
-            self.hub,
-            self,
-            lambda: manager.agent.config.sections.get("stats") or StatsSettings(),
-        )
+        self.hub = hub
+        self.stats = StatsReader(host.docker, hub, self, stats_settings)
         self._stdin = trio.Lock()
         self.exit_code: int | None = None
         self.started_at: float | None = None
@@ -153,7 +210,7 @@ class ContainerSupervisor:
             a.kind == kind for a in [*([self._current] if self._current else []), *self._queue]
         )
 
-    def _installing(self) -> bool:
+    def installing(self) -> bool:
         """Installing now, or an install is asked for and has not finished."""
         return self.record.install_state == "installing" or self._install_pending
 
@@ -162,7 +219,7 @@ class ContainerSupervisor:
 
         Raises ``Conflict`` with the contract's message when it cannot be done.
         """
-        ready = self.record.install_state == "ready" and not self._installing()
+        ready = self.record.install_state == "ready" and not self.installing()
         if kind == "start":
             if not ready:
                 raise Conflict("Container is not ready", code="not_ready")
@@ -178,10 +235,10 @@ class ContainerSupervisor:
             if not ready:
                 raise Conflict("Container is not ready", code="not_ready")
         elif kind == "reinstall":
-            if self._installing():
+            if self.installing():
                 raise Conflict("Container is already being installed", code="installing")
         elif kind == "rebind":
-            if self._installing():
+            if self.installing():
                 raise Conflict(
                     "Cannot rebind network while container is installing", code="installing"
                 )
@@ -227,11 +284,11 @@ class ContainerSupervisor:
         self.state = state
         if state != "offline":
             self.hub.event(state)
-        await self.manager.notify(self.internal_id, state)
+        await self.host.notify(self.internal_id, state)
 
     async def _set_record(self, **changes: Any) -> None:
         self.record = attrs.evolve(self.record, updated_at=int(time.time()), **changes)
-        await self.manager.repo.save(self.record)
+        await self.host.save_record(self.record)
 
     # -- install ------------------------------------------------------------------------
 
@@ -240,7 +297,7 @@ class ContainerSupervisor:
         if record.install_state != "installing":
             await self._set_record(install_state="installing", error=None)
         self.hub.event("installing")
-        await self.manager.notify(self.internal_id, "installing")
+        await self.host.notify(self.internal_id, "installing")
         try:
             container_id = await self._install_steps()
         except (AgentError, OSError) as exc:  # whatever failed, the install ends failed
@@ -248,38 +305,24 @@ class ContainerSupervisor:
             self._install_pending = False
             await self._set_record(install_state="failed", error=reason)
             self.hub.message(f"Error: {reason}")
-            await self.manager.notify(self.internal_id, "failed", reason)
+            await self.host.notify(self.internal_id, "failed", reason)
             return
         self._install_pending = False
         await self._set_record(install_state="ready", error=None, container_id=container_id)
         self.hub.event("installed")
-        await self.manager.notify(self.internal_id, "ready")
+        await self.host.notify(self.internal_id, "ready")
         if start_after:
             self._queue.appendleft(Action("start"))
 
     async def _install_steps(self) -> str:
         """Everything an install does; returns the new server container's id."""
         record = self.record
-        manager = self.manager
+        host = self.host
         if record.install_script:
             image = record.install_image or record.image
-            await manager.ensure_image(image, self.hub.message)
-            job = InstallJob(
-                internal_id=record.internal_id,
-                image=image,
-                script=record.install_script,
-                data_path=manager.data_path(record.internal_id),
-                log_path=manager.data_path(record.internal_id) / "install.log",
-                timeout=manager.settings.install_timeout,
-                limits=record.limits,
-                console=self.hub.console,
-                message=self.hub.message,
-                docker_options=lambda **extra: manager.docker_options(
-                    self.record, role="install", **extra
-                ),
-            )
+            await host.ensure_image(image, self.hub.message)
             self.hub.message("Running install script")
-            await manager.run_install_script(job)
+            await host.run_install_script(record, image, self.hub.console)
             self.hub.message("Install script finished")
         return await self._recreate(persist=False)
 
@@ -292,23 +335,23 @@ class ContainerSupervisor:
         mended once and the create retried. ``persist=False`` leaves recording the new
         id to the caller (the install records it with ``ready``, in one write).
         """
-        manager = self.manager
+        host = self.host
         record = self.record
-        data = manager.data_path(record.internal_id)
+        data = host.data_path(record.internal_id)
         script = entrypoint_script(record.startup_command)
         await trio.to_thread.run_sync(_write_text, data / "entrypoint.sh", script)
-        await manager.check_mounts(record.mount)  # again: links may have appeared since
+        await host.check_mounts(record.mount)  # again: links may have appeared since
         if record.container_id:
-            await manager.remove_docker_container(record.internal_id, role="server")
-        options = manager.docker_options(record, role="server")
+            await host.remove_docker_container(record.internal_id, role="server")
+        spec = await host.server_spec(record)
         try:
-            container_id = await manager.docker.create_container(options)
+            container_id = await host.docker.create_container(spec)
         except DockerConflict:
-            await manager.remove_docker_container(record.internal_id, role="server")
-            container_id = await manager.docker.create_container(options)
+            await host.remove_docker_container(record.internal_id, role="server")
+            container_id = await host.docker.create_container(spec)
         except DockerNotFound:
-            await manager.ensure_image(record.image, self.hub.message)
-            container_id = await manager.docker.create_container(options)
+            await host.ensure_image(record.image, self.hub.message)
+            container_id = await host.docker.create_container(spec)
         if persist:
             await self._set_record(container_id=container_id)
         return container_id
@@ -319,7 +362,7 @@ class ContainerSupervisor:
         container_id = self.record.container_id
         if container_id:
             try:
-                await self.manager.docker.inspect_container(container_id)
+                await self.host.docker.inspect_container(container_id)
                 return container_id
             except DockerNotFound:
                 log.info("%s: Docker container vanished; recreating it", self.internal_id)
@@ -340,8 +383,8 @@ class ContainerSupervisor:
         await self._attach(container_id)
         try:
             await self._set_state("starting")
-            await self.manager.check_mounts(self.record.mount)  # Docker resolves them now
-            await self.manager.docker.start(container_id)
+            await self.host.check_mounts(self.record.mount)  # Docker resolves them now
+            await self.host.docker.start(container_id)
         except BaseException:
             self._close_console()
             with trio.CancelScope(shield=True):
@@ -364,7 +407,7 @@ class ContainerSupervisor:
             await self._set_state("stopping")
         if container_id:
             try:
-                await self.manager.docker.kill(container_id, "SIGKILL")
+                await self.host.docker.kill(container_id, "SIGKILL")
             except DockerError as exc:
                 log.info("%s: kill: %s", self.internal_id, exc)  # not running
         if self.state != "offline":
@@ -374,7 +417,7 @@ class ContainerSupervisor:
         if self.state == "offline":
             return
         if grace is None:
-            grace = self.manager.settings.stop_timeout
+            grace = self.host.settings.stop_timeout
         self._stop_asked = True
         await self._set_state("stopping")
         container_id = self.record.container_id
@@ -385,14 +428,15 @@ class ContainerSupervisor:
             try:
                 if command and self._stream is not None:
                     await self.send_command(command)
-                else:
-                    await self.manager.docker.kill(container_id, "SIGTERM")
+                elif container_id:
+                    await self.host.docker.kill(container_id, "SIGTERM")
             except (DockerError, Conflict) as exc:
                 log.info("%s: stop: %s", self.internal_id, exc)
             await self._exited.wait()
-        if self.state != "offline":
+        if not self.offline:
             try:
-                await self.manager.docker.kill(container_id, "SIGKILL")
+                if container_id:
+                    await self.host.docker.kill(container_id, "SIGKILL")
             except DockerError as exc:
                 log.info("%s: kill after stop: %s", self.internal_id, exc)
             await self._wait_exit(10)
@@ -424,9 +468,9 @@ class ContainerSupervisor:
             with trio.CancelScope(shield=True):
                 # All or none: back to the old bindings, the new ports given back.
                 await self._set_record(ports=old)
-                await self.manager.set_ports(self.internal_id, old)
+                await self.host.set_ports(self.internal_id, old)
             raise
-        await self.manager.set_ports(self.internal_id, ports)
+        await self.host.set_ports(self.internal_id, ports)
         self.hub.message("Network rebound")
         if was_running:
             await self._do_start()
@@ -438,11 +482,13 @@ class ContainerSupervisor:
         if self._exited.is_set():
             if self.state != "offline":  # the exit was seen while a start still ran
                 self.state = "offline"
-                await self.manager.notify(self.internal_id, "offline")
+                await self.host.notify(self.internal_id, "offline")
             return
         container_id = self.record.container_id
         try:
-            info = await self.manager.docker.inspect_container(container_id)
+            if not container_id:
+                raise DockerNotFound("no container")
+            info = await self.host.docker.inspect_container(container_id)
             running = bool(info["State"]["Running"])
             code = int(info["State"].get("ExitCode", 0))
         except DockerNotFound:
@@ -469,7 +515,7 @@ class ContainerSupervisor:
         done = self._console_done = trio.Event()
         with trio.CancelScope() as scope:
             self._console_scope = scope
-            async with self.manager.docker.attach(container_id) as stream:
+            async with self.host.docker.attach(container_id) as stream:
                 self._stream = stream
                 task_status.started()
                 async with trio.open_nursery() as run:
@@ -521,12 +567,12 @@ class ContainerSupervisor:
             self.hub.message("Container stopped")
         self.state = "offline"
         self._exited.set()
-        await self.manager.notify(self.internal_id, "offline")
+        await self.host.notify(self.internal_id, "offline")
         if crashed:
             self._maybe_restart()
 
     def _maybe_restart(self) -> None:
-        policy = self.manager.settings.crash_restart
+        policy = self.host.settings.crash_restart
         if not policy.enabled:
             return
         now = time.monotonic()
@@ -548,9 +594,14 @@ class ContainerSupervisor:
         self._exited = trio.Event()
         self._exit_seen = False
         await self._attach(container_id)
-        info = await self.manager.docker.inspect_container(container_id)
+        info = await self.host.docker.inspect_container(container_id)
         self.started_at = _docker_time(info["State"].get("StartedAt", "")) or time.time()
         await self._set_state("running")
+
+    @property
+    def offline(self) -> bool:
+        """The server process is not running (the state may change across an await)."""
+        return self.state == "offline"
 
     @property
     def idle(self) -> bool:
@@ -584,7 +635,7 @@ def _docker_time(text: str) -> float | None:
     return moment.timestamp()
 
 
-def _write_text(path: Any, text: str) -> None:
+def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

@@ -332,7 +332,10 @@ async def test_hook_lightd_run_install_script(start_node: Any, prefix: str) -> N
     assert job.internal_id == f"{prefix}-hook"
     assert job.script == "echo hooked\n"
     assert job.image == TEST_IMAGE
-    assert job.log_path.read_text() == "hooked\n"
+    assert job.script_path == "/app/data/install.sh"
+    assert {m.target for m in job.mounts} >= {"/home/container", "/app/data"}
+    log = node.agent.stash[CONTAINERS].install_log(f"{prefix}-hook")
+    assert log.read_text() == "hooked\n"
 
 
 async def test_servers_cli_lists_containers_five_per_page(

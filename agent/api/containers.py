@@ -4,29 +4,40 @@ Config section ``containers`` (install timeout, stop timeout, console history, c
 restart policy). Answers ``lightd_volume_in_use`` for the volumes plugin. Reads
 (``GET``) are served from the agent's own state, never from Docker.
 
-Also the container WebSocket of §8 (``agent.api.ws``) and its config sections
+Also the container WebSocket of §8 (``lightd.api.ws``) and its config sections
 ``websocket``, ``console`` and ``stats``; a config reload applies the console settings.
+Puts the manager on the stash twice: as ``CONTAINERS`` (the core's, typed
+``Containers``) and as ``interfaces.CONTAINER_SERVICE`` (what plugins may use).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Blueprint
 
-from ..api import FAST_READS, json_body
-from ..api.views import container_scoped, current_auth, read_json
-from ..api.ws import WebSocketSettings, websocket_blueprint
 from ..config import Config
-from ..converter import structure
+from ..containers import CONTAINERS, ContainerSupervisor
+from ..containers.console import ConsoleSettings
+from ..containers.manager import MIGRATIONS, Containers, ContainersSettings, check_port_specs
+from ..containers.models import (
+    CreateRequest,
+    RebindRequest,
+    ReinstallRequest,
+    StopRequest,
+    valid_internal_id,
+)
+from ..containers.stats import StatsSettings
+from ..converter import json_body, structure
 from ..errors import BadRequest, Conflict, DockerUnavailable
 from ..hookspecs import hookimpl
+from ..interfaces import CONTAINER_SERVICE
 from ..runtime import Agent, Service
-from . import CONTAINERS
-from .console import ConsoleSettings
-from .manager import MIGRATIONS, Containers, ContainersSettings, check_port_specs
-from .models import CreateRequest, RebindRequest, ReinstallRequest, StopRequest, valid_internal_id
-from .stats import StatsSettings
+from ..store import Migration
+from .fastpath import FAST_READS
+from .views import container_scoped, current_auth, read_json
+from .ws import WebSocketSettings, websocket_blueprint
 
 
 @hookimpl
@@ -40,13 +51,15 @@ def lightd_add_config_sections() -> dict[str, type]:
 
 
 @hookimpl
-def lightd_add_migrations() -> list[Any]:
+def lightd_add_migrations() -> list[Migration]:
     return MIGRATIONS
 
 
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
-    containers = agent.stash[CONTAINERS] = Containers(agent, agent.config.section("containers"))
+    containers = Containers(agent, agent.config.section(ContainersSettings))
+    agent.stash[CONTAINERS] = containers
+    agent.stash[CONTAINER_SERVICE] = containers
 
     def read(internal_id: str) -> bytes | None:
         supervisor = containers.find(internal_id)
@@ -68,7 +81,7 @@ def lightd_add_services(agent: Agent) -> list[Service]:
 @hookimpl
 def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
     for supervisor in agent.stash[CONTAINERS].all():
-        supervisor.hub.configure(new.section("console"))
+        supervisor.hub.configure(new.section(ConsoleSettings))
 
 
 @hookimpl
@@ -76,7 +89,7 @@ def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
     return agent.stash[CONTAINERS].using_volume(volume_id)
 
 
-def _summary(supervisor: Any) -> dict[str, Any]:
+def _summary(supervisor: ContainerSupervisor) -> dict[str, Any]:
     record = supervisor.record
     return {
         "internal_id": record.internal_id,
@@ -131,7 +144,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         await containers.delete(internal_id)
         return {"message": "Container deleted successfully"}
 
-    def power(kind: str, message: str) -> Any:
+    def power(kind: str, message: str) -> Callable[[str], Awaitable[dict[str, Any]]]:
         async def view(internal_id: str) -> dict[str, Any]:
             supervisor = containers.get(internal_id)
             need_docker()
@@ -167,7 +180,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         supervisor = containers.get(internal_id)
         body = await read_json(RebindRequest)
         need_docker()
-        if supervisor._installing():
+        if supervisor.installing():
             raise Conflict("Cannot rebind network while container is installing", code="installing")
         check_port_specs(body.ports)
         old = supervisor.record.ports

@@ -1,0 +1,40 @@
+"""The only way to the Docker engine (no other module talks to it).
+
+``DockerEngine`` (``engine``) is the agent's client: every call is a named async method,
+trio-native over the engine's socket. ``ContainerSpec`` (``spec``) is the agent's own
+description of a container, mapped to the Engine API's create body by ``create_body``.
+``AttachStream`` (``streams``) is a container's attached stdio.
+"""
+
+from .engine import (
+    DockerConflict,
+    DockerEngine,
+    DockerError,
+    DockerNotFound,
+    EngineInfo,
+    container_states,
+    docker_url,
+    split_image,
+)
+from .spec import ContainerSpec, LogConfig, Mount, PortPublish, ResourceLimits, create_body
+from .streams import AttachStream, JsonLines, demux
+
+__all__ = [
+    "AttachStream",
+    "ContainerSpec",
+    "DockerConflict",
+    "DockerEngine",
+    "DockerError",
+    "DockerNotFound",
+    "EngineInfo",
+    "JsonLines",
+    "LogConfig",
+    "Mount",
+    "PortPublish",
+    "ResourceLimits",
+    "container_states",
+    "create_body",
+    "demux",
+    "docker_url",
+    "split_image",
+]

@@ -1,0 +1,639 @@
+"""The agent's Docker client: every call trio-native over the engine's socket, no thread.
+
+Control calls (create, start, stop, kill, inspect, remove, list, wait, version, info…) go
+on httpcore with connections of our own (``_ControlConnections``); streams (attach,
+events, pull, stats) on httpx over the same socket. Under load a thread per call costs
+more than the call: twenty docker-py threads contending for the GIL delayed the event
+loop (and its store writes) by tens of milliseconds. See
+../shared/notes/docker-under-trio.md.
+
+The engine may be absent at start or go away later. The agent keeps serving either way:
+``serve`` (a service) probes the engine, connects when it answers and reconnects after it
+comes back; while it is away every call raises ``DockerUnavailable``, which the API answers
+as ``503 {"error": "Docker engine unreachable"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import attrs
+import httpcore
+import httpx
+import trio
+
+from ..errors import AgentError, DockerUnavailable
+from .spec import ContainerSpec, create_body
+from .streams import AttachStream, JsonLines, demux
+
+__all__ = [
+    "DockerConflict",
+    "DockerEngine",
+    "DockerError",
+    "DockerNotFound",
+    "EngineInfo",
+    "container_states",
+    "docker_url",
+    "split_image",
+]
+
+
+class DockerError(AgentError):
+    """The engine answered, and refused (the message is the engine's explanation)."""
+
+
+class DockerNotFound(DockerError):
+    """The engine has no such object (container, image)."""
+
+
+class DockerConflict(DockerError):
+    """The engine refused because of a conflict (a container name already taken)."""
+
+
+class _NoEngine(Exception):
+    """Something answered on the socket, but not a Docker engine we can speak with."""
+
+
+log = logging.getLogger(__name__)
+
+#: httpcore's "the engine did not answer (in time)" (a request we could not even write,
+#: a ``LocalProtocolError``, is our fault, not the engine's).
+_TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.TimeoutException,
+    httpcore.RemoteProtocolError,
+)
+
+#: Seconds between health probes while connected, and the back-off cap while away.
+PROBE_INTERVAL = 10.0
+RETRY_MAX = 5.0
+
+
+def docker_url(socket_path: str, environ: Mapping[str, str] | None = None) -> str:
+    """``DOCKER_HOST`` when set, else the configured unix socket."""
+    environ = os.environ if environ is None else environ
+    host = environ.get("DOCKER_HOST")
+    if host:
+        return host
+    return socket_path if "://" in socket_path else f"unix://{socket_path}"
+
+
+@attrs.frozen
+class EngineInfo:
+    version: str
+    #: The API version spoken with the engine (the engine's own, as ``/version`` says).
+    api_version: str
+    os: str
+    arch: str
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """``repo[:tag|@digest]`` → ``(repo, tag or digest)``; the tag is ``latest`` when none
+    is named (a ``:`` inside a registry's ``host:port`` is not a tag)."""
+    repository, at, digest = image.rpartition("@")
+    if at:
+        return repository, digest
+    repository, colon, tag = image.rpartition(":")
+    if colon and "/" not in tag:
+        return repository, tag
+    return image, "latest"
+
+
+class _ControlConnections:
+    """Keep-alive connections for control calls, reused last-in first-out.
+
+    httpcore's own pool rescans every connection (and, for each idle one, every other) on
+    each request and each response closed; with twenty creates in flight that scanning
+    cost more than the requests' HTTP work. Here taking a connection is a pop, and a
+    stale one (the engine restarted) is noticed the way httpcore's pool notices it.
+    """
+
+    #: Idle connections kept for the next calls.
+    KEEP = 16
+
+    def __init__(self, origin: httpcore.Origin, uds: str | None) -> None:
+        self._origin = origin
+        self._uds = uds
+        self._idle: list[httpcore.AsyncHTTPConnection] = []
+
+    async def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | None,
+        extensions: dict[str, Any],
+    ) -> httpcore.Response:
+        connection = None
+        while self._idle:
+            candidate = self._idle.pop()
+            if candidate.is_idle() and not candidate.has_expired():
+                connection = candidate
+                break
+            await candidate.aclose()
+        if connection is None:
+            connection = httpcore.AsyncHTTPConnection(self._origin, uds=self._uds)
+        origin = self._origin
+        url = httpcore.URL(scheme=origin.scheme, host=origin.host, port=origin.port, target=target)
+        try:
+            response = await connection.request(
+                method, url, headers=headers, content=content, extensions=extensions
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+            raise
+        if connection.is_idle() and len(self._idle) < self.KEEP:
+            self._idle.append(connection)
+        else:
+            await connection.aclose()
+        return response
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.aclose()
+
+
+class DockerEngine:
+    """The engine, as the agent uses it: one named async method per thing asked of it."""
+
+    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.probe_interval = PROBE_INTERVAL
+        self.retry_max = RETRY_MAX
+        #: Control calls in flight (a bound on connections and on the engine's load; high
+        #: enough that a burst of creates is not queued behind itself).
+        self.request_limiter = trio.CapacityLimiter(64)
+        self._http: httpx.AsyncClient | None = None
+        self._pool: _ControlConnections | None = None
+        #: Connected (the handshake answered, no call failed since).
+        self._up = False
+        #: Counts connections: a failure of a call made on an older one changes nothing.
+        self._generation = 0
+        self.info: EngineInfo | None = None
+        self.last_error: str | None = None
+        self._probe_now = trio.Event()
+        self._connected = trio.Event()
+
+    @property
+    def available(self) -> bool:
+        return self._up
+
+    async def wait_available(self) -> None:
+        """Return once the engine answers (at once if it does now)."""
+        while not self._up:
+            await self._connected.wait()
+
+    # -- the engine ------------------------------------------------------------------------
+
+    async def version(self) -> EngineInfo:
+        """The engine's version, API version, OS and architecture, asked now."""
+        return _engine_info(await self.request("GET", "/version"))
+
+    async def system_info(self) -> dict[str, Any]:
+        """The engine's ``/info`` document (counts, storage driver, cgroup version…)."""
+        return dict(await self.request("GET", "/info"))
+
+    async def ping(self) -> None:
+        await self.request("GET", "/_ping", raw=True)
+
+    # -- containers ------------------------------------------------------------------------
+
+    async def create_container(self, spec: ContainerSpec) -> str:
+        """Create a container from ``spec`` (one engine request); its id."""
+        params = {"name": spec.name} if spec.name else None
+        created = await self.request(
+            "POST", "/containers/create", params=params, body=create_body(spec)
+        )
+        return str(created["Id"])
+
+    async def inspect_container(self, container_id: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/containers/{_quote(container_id)}/json"))
+
+    async def start(self, container_id: str) -> None:
+        await self.request("POST", f"/containers/{_quote(container_id)}/start")
+
+    async def stop(self, container_id: str, *, grace: int | None = None) -> None:
+        """SIGTERM (or the image's stop signal), then SIGKILL after ``grace`` seconds (the
+        engine's default when ``None``). Returns once it is stopped; a stopped container is
+        no error. Not bounded by the engine timeout, abandoned on cancel."""
+        params = None if grace is None else {"t": str(grace)}
+        await self.request(
+            "POST", f"/containers/{_quote(container_id)}/stop", params=params, long=True
+        )
+
+    async def kill(self, container_id: str, signal: str = "SIGKILL") -> None:
+        path = f"/containers/{_quote(container_id)}/kill"
+        await self.request("POST", path, params={"signal": signal})
+
+    async def remove_container(self, container_id: str, *, volumes: bool = False) -> None:
+        """Remove it, running or not."""
+        params = {"force": "1", "v": "1" if volumes else "0"}
+        await self.request("DELETE", f"/containers/{_quote(container_id)}", params=params)
+
+    async def containers(self, labels: list[str]) -> list[dict[str, Any]]:
+        """Every container (running or not) carrying all of ``labels``."""
+        params = {"all": "1", "filters": json.dumps({"label": labels})}
+        return list(await self.request("GET", "/containers/json", params=params))
+
+    async def wait(self, container_id: str) -> dict[str, Any]:
+        """Block until the container exits; its ``StatusCode``. Abandoned on cancel (it
+        changes nothing), and not bounded by the engine timeout."""
+        path = f"/containers/{_quote(container_id)}/wait"
+        return dict(await self.request("POST", path, long=True))
+
+    async def logs(self, container_id: str, *, tail: int | None = None, tty: bool = False) -> bytes:
+        """What the container wrote so far (stdout and stderr; the last ``tail`` lines)."""
+        params = {"stdout": "1", "stderr": "1", "tail": "all" if tail is None else str(tail)}
+        path = f"/containers/{_quote(container_id)}/logs"
+        data: bytes = await self.request("GET", path, params=params, raw=True)
+        return data if tty else demux(data)
+
+    # -- images and networks ---------------------------------------------------------------
+
+    async def inspect_image(self, image: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/images/{_quote(image)}/json"))
+
+    async def images(self) -> list[dict[str, Any]]:
+        """The engine's images (``Id``, ``RepoTags``, ``Size``…)."""
+        return list(await self.request("GET", "/images/json"))
+
+    async def networks(self) -> list[dict[str, Any]]:
+        """The engine's networks (``Name``, ``Id``, ``Driver``…)."""
+        return list(await self.request("GET", "/networks"))
+
+    async def pull(self, image: str, progress: Callable[[str], None] | None = None) -> None:
+        """Pull ``image`` (``latest`` when no tag is named), calling ``progress`` with each
+        status line the engine sends. Credentials come from the Docker client's config
+        file (``auths`` of ``$DOCKER_CONFIG/config.json``), as the docker CLI's would."""
+        repository, tag = split_image(image)
+        headers = {}
+        auth = await trio.to_thread.run_sync(_registry_auth, repository)
+        if auth:
+            headers["X-Registry-Auth"] = auth
+        params = {"fromImage": repository, "tag": tag}
+        async with self._open_stream(
+            "POST", "/images/create", params=params, headers=headers, read=self.timeout
+        ) as response:
+            async for item in JsonLines(response):
+                if "error" in item:
+                    raise DockerError(str(item["error"]))
+                status = item.get("status")
+                if status and progress is not None:
+                    progress(str(status))
+
+    # -- streams ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def attach(self, container_id: str) -> AsyncIterator[AttachStream]:
+        """Attach to a container's stdio (before or after it starts); closed on exit.
+
+        Attaching before ``start`` loses no output; one attach serves both the console
+        reader and the stdin writer.
+        """
+        http, prefix = self._streams()
+        request = http.build_request(
+            "POST",
+            f"{prefix}/containers/{_quote(container_id)}/attach",
+            params={"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1"},
+            headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+            timeout=httpx.Timeout(self.timeout, read=None),
+        )
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            self._probe_now.set()
+            raise DockerUnavailable() from exc
+        try:
+            if response.status_code == 404:
+                raise DockerNotFound(f"No such container: {container_id}")
+            if response.status_code != 101:
+                body = (await response.aread()).decode("utf-8", "replace")
+                raise DockerError(_short(Exception(body or f"attach: {response.status_code}")))
+            stream = AttachStream(response.extensions["network_stream"])
+            try:
+                yield stream
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    @asynccontextmanager
+    async def stats(self, container_id: str) -> AsyncIterator[JsonLines]:
+        """The container's stats stream: one document about every second while it runs
+        (``async for item in items``); it ends when the container stops."""
+        path = f"/containers/{_quote(container_id)}/stats"
+        async with self._open_stream("GET", path, params={"stream": "1"}) as response:
+            yield JsonLines(response)
+
+    async def watch_events(
+        self,
+        filters: Mapping[str, list[str]],
+        handle: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Stream engine events matching ``filters`` to ``handle`` until the stream ends.
+
+        Reports ready once the engine has accepted the subscription, so an event caused
+        by a call made after ``started()`` is never missed. Raises ``DockerUnavailable``
+        when the engine is away or the stream breaks.
+        """
+        params = {"filters": json.dumps(filters)}
+        async with self._open_stream("GET", "/events", params=params) as response:
+            task_status.started()
+            async for item in JsonLines(response):
+                await handle(item)
+
+    @asynccontextmanager
+    async def _open_stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        read: float | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """A streamed answer (the engine's refusals raised as for control calls); ``read``
+        bounds the wait for each chunk (``None``: no bound)."""
+        http, prefix = self._streams()
+        try:
+            async with http.stream(
+                method,
+                prefix + path,
+                params=params,
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, read=read),
+            ) as response:
+                if response.status_code >= 400:
+                    raise _refusal(response.status_code, await response.aread())
+                yield response
+        except httpx.TransportError as exc:
+            self._probe_now.set()
+            raise DockerUnavailable() from exc
+
+    # -- the wire --------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        long: bool = False,
+        raw: bool = False,
+    ) -> Any:
+        """One engine request under the API version prefix; the decoded JSON answer (the
+        bytes when ``raw``).
+
+        On httpcore directly (see ``_ControlConnections``): httpx's client layers (URL
+        merging, auth and redirect handling, response models) cost as much again as the
+        request itself.
+
+        A control call is waited for even when cancelled (its effect must be known: a
+        create or start abandoned half-way would leave Docker ahead of the agent; the
+        engine timeout bounds it); the cancellation surfaces at the caller's next
+        checkpoint. A ``long`` call (wait, stop) has no timeout and is abandoned on cancel.
+        """
+        pool, prefix, generation = self._control()
+        target = (prefix + path + ("?" + urlencode(params) if params else "")).encode()
+        content = None if body is None else json.dumps(body).encode()
+        headers = [] if content is None else [(b"Content-Type", b"application/json")]
+        limit = self.timeout
+        timeout = {"connect": limit, "read": None if long else limit, "write": limit, "pool": limit}
+        # A caller cancelled while waiting for a slot has sent nothing: it may go.
+        async with contextlib.nullcontext() if long else self.request_limiter:
+            with trio.CancelScope(shield=not long):
+                try:
+                    response = await pool.request(
+                        method.encode(), target, headers, content, {"timeout": timeout}
+                    )
+                except _TRANSPORT_ERRORS as exc:
+                    self._lost(generation, exc)
+                    raise DockerUnavailable() from None
+        if response.status >= 400:
+            raise _refusal(response.status, response.content)
+        if raw:
+            return response.content
+        return json.loads(response.content) if response.content else None
+
+    def _control(self) -> tuple[_ControlConnections, str, int]:
+        if not self._up or self._pool is None or self.info is None:
+            raise DockerUnavailable()
+        return self._pool, f"/v{self.info.api_version}", self._generation
+
+    def _streams(self) -> tuple[httpx.AsyncClient, str]:
+        if not self._up or self._http is None or self.info is None:
+            raise DockerUnavailable()
+        return self._http, f"/v{self.info.api_version}"
+
+    def _lost(self, generation: int, exc: BaseException) -> None:
+        if self._up and generation == self._generation:
+            log.warning("Docker engine at %s stopped answering: %s", self.base_url, _short(exc))
+            self._up = False
+            self._connected = trio.Event()
+            self.last_error = _short(exc)
+            self._probe_now.set()
+
+    async def _handshake(self, pool: _ControlConnections, target: bytes) -> bytes:
+        """One unversioned request on a connection of its own (the probe), bounded."""
+        limit = self.timeout
+        timeout = {"connect": limit, "read": limit, "write": limit, "pool": limit}
+        response = await pool.request(b"GET", target, [], None, {"timeout": timeout})
+        if response.status != 200:
+            raise _NoEngine(f"{target.decode()} answered HTTP {response.status}")
+        return response.content
+
+    async def _connect(self, pool: _ControlConnections) -> EngineInfo:
+        content = await self._handshake(pool, b"/version")
+        try:
+            return _engine_info(json.loads(content))
+        except (ValueError, AttributeError, KeyError) as exc:
+            raise _NoEngine(f"not a Docker engine: {_short(exc)}") from None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection to the engine: probe, connect, notice loss, reconnect.
+
+        Reports ready after the first attempt whatever its outcome: the agent must come up
+        without an engine.
+        """
+        delay = 0.5
+        started = False
+        pool = self._pool = self._control_pool()
+        http = self._http = self._native_client()
+        try:
+            while True:
+                if not self._up:
+                    try:
+                        info = await self._connect(pool)
+                    except (*_TRANSPORT_ERRORS, _NoEngine) as exc:
+                        if self.last_error != _short(exc) or not started:
+                            log.warning(
+                                "Docker engine at %s unreachable: %s (retrying)",
+                                self.base_url,
+                                _short(exc),
+                            )
+                        self.last_error = _short(exc)
+                    else:
+                        self.info, self.last_error = info, None
+                        self._generation += 1
+                        self._up = True
+                        self._connected.set()
+                        delay = 0.5
+                        log.info(
+                            "Docker engine %s (API %s) at %s",
+                            info.version,
+                            info.api_version,
+                            self.base_url,
+                        )
+                else:
+                    generation = self._generation
+                    try:
+                        await self._handshake(pool, b"/_ping")
+                    except (*_TRANSPORT_ERRORS, _NoEngine) as exc:
+                        self._lost(generation, exc)
+                        continue
+                if not started:
+                    started = True
+                    task_status.started()
+                self._probe_now = trio.Event()
+                with trio.move_on_after(self.probe_interval if self._up else delay):
+                    await self._probe_now.wait()
+                if not self._up:
+                    delay = min(delay * 2, self.retry_max)
+        finally:
+            self._up = False
+            with trio.CancelScope(shield=True):
+                await http.aclose()
+                await pool.aclose()
+
+    def _native_client(self) -> httpx.AsyncClient:
+        # Every running server holds one connection (its attach), and so does the events
+        # stream: httpx's default cap of 100 would stall the 100th server's start.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=4)
+        url = self.base_url
+        timeout = httpx.Timeout(self.timeout)
+        if url.startswith("unix://"):
+            transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"), limits=limits)
+            return httpx.AsyncClient(transport=transport, base_url="http://docker", timeout=timeout)
+        return httpx.AsyncClient(
+            base_url=url.replace("tcp://", "http://", 1), limits=limits, timeout=timeout
+        )
+
+    def _control_pool(self) -> _ControlConnections:
+        url = self.base_url
+        if url.startswith("unix://"):
+            return _ControlConnections(httpcore.Origin(b"http", b"docker", 80), url[7:])
+        parsed = httpx.URL(url.replace("tcp://", "http://", 1))
+        origin = httpcore.Origin(b"http", parsed.host.encode("ascii"), parsed.port or 80)
+        return _ControlConnections(origin, None)
+
+
+def container_states(base_url: str, labels: list[str], *, timeout: float = 5) -> dict[str, str]:
+    """Blocking, for the CLI: Docker's status of each labelled container, by internal id.
+
+    Empty when the engine does not answer (the caller shows the state as unknown).
+    """
+    if base_url.startswith("unix://"):
+        transport = httpx.HTTPTransport(uds=base_url.removeprefix("unix://"))
+        client = httpx.Client(transport=transport, base_url="http://docker", timeout=timeout)
+    else:
+        client = httpx.Client(base_url=base_url.replace("tcp://", "http://", 1), timeout=timeout)
+    params = {"all": "1", "filters": json.dumps({"label": labels})}
+    try:
+        with client:
+            response = client.get("/containers/json", params=params)
+        listed = response.json() if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError):
+        return {}
+    if not isinstance(listed, list):
+        return {}
+    return {
+        (item.get("Labels") or {}).get("lightd.internal_id", ""): str(item.get("State", ""))
+        for item in listed
+        if (item.get("Labels") or {}).get("lightd.role") == "server"
+    }
+
+
+def _engine_info(raw: Mapping[str, Any]) -> EngineInfo:
+    return EngineInfo(
+        version=str(raw.get("Version", "")),
+        api_version=str(raw["ApiVersion"]),
+        os=str(raw.get("Os", "")),
+        arch=str(raw.get("Arch", "")),
+    )
+
+
+def _registry_auth(repository: str) -> str | None:
+    """``X-Registry-Auth`` for ``repository``'s registry from the Docker client's config
+    file (static ``auths`` entries only), or ``None``."""
+    folder = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        auths = config.get("auths") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    first, slash, _ = repository.partition("/")
+    own = slash and ("." in first or ":" in first or first == "localhost")
+    registry = first if own else "docker.io"
+    names = (
+        [registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/"]
+        if own
+        else ["https://index.docker.io/v1/", "index.docker.io", "docker.io"]
+    )
+    for name in names:
+        entry = auths.get(name)
+        if not isinstance(entry, dict) or not entry.get("auth"):
+            continue
+        try:
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        document = {"username": user, "password": password, "serveraddress": name}
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
+    return None
+
+
+def _quote(segment: str) -> str:
+    """A name in a request path, quoted as docker-py quotes it (``/`` and ``:`` kept: image
+    names have them): a space or ``?`` in an image name must not break the request."""
+    return quote(segment, safe="/:")
+
+
+def _refusal(status: int, content: bytes) -> DockerError:
+    message = _answer_message(status, content)
+    if status == 404:
+        return DockerNotFound(message)
+    if status == 409:
+        return DockerConflict(message)
+    return DockerError(message)
+
+
+def _answer_message(status: int, content: bytes) -> str:
+    """The engine's explanation of a refusal (its JSON ``message``), one short line."""
+    text = content.decode("utf-8", "replace")
+    try:
+        message = json.loads(text).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return _short(Exception(message or text or f"HTTP {status}"))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
