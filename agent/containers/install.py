@@ -130,3 +130,13 @@ async def run_install(
                 await docker.remove_container(container_id)
             except AgentError as exc:  # reconciliation removes what is left
                 log.warning("%s: install container not removed: %s", internal_id, exc)
+
+
+def write_executable(path: Path, text: str) -> None:
+    """Write a script the container runs (entrypoint.sh, install.sh): whole or not at all,
+    mode 0755. Blocking: run it in a worker thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(path)

@@ -32,7 +32,7 @@ from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
 from ..interfaces import PORT_POOL, VOLUMES, PortRequest
 from ..store import Migration, Store
 from .hub import EventHub
-from .install import InstallFailed, InstallJob, InstallRun, run_install
+from .install import InstallFailed, InstallJob, InstallRun, run_install, write_executable
 from .models import ContainerRecord, CreateRequest, PortBinding, PortSpec
 from .settings import ContainersSettings, CrashRestart
 from .specs import (
@@ -139,14 +139,6 @@ def _dump(record: ContainerRecord) -> str:
 
 def _stats_settings(agent: Agent) -> StatsSettings:
     return agent.config.section_or_default(StatsSettings)
-
-
-def _write_script(path: Path, script: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(script)
-    tmp.chmod(0o755)
-    tmp.replace(path)
 
 
 class Containers:
@@ -413,7 +405,7 @@ class Containers:
             raise InstallFailed("Install scripts are not available (plugin disabled)")
         script = run.script if run.script.endswith("\n") else run.script + "\n"
         name = posixpath.basename(job.script_path)
-        await trio.to_thread.run_sync(_write_script, data / name, script)
+        await trio.to_thread.run_sync(write_executable, data / name, script)
         spec = container_spec(
             record,
             node_id=self.node_id,

@@ -39,6 +39,7 @@ from ..docker import (
 from ..errors import AgentError, Conflict, DockerUnavailable
 from .console import LineSplitter
 from .hub import EventHub
+from .install import write_executable
 from .models import ContainerRecord, PortBinding, RuntimeState
 from .settings import ContainersSettings
 from .stats import StatsReader, StatsSettings
@@ -339,7 +340,7 @@ class ContainerSupervisor:
         record = self.record
         data = host.data_path(record.internal_id)
         script = entrypoint_script(record.startup_command)
-        await trio.to_thread.run_sync(_write_text, data / "entrypoint.sh", script)
+        await trio.to_thread.run_sync(write_executable, data / "entrypoint.sh", script)
         await host.check_mounts(record.mount)  # again: links may have appeared since
         if record.container_id:
             await host.remove_docker_container(record.internal_id, role="server")
@@ -633,14 +634,6 @@ def _docker_time(text: str) -> float | None:
     except ValueError:
         return None
     return moment.timestamp()
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
 
 
 def _reason(exc: BaseException) -> str:

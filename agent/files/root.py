@@ -494,39 +494,38 @@ class Root:
 
     # --- building trees (archive extraction) ---------------------------------------------
 
+    @contextlib.contextmanager
+    def _cleared(self, rel: RelPath) -> Iterator[tuple[int, str]]:
+        """The open parent folder of ``rel`` and its last name, with whatever non-folder
+        stood there removed (never followed); inside, ``OSError`` maps as for ``rel``."""
+        with self._errors(rel):
+            parent_fd, name = self._locate(rel.parts, follow_last=False)
+        try:
+            if name is None:
+                raise FolderExists(rel.text)
+            with self._errors(rel):
+                self._clear(parent_fd, name, rel)
+                yield parent_fd, name
+        finally:
+            os.close(parent_fd)
+
     def create_file(self, rel: RelPath, mode: int = 0o644) -> int:
         """A new, empty file at ``rel`` opened for writing; whatever non-folder was there
         (an earlier archive entry of the same name, a link) is replaced, never followed.
         The parent folder must exist."""
-        with self._errors(rel):
-            parent_fd, name = self._locate(rel.parts, follow_last=False)
-        try:
-            if name is None:
-                raise FolderExists(rel.text)
-            with self._errors(rel):
-                self._clear(parent_fd, name, rel)
-                return os.open(
-                    name,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    mode,
-                    dir_fd=parent_fd,
-                )
-        finally:
-            os.close(parent_fd)
+        with self._cleared(rel) as (parent_fd, name):
+            return os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=parent_fd,
+            )
 
     def symlink(self, rel: RelPath, target: str) -> None:
         """Create a symlink at ``rel`` (replacing a non-folder). The target is not checked
         here: a link is only text until someone resolves it, and we resolve beneath."""
-        with self._errors(rel):
-            parent_fd, name = self._locate(rel.parts, follow_last=False)
-        try:
-            if name is None:
-                raise FolderExists(rel.text)
-            with self._errors(rel):
-                self._clear(parent_fd, name, rel)
-                os.symlink(target, name, dir_fd=parent_fd)
-        finally:
-            os.close(parent_fd)
+        with self._cleared(rel) as (parent_fd, name):
+            os.symlink(target, name, dir_fd=parent_fd)
 
     def hardlink(self, target: RelPath, rel: RelPath) -> None:
         """Hard-link the regular file at ``target`` (no link followed) to ``rel``."""
@@ -537,17 +536,9 @@ class Root:
                 st = lstat_at(tdir, tname) if tname else None
             if st is None or not stat.S_ISREG(st.st_mode):
                 raise PathNotFound(target.text)
-            with self._errors(rel):
-                pdir, name = self._locate(rel.parts, follow_last=False)
-            try:
-                if name is None:
-                    raise FolderExists(rel.text)
-                with self._errors(rel):
-                    self._clear(pdir, name, rel)
-                    assert tname is not None
-                    os.link(tname, name, src_dir_fd=tdir, dst_dir_fd=pdir, follow_symlinks=False)
-            finally:
-                os.close(pdir)
+            with self._cleared(rel) as (pdir, name):
+                assert tname is not None
+                os.link(tname, name, src_dir_fd=tdir, dst_dir_fd=pdir, follow_symlinks=False)
         finally:
             os.close(tdir)
 

@@ -93,6 +93,15 @@ def enter_dir(dir_fd: int, name: str) -> int | None:
         raise
 
 
+def _names_or_close(dir_fd: int) -> Iterator[str]:
+    """The sorted names in an open folder; the descriptor is closed if listing fails."""
+    try:
+        return iter(sorted(os.listdir(dir_fd)))
+    except BaseException:
+        os.close(dir_fd)
+        raise
+
+
 def walk_below(
     top_fd: int,
     prefix: str,
@@ -109,13 +118,7 @@ def walk_below(
     ``OSError`` entering a folder becomes ``error(exc)``; a tree deeper than ``MAX_DEPTH``
     is ``InvalidPath("folder tree too deep")``.
     """
-    stack: list[tuple[int, str, Iterator[str]]] = []
-    try:
-        names = iter(sorted(os.listdir(top_fd)))
-    except BaseException:
-        os.close(top_fd)
-        raise
-    stack.append((top_fd, prefix, names))
+    stack: list[tuple[int, str, Iterator[str]]] = [(top_fd, prefix, _names_or_close(top_fd))]
     try:
         while stack:
             checkpoint()
@@ -139,12 +142,7 @@ def walk_below(
             except OSError as exc:
                 raise error(exc) from None
             if fd is not None:
-                try:
-                    names = iter(sorted(os.listdir(fd)))
-                except BaseException:
-                    os.close(fd)
-                    raise
-                stack.append((fd, path, names))
+                stack.append((fd, path, _names_or_close(fd)))
     finally:
         for fd, _, _ in stack:
             os.close(fd)
