@@ -7,8 +7,9 @@ from collections.abc import Iterable
 
 from quart import Blueprint, Response, g, has_request_context, jsonify, request, websocket
 from quart.globals import websocket_ctx
+from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import ApiError
 from ..files import FileError, api_status
@@ -43,8 +44,9 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
         MAX_CONTENT_LENGTH=agent.config.server.max_body_bytes,
         PROPAGATE_EXCEPTIONS=False,
     )
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented key order
-    app.json.compact = True  # type: ignore[attr-defined]
+    if isinstance(app.json, DefaultJSONProvider):  # it is; the check tells the type checker
+        app.json.sort_keys = False  # keep the documented key order
+        app.json.compact = True
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
 
@@ -88,8 +90,8 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
         status = error.code or 500
         message, code = _HTTP_MESSAGES.get(status, (error.name, "http_error"))
         response = _error(status, message, code)
-        if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
-            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))  # type: ignore[attr-defined]
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
         return response
 
     @app.errorhandler(Exception)

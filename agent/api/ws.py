@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
-from quart import Blueprint, websocket
+from quart import Blueprint
+from quart.globals import websocket_ctx
 from wsproto.utilities import LocalProtocolError
 
 from ..containers.console import TokenBucket
@@ -238,7 +239,7 @@ def websocket_blueprint(agent: Agent, containers: Containers) -> Blueprint:
         supervisor = containers.get(internal_id)  # 404 before the upgrade
         settings = websocket_settings(agent)
         auth = current_auth()
-        ws: Websocket = websocket._get_current_object()  # type: ignore[attr-defined]
+        ws: Websocket = websocket_ctx.websocket
         await ws.accept()
         if sockets.get(internal_id, 0) >= settings.max_sockets_per_container:
             await ws.close(CLOSE_TOO_MANY, "Too many connections")
