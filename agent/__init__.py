@@ -14,6 +14,7 @@ Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`
 from ._version import __version__
 from .config import Config
 from .containers.install import InstallJob, InstallRun
+from .containers.settings import ContainersSettings
 from .converter import FieldError, field_check
 from .errors import (
     AgentError,
@@ -55,6 +56,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ContainerService",
+    "ContainersSettings",
     "DockerUnavailable",
     "FieldError",
     "Forbidden",

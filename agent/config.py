@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Mapping
@@ -40,14 +41,17 @@ __all__ = [
     "PluginsConfig",
     "ServerConfig",
     "StorageConfig",
+    "TlsConfig",
     "create_config",
     "deep_merge",
+    "is_secret_key",
     "is_valid_token",
     "load_config",
     "locate_config",
     "new_token",
     "parse_config",
     "redact",
+    "redact_text",
     "write_config",
 ]
 
@@ -75,6 +79,20 @@ def _port(value: int) -> bool:
 _positive = field_check(lambda v: v > 0, "must be > 0")
 
 
+def _non_empty(value: str) -> bool:
+    return bool(value.strip())
+
+
+@attrs.frozen(kw_only=True)
+class TlsConfig:
+    """``server.tls``: serve HTTPS and WSS with this PEM certificate (chain) and private
+    key; relative paths are relative to config.json's folder. Loaded at start: a file that
+    is missing or does not hold a matching pair is a config error naming ``server.tls``."""
+
+    cert: str = attrs.field(validator=field_check(_non_empty, "must be a file path"))
+    key: str = attrs.field(validator=field_check(_non_empty, "must be a file path"))
+
+
 @attrs.frozen
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -88,6 +106,8 @@ class ServerConfig:
     graceful_timeout: float = attrs.field(
         default=5.0, validator=field_check(lambda v: v >= 0, "must be >= 0")
     )
+    #: HTTPS and WSS instead of plain HTTP (none: plain, e.g. behind a TLS proxy).
+    tls: TlsConfig | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -109,6 +129,15 @@ class DockerConfig:
     #: Host folders under which a container's ``mount`` may bind host paths (none: no
     #: extra mounts at all).
     allowed_mounts: tuple[str, ...] = ()
+    #: The agent's own bridge network: every container joins it, created at start when
+    #: missing, containers on it cannot reach each other nor the API port.
+    network: str = attrs.field(
+        default="lightd0",
+        validator=field_check(
+            lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v) is not None,
+            "must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric",
+        ),
+    )
 
 
 @attrs.frozen
@@ -275,23 +304,85 @@ def write_config(
     return data
 
 
-_SECRET_KEYS = ("token", "secret", "password")
+#: Key names holding secrets, matched on the key lower-cased with ``_``, ``-``, ``.`` and
+#: spaces removed (``api_key``, ``apiKey``, ``API-Key`` are all ``apikey``).
+_SECRET_PARTS = (
+    "token",
+    "secret",
+    "passw",  # password, passwd
+    "passphrase",
+    "credential",
+    "apikey",
+    "private",
+)
+#: Whole words (split on ``_ - .``, spaces and camelCase) that mark a secret on their own.
+_SECRET_WORDS = frozenset({"key", "keys", "pass", "pwd", "auth", "signature", "cookie"})
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+#: ``scheme://userinfo@``: the authority runs to the first ``/ ? #``, so a password holding
+#: a raw ``@`` is still masked whole (the last ``@`` ends the userinfo).
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@")
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&;](?P<name>[^=&#;\s]+)=)(?P<value>[^&#;\s]*)")
+_BARE_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[0-9A-Za-z]{16,}")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a secret (by a pattern list, not only a suffix)."""
+    flat = re.sub(r"[\s_.\-]", "", key).lower()
+    if any(part in flat for part in _SECRET_PARTS):
+        return True
+    return any(word.lower() in _SECRET_WORDS for word in _WORD.findall(key))
+
+
+def _mask(text: str) -> str:
+    return "lightd_***" if text.startswith(TOKEN_PREFIX) else "***"
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match["userinfo"].partition(":")
+    shown = f"{user}:***" if colon else "***"  # no password: the user part is the secret
+    return f"{match['scheme']}{shown}@"
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    if match["value"] and is_secret_key(match["name"]):
+        return f"{match['lead']}***"
+    return match.group(0)
+
+
+def redact_text(text: str) -> str:
+    """A string with the secrets it carries by value masked: credentials in URLs
+    (``https://user:pass@host`` → ``https://user:***@host``), secret query parameters
+    (``?token=…``), and agent tokens (``lightd_…``)."""
+    text = _URL_USERINFO.sub(_mask_userinfo, text)
+    text = _QUERY_PARAM.sub(_mask_param, text)
+    return _BARE_TOKEN.sub("lightd_***", text)
 
 
 def redact(value: Any) -> Any:
     """A copy of config data with every secret replaced, for showing to API clients.
 
-    An empty secret stays empty: that it is unset is worth seeing, and reveals nothing.
+    By key: a string (or list of strings) under a key that ``is_secret_key`` matches is
+    masked whole. By value: every other string goes through ``redact_text``. An empty
+    secret stays empty: that it is unset is worth seeing, and reveals nothing.
     """
     if isinstance(value, Mapping):
         out = {}
         for key, item in value.items():
-            secret = isinstance(key, str) and key.lower().endswith(_SECRET_KEYS)
-            if secret and isinstance(item, str) and item:
-                out[key] = "lightd_***" if key.lower().endswith("token") else "***"
+            if isinstance(key, str) and is_secret_key(key):
+                out[key] = _redact_secret(item)
             else:
                 out[key] = redact(item)
         return out
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [redact(item) for item in value]
+    if isinstance(value, str):
+        return redact_text(value)
     return copy.copy(value)
+
+
+def _redact_secret(item: Any) -> Any:
+    if isinstance(item, str):
+        return _mask(item) if item else item
+    if isinstance(item, list | tuple) and all(isinstance(i, str) for i in item):
+        return [_mask(i) if i else i for i in item]
+    return redact(item)  # a mapping (a section named like a secret) or a number

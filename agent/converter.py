@@ -10,6 +10,7 @@ config loader as a one-line error.
 from __future__ import annotations
 
 import json
+import math
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ __all__ = [
     "object_structure_fn",
     "structure",
     "unstructure",
+    "valid_text",
 ]
 
 T = TypeVar("T")
@@ -69,12 +71,46 @@ def _strict(kind: type, message: str) -> Callable[[Any, type], Any]:
         if isinstance(value, bool) and kind is not bool:
             raise TypeError(message)
         if kind is float and isinstance(value, int):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ValueError("must be a finite number") from None
         if not isinstance(value, kind):
             raise TypeError(message)
         return value
 
     return structure_primitive
+
+
+def valid_text(value: str) -> bool:
+    """Text every layer below can carry: no lone surrogate (not encodable as UTF-8: it
+    breaks the store, Docker's JSON and the container's stdin) and no NUL (cuts C
+    strings: environment, argv, paths)."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _structure_text(value: Any, _type: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError("must be a string")
+    if not valid_text(value):
+        raise ValueError("invalid text")
+    return value
+
+
+def _structure_float(value: Any, _type: type) -> float:
+    # json.loads reads NaN, Infinity and 1e400 (as inf): none is a usable number.
+    number: float = _strict(float, "must be a number")(value, _type)
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
 
 
 #: What structuring bad data can raise (cattrs' groups, and bare errors without detail).
@@ -88,9 +124,9 @@ STRUCTURE_ERRORS = (
 )
 
 converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
-converter.register_structure_hook(str, _strict(str, "must be a string"))
+converter.register_structure_hook(str, _structure_text)
 converter.register_structure_hook(int, _strict(int, "must be an integer"))
-converter.register_structure_hook(float, _strict(float, "must be a number"))
+converter.register_structure_hook(float, _structure_float)
 converter.register_structure_hook(bool, _strict(bool, "must be true or false"))
 
 

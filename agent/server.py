@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 from functools import partial
 
 import hypercorn.config
@@ -20,14 +21,18 @@ import trio
 
 from .api.app import create_app
 from .api.ws import websocket_settings
+from .errors import ConfigError
 from .runtime import Agent, Service
 
-__all__ = ["RESTART_DELAYS", "serve_agent"]
+__all__ = ["HEALTHY_SECONDS", "RESTART_DELAYS", "serve_agent"]
 
 log = logging.getLogger(__name__)
 
 #: Restart back-off of a crashed service, in seconds.
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: A service that ran this long since its last (re)start was healthy: its next crash is
+#: a new episode, restarted after the first delay again.
+HEALTHY_SECONDS = 60.0
 
 
 class _Readiness:
@@ -45,10 +50,13 @@ class _Readiness:
 async def _supervise(
     service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run a service; once it has reported ready, log and restart it when it crashes."""
+    """Run a service; once it has reported ready, log and restart it when it crashes,
+    backing off while it keeps crashing (``RESTART_DELAYS``, reset once it has run
+    ``HEALTHY_SECONDS``)."""
     readiness = _Readiness(task_status)
     failures = 0
     while True:
+        began = trio.current_time()
         try:
             if readiness.ready:
                 await service.run(task_status=trio.TASK_STATUS_IGNORED)
@@ -60,6 +68,8 @@ async def _supervise(
             log.exception("service %r crashed", service.name)
             if not service.restart:
                 return
+            if trio.current_time() - began >= HEALTHY_SECONDS:
+                failures = 0
             await trio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)])
             failures += 1
         else:
@@ -69,6 +79,22 @@ async def _supervise(
 
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tls_files(agent: Agent) -> tuple[str, str] | None:
+    """``server.tls`` as absolute (certfile, keyfile), checked by loading them once: a bad
+    pair is a config error at start, not a traceback on the first connection."""
+    tls = agent.config.server.tls
+    if tls is None:
+        return None
+    directory = agent.config_path.parent
+    cert, key = str(directory / tls.cert), str(directory / tls.key)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except OSError as exc:
+        reason = exc.strerror or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError("server.tls", f"cannot load the certificate and key: {reason}") from None
+    return cert, key
 
 
 async def serve_agent(
@@ -82,6 +108,7 @@ async def serve_agent(
     Reports the bound URLs with ``task_status.started`` once the API listens.
     """
     config = agent.config
+    tls = _tls_files(agent)
     if not config.authorization.enabled:
         log.warning("authorization is disabled: every request is accepted without a token")
     async with trio.open_nursery() as root:
@@ -98,8 +125,16 @@ async def serve_agent(
         hcfg.accesslog = None
         hcfg.errorlog = logging.getLogger("hypercorn.error")
         hcfg.include_server_header = False
+        if tls is not None:  # HTTPS and WSS on the same bind
+            hcfg.certfile, hcfg.keyfile = tls
         # refuse oversized inbound frames (1009) before buffering them
         hcfg.websocket_max_message_size = websocket_settings(agent).max_frame_bytes
+        # WebSocket keep-alive (contract §8): hypercorn pings; a client silent past the
+        # timeout (not even a pong) is dropped. The read timeout holds for HTTP as well.
+        hcfg.websocket_ping_interval = websocket_settings(agent).ping_interval
+        hcfg.read_timeout = int(
+            websocket_settings(agent).ping_interval + websocket_settings(agent).ping_timeout + 0.999
+        )
         async with trio.open_nursery() as http:
             urls = await http.start(
                 partial(hypercorn.trio.serve, app, hcfg, shutdown_trigger=agent.wait_stop_requested)

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import lzma
 import os
 import secrets
 import shutil
 import stat
+import struct
 import tarfile
 import time
 import zipfile
@@ -50,8 +52,18 @@ from typing import Any, BinaryIO, TypeVar
 
 import attrs
 import trio
-from lightd import VOLUMES, Agent, BadRequest, NotFound, StashKey, field_check, hookimpl
-from lightd.api import read_json
+from lightd import (
+    VOLUMES,
+    Agent,
+    BadRequest,
+    ContainersSettings,
+    FieldError,
+    NotFound,
+    StashKey,
+    field_check,
+    hookimpl,
+)
+from lightd.api import read_json, requires
 from lightd.files import (
     CHUNK,
     NAME_MAX,
@@ -61,6 +73,8 @@ from lightd.files import (
     FolderExists,
     InvalidPath,
     NoSpace,
+    NotAFile,
+    Owner,
     PathNotFound,
     RelPath,
     Root,
@@ -95,6 +109,14 @@ _SUFFIXES = (
     (".zip", "zip"),
     (".tar", "tar"),
 )
+#: Largest zip central directory we let ``zipfile`` read (it reads it whole into memory,
+#: then keeps a ~400-byte object per entry); 100 000 ordinary entries take ~15 MB.
+MAX_ZIP_DIRECTORY = 64 << 20
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record (22 bytes)
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # zip64 end of central directory locator (20)
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record (56)
+_CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header (46)
+_UTF8_FLAG = 0x800
 #: Largest GNU long-name or pax header we parse (tarfile reads them whole into memory).
 MAX_HEADER_BYTES = 1 << 20
 MAX_LINK_TARGET = 4095
@@ -182,6 +204,7 @@ def link_stays_inside(link: RelPath, target: str) -> bool:
 
 
 _CORRUPT = (
+    UnicodeDecodeError,  # zipfile: a name flagged UTF-8 that is not (before ValueError)
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
     tarfile.TarError,
@@ -195,6 +218,8 @@ _CORRUPT = (
 
 
 def _corrupt(exc: BaseException) -> InvalidArchive:
+    if isinstance(exc, UnicodeDecodeError):
+        return InvalidArchive("entry name is not valid UTF-8")
     if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
         return InvalidArchive("encrypted entries are not supported")
     if isinstance(exc, NotImplementedError):
@@ -362,7 +387,8 @@ class _Extractor:
                 # dangling or a loop: inside the destination, harmless
 
     def from_zip(self, fh: BinaryIO) -> None:
-        zf = _reading(lambda: zipfile.ZipFile(fh))
+        pinned = _reading(lambda: zip_precheck(fh, self.max_entries, self.checkpoint))
+        zf = _reading(lambda: zipfile.ZipFile(pinned))
         with zf:
             infos = zf.infolist()
             if len(infos) > self.max_entries:
@@ -443,6 +469,139 @@ class _Extractor:
                     raise InvalidArchive(f"unsupported entry type: {_show(rel.text)}")
 
 
+def _zip_directory(fh: BinaryIO) -> tuple[int, int, int, int]:
+    """``(entries, start, size, file size)`` of a zip's central directory, from its end
+    records (zip64 too), found the way ``zipfile`` finds them so both read the same
+    directory."""
+    size = fh.seek(0, os.SEEK_END)
+    tail_len = min(size, _EOCD.size + 0xFFFF)  # the record, then a comment of <= 64 KiB
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    pos = len(tail) - _EOCD.size  # no comment: the record ends the file (zipfile's first try)
+    if pos < 0 or tail[pos : pos + 4] != b"PK\x05\x06" or tail[-2:] != b"\0\0":
+        pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or pos + _EOCD.size > len(tail):
+        raise InvalidArchive("corrupt or unreadable data")
+    end = size - tail_len + pos  # where the directory ends (the record follows it)
+    _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, pos)
+    locator_at = end - _ZIP64_LOCATOR.size
+    if locator_at >= _ZIP64_EOCD.size:
+        fh.seek(locator_at)
+        locator = fh.read(_ZIP64_LOCATOR.size)
+        if locator[:4] == b"PK\x06\x07":  # zipfile takes the record right before it
+            record_at = locator_at - _ZIP64_EOCD.size
+            fh.seek(record_at)
+            record = fh.read(_ZIP64_EOCD.size)
+            if len(record) == _ZIP64_EOCD.size and record[:4] == b"PK\x06\x06":
+                _, _, _, _, _, _, _, entries, cd_size, _ = _ZIP64_EOCD.unpack(record)
+                end = record_at
+            # else: like zipfile, keep the plain record's values
+    if cd_size > end:
+        raise InvalidArchive("corrupt or unreadable data")
+    return entries, end - cd_size, cd_size, size
+
+
+class _PinnedZip:
+    """The archive as ``zipfile`` sees it: bytes before the central directory come from
+    the file, the central directory and the end records from the copy ``zip_precheck``
+    checked, and the size is the checked one. The container owns the volume and can
+    rewrite the archive in place at any moment: without this, a directory swapped in
+    after the checks would be parsed whole. (Entry data read from the file afterwards is
+    bounded by the checked sizes and CRCs.)"""
+
+    def __init__(self, fh: BinaryIO, start: int, tail: bytes) -> None:
+        self.fh = fh
+        self.start = start
+        self.tail = tail
+        self.size = start + len(tail)
+        self.pos = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if self.pos >= end:
+            return b""
+        out = b""
+        if self.pos < self.start:
+            self.fh.seek(self.pos)
+            out = self.fh.read(min(end, self.start) - self.pos)
+            if self.pos + len(out) < min(end, self.start):  # the file shrank meanwhile
+                self.pos += len(out)
+                return out
+        if end > self.start:
+            out += self.tail[max(self.pos, self.start) - self.start : end - self.start]
+        self.pos += len(out)
+        return out
+
+
+def zip_precheck(
+    fh: BinaryIO, max_entries: int, checkpoint: Callable[[], None] = lambda: None
+) -> _PinnedZip:
+    """Refuse a zip over ``max_entries`` before ``zipfile`` parses anything; the view of
+    the archive to give ``zipfile`` (``_PinnedZip``).
+
+    ``zipfile.ZipFile()`` reads the whole central directory into memory and builds an
+    object per entry (~400 B and ~6.5 us each, holding the GIL) before we could count
+    them: 10 M empty entries cost ~4 GB. So the count declared in the end record (zip64
+    too) is checked first, then the directory is walked header by header, streaming
+    (``zipfile`` walks it by size, not by the declared count, so a record that lies is
+    caught here), stopping at ``max_entries + 1``; names flagged UTF-8 must be UTF-8.
+    Memory stays bounded whatever the archive holds. What was walked is hashed, and only
+    a copy with the same hash is handed on, so a rewrite after the walk is refused.
+    """
+    entries, start, size, file_size = _zip_directory(fh)
+    if entries > max_entries or size > MAX_ZIP_DIRECTORY:
+        raise InvalidArchive("too large")
+    digest = hashlib.blake2b()
+    fh.seek(start)
+    count = consumed = 0
+    while consumed < size:
+        header = fh.read(_CD_ENTRY.size)
+        if len(header) < _CD_ENTRY.size or header[:4] != b"PK\x01\x02":
+            raise InvalidArchive("corrupt or unreadable data")
+        fields = _CD_ENTRY.unpack(header)
+        flags, name_len, extra_len, comment_len = fields[5], fields[12], fields[13], fields[14]
+        count += 1
+        if count > max_entries:
+            raise InvalidArchive("too large")
+        if count % 4096 == 0:
+            checkpoint()
+        name = fh.read(name_len)
+        if flags & _UTF8_FLAG:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidArchive("entry name is not valid UTF-8") from None
+        digest.update(header)
+        digest.update(name)
+        digest.update(fh.read(extra_len + comment_len))
+        consumed += _CD_ENTRY.size + name_len + extra_len + comment_len
+    if consumed != size:  # the last entry runs past the directory's end
+        raise InvalidArchive("corrupt or unreadable data")
+    # the end records and the archive comment (<= 64 KiB + 98 bytes), as measured
+    digest.update(fh.read(file_size - start - consumed))
+    fh.seek(start)
+    tail = fh.read(file_size - start)
+    if hashlib.blake2b(tail).digest() != digest.digest():
+        raise InvalidArchive("the archive changed while it was read")
+    return _PinnedZip(fh, start, tail)
+
+
 def _open_tar(fh: BinaryIO, mode: str, **options: Any) -> tarfile.TarFile:
     """``tarfile.open(fileobj=fh, mode=mode, **options)``. Through a plain callable: the
     typed overloads of ``open`` want a literal mode and lack ``copybufsize`` (an argument
@@ -486,9 +645,11 @@ def decompress(
     max_entries: int,
     *,
     checkpoint: Callable[[], None],
+    owner: Owner | None = None,
 ) -> None:
-    """Extract ``archive`` into ``destination`` (both in the volume at ``folder``)."""
-    with Root.open_volume(folder) as root, root.open_file(archive) as fh:
+    """Extract ``archive`` into ``destination`` (both in the volume at ``folder``); what
+    it creates belongs to ``owner`` (config ``containers.user``)."""
+    with Root.open_volume(folder, owner=owner) as root, root.open_file(archive) as fh:
         head = _reading(lambda: fh.read(512))
         fh.seek(0)
         fmt = detect(archive.name or "", head)
@@ -520,7 +681,7 @@ def _extract(
             os.mkdir("tree", 0o700, dir_fd=scratch.fd)
             os.mkdir("backup", 0o700, dir_fd=scratch.fd)
             with (
-                Root.open_at(scratch.fd, "tree", no_links=True) as tree,
+                Root.open_at(scratch.fd, "tree", no_links=True, owner=root.owner) as tree,
                 Root.open_at(scratch.fd, "backup") as backup,
             ):
                 extractor = _Extractor(tree, max_total, max_entries, checkpoint)
@@ -580,7 +741,9 @@ def _sources(root: Root, sources: list[RelPath] | None) -> list[RelPath]:
     for source in sorted(sources, key=lambda s: len(s.parts)):
         if any(source.is_within(other) for other in chosen):
             continue
-        root.stat(source, follow=False)  # a 404 naming the source, before any work
+        st = root.stat(source, follow=False)  # a 404 naming the source, before any work
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise NotAFile(source.text)  # a FIFO, device node or socket: not data
         chosen.append(source)
     return sorted(chosen, key=lambda s: s.parts)
 
@@ -601,9 +764,11 @@ def compress(
     fmt: str,
     *,
     checkpoint: Callable[[], None],
+    owner: Owner | None = None,
 ) -> int:
-    """Write the archive ``output`` of ``sources`` (default: the whole volume); its size."""
-    with Root.open_volume(folder) as root:
+    """Write the archive ``output`` of ``sources`` (default: the whole volume); its size.
+    The archive (and folders made for it) belong to ``owner``."""
+    with Root.open_volume(folder, owner=owner) as root:
         chosen = _sources(root, sources)
         with root.atomic(output, replace=False, keep_mode=False) as out:
             entries = _entries(root, chosen, out.identity, checkpoint)
@@ -704,20 +869,43 @@ def _write_zip(out: BinaryIO, entries: Iterator[WalkEntry], checkpoint: Callable
 # --- plugin ----------------------------------------------------------------------------------
 
 
+def _optional_path(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _check_sources(_instance: object, _attribute: object, value: object) -> None:
+    """``sources``: ``null`` or a list of path strings (each judged later by ``parse``)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise FieldError("sources", "must be a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise FieldError(f"sources[{i}]", "must be a string")
+
+
+#: An optional client path: any JSON string, judged by ``lightd.files.parse`` with the
+#: messages of contract §5 (a NUL is path traversal; a name that is not UTF-8 comes as
+#: surrogate escapes), not by the converter's text rule.
+_PATH = field_check(_optional_path, "must be a string")
+
+
 @attrs.frozen
 class CompressBody:
     format: str
-    output_name: str | None = None
-    output: str | None = None  # the original daemon's name for output_name
-    sources: list[str] | None = None
+    output_name: Any = attrs.field(default=None, validator=_PATH)
+    #: the original daemon's name for output_name
+    output: Any = attrs.field(default=None, validator=_PATH)
+    sources: Any = attrs.field(default=None, validator=_check_sources)
 
 
 @attrs.frozen
 class DecompressBody:
-    archive_path: str | None = None
-    destination: str | None = None
-    root: str | None = None  # [alias] {"root","file"}: archive root/file, extracted into root
-    file: str | None = None
+    archive_path: Any = attrs.field(default=None, validator=_PATH)
+    destination: Any = attrs.field(default=None, validator=_PATH)
+    #: [alias] {"root","file"}: archive root/file, extracted into root
+    root: Any = attrs.field(default=None, validator=_PATH)
+    file: Any = attrs.field(default=None, validator=_PATH)
 
 
 def _legacy_join(root: str, name: str) -> str:
@@ -761,12 +949,16 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
     async def run(fn: Callable[..., T], *args: Any) -> T:
         """Off the event loop, on this plugin's limiter; cancellation (client gone, agent
-        stopping) reaches the worker at its next checkpoint and it cleans up."""
+        stopping) reaches the worker at its next checkpoint and it cleans up. What the
+        work creates belongs to ``containers.user``."""
+        owner = agent.config.section_or_default(ContainersSettings).owner
         return await trio.to_thread.run_sync(
-            lambda: fn(*args, checkpoint=trio.from_thread.check_cancelled), limiter=limiter
+            lambda: fn(*args, checkpoint=trio.from_thread.check_cancelled, owner=owner),
+            limiter=limiter,
         )
 
     @bp.post("/volumes/<volume_id>/compress")
+    @requires("files")
     async def compress_view(volume_id: str) -> dict[str, Any]:
         folder = await folder_of(volume_id)
         body = await read_json(CompressBody)
@@ -783,6 +975,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"message": "Compression successful", "archive_path": str(output), "size": size}
 
     @bp.post("/volumes/<volume_id>/decompress")
+    @requires("files")
     async def decompress_view(volume_id: str) -> dict[str, Any]:
         folder = await folder_of(volume_id)
         body = await read_json(DecompressBody)

@@ -57,6 +57,7 @@ from lightd import (
     Agent,
     BadRequest,
     Conflict,
+    ContainersSettings,
     Migration,
     NotFound,
     Service,
@@ -65,8 +66,8 @@ from lightd import (
     field_check,
     hookimpl,
 )
-from lightd.api import read_json
-from lightd.files import RelPath, Root, parse
+from lightd.api import read_json, requires
+from lightd.files import Owner, RelPath, Root, parse
 from quart import Blueprint, request
 
 __all__ = [
@@ -317,9 +318,20 @@ def _remove_trash(root: Path, name: str) -> None:
 _ENCODINGS = ("utf-8", "utf8", "base64")
 
 
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+#: A client path field: any JSON string, judged by ``lightd.files.parse`` with the
+#: messages of contract §5, not by the converter's text rule: a NUL there is ``Invalid
+#: path: path traversal detected``, and a name that is not UTF-8 (a container can make
+#: one) arrives as surrogate escapes and must still address its file.
+_PATH = field_check(_is_str, "must be a string")
+
+
 @attrs.frozen
 class WriteBody:
-    path: str
+    path: Any = attrs.field(validator=_PATH)
     content: str
     encoding: str = attrs.field(
         default="utf-8",
@@ -331,27 +343,27 @@ class WriteBody:
 class LegacyWriteBody:
     """[alias] ``POST /volumes/:id/write``: the original daemon's body."""
 
-    filename: str
+    filename: Any = attrs.field(validator=_PATH)
     content: str | None = None
 
 
 @attrs.frozen
 class FolderBody:
-    path: str
+    path: Any = attrs.field(validator=_PATH)
 
 
 @attrs.frozen
 class LegacyFolderBody:
     """[alias] ``POST /volumes/:id/create-folder``: ``root`` ``/`` is the volume root."""
 
-    root: str
-    name: str
+    root: Any = attrs.field(validator=_PATH)
+    name: Any = attrs.field(validator=_PATH)
 
 
 @attrs.frozen
 class CopyBody:
-    source: str
-    destination: str
+    source: Any = attrs.field(validator=_PATH)
+    destination: Any = attrs.field(validator=_PATH)
     is_folder: Any = None  # [alias] the original's field; the kind is read from the disk
 
 
@@ -368,30 +380,48 @@ def decode_content(content: str, encoding: str) -> bytes:
 
 
 def legacy_join(root: str, name: str) -> str:
-    """The original's ``root``/``name`` pair as one volume path (``/`` = the root)."""
-    base = root.strip("/")
-    return f"{base}/{name}" if base else name
+    """The original's ``root``/``name`` pair as one volume path. ``root`` ``/`` (or empty)
+    is the volume root; any other absolute ``root`` (``/etc``) is refused like an absolute
+    path, never quietly made relative; so is an absolute or ``..`` ``name``."""
+    parse(name)
+    if root.strip("/") == "":
+        return name
+    base = parse(root.rstrip("/"))  # "/etc": Invalid path: absolute paths are not allowed
+    return f"{base}/{name}"
 
 
 # --- blocking work (worker threads) --------------------------------------------------------
 
 
 def _write(
-    folder: Path, rel: RelPath, data: bytes, fsync: bool, *, checkpoint: Callable[[], None]
+    folder: Path,
+    rel: RelPath,
+    data: bytes,
+    fsync: bool,
+    owner: Owner | None,
+    *,
+    checkpoint: Callable[[], None],
 ) -> None:
-    with Root.open_volume(folder) as root:
+    with Root.open_volume(folder, owner=owner) as root:
         root.write_file(rel, data, fsync=fsync)
 
 
-def _mkdir(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> None:
-    with Root.open_volume(folder) as root:
+def _mkdir(
+    folder: Path, rel: RelPath, owner: Owner | None, *, checkpoint: Callable[[], None]
+) -> None:
+    with Root.open_volume(folder, owner=owner) as root:
         root.make_dirs(rel)
 
 
 def _copy(
-    folder: Path, source: RelPath, destination: RelPath, *, checkpoint: Callable[[], None]
+    folder: Path,
+    source: RelPath,
+    destination: RelPath,
+    owner: Owner | None,
+    *,
+    checkpoint: Callable[[], None],
 ) -> None:
-    with Root.open_volume(folder) as root:
+    with Root.open_volume(folder, owner=owner) as root:
         root.copy(source, destination, checkpoint=checkpoint)
 
 
@@ -464,17 +494,21 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         volume = await registry.get(volume_id)
         return registry.root / volume.volume_id
 
+    def owner() -> Owner | None:
+        """``containers.user``: who owns what these routes create (read per request)."""
+        return agent.config.section_or_default(ContainersSettings).owner
+
     async def write(volume_id: str, text: str, data: bytes) -> dict[str, str]:
         folder = await folder_of(volume_id)
         rel = parse(text)
         fsync = agent.config.section(VolumesConfig).fsync_writes
-        await workers.run(_write, folder, rel, data, fsync)
+        await workers.run(_write, folder, rel, data, fsync, owner())
         return {"message": "File written successfully", "path": str(rel)}
 
     async def make_folder(volume_id: str, text: str) -> dict[str, str]:
         folder = await folder_of(volume_id)
         rel = parse(text)
-        await workers.run(_mkdir, folder, rel)
+        await workers.run(_mkdir, folder, rel, owner())
         return {"message": "Folder created successfully", "path": str(rel)}
 
     @bp.post("/volumes")
@@ -492,35 +526,40 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"message": "Volume deleted successfully"}
 
     @bp.post("/volumes/<volume_id>/files")
+    @requires("files")
     async def write_file(volume_id: str) -> dict[str, str]:
         await registry.get(volume_id)
         body = await read_json(WriteBody)
         return await write(volume_id, body.path, decode_content(body.content, body.encoding))
 
     @bp.post("/volumes/<volume_id>/write")
+    @requires("files")
     async def write_file_alias(volume_id: str) -> dict[str, str]:
         await registry.get(volume_id)
         body = await read_json(LegacyWriteBody)
         return await write(volume_id, body.filename, decode_content(body.content or "", "utf-8"))
 
     @bp.post("/volumes/<volume_id>/folders")
+    @requires("files")
     async def create_folder(volume_id: str) -> dict[str, str]:
         await registry.get(volume_id)
         body = await read_json(FolderBody)
         return await make_folder(volume_id, body.path)
 
     @bp.post("/volumes/<volume_id>/create-folder")
+    @requires("files")
     async def create_folder_alias(volume_id: str) -> dict[str, str]:
         await registry.get(volume_id)
         body = await read_json(LegacyFolderBody)
         return await make_folder(volume_id, legacy_join(body.root, body.name))
 
     @bp.post("/volumes/<volume_id>/copy")
+    @requires("files")
     async def copy(volume_id: str) -> dict[str, str]:
         folder = await folder_of(volume_id)
         body = await read_json(CopyBody)
         source, destination = parse(body.source), parse(body.destination)
-        await workers.run(_copy, folder, source, destination, long=True)
+        await workers.run(_copy, folder, source, destination, owner(), long=True)
         return {
             "message": "Copied successfully",
             "source": str(source),
@@ -528,6 +567,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         }
 
     @bp.get("/volumes/<volume_id>/files")
+    @requires("files")
     async def list_files(volume_id: str) -> dict[str, Any]:
         folder = await folder_of(volume_id)
         rel = parse(request.args.get("path", ""), empty_is_root=True)

@@ -1,17 +1,21 @@
-"""What plugin routes use: decorators that mark a view's access, body reading, and the
+"""What plugin routes use: decorators that mark a view's access (``public``,
+``container_scoped``, ``requires`` a token permission), body reading, and the
 fast read path (``FAST_READS``) for a plugin's hottest ``GET``."""
 
 from .fastpath import FAST_READS, Reader, json_body
 from .views import (
+    PERMISSIONS,
     AuthInfo,
     container_scoped,
     current_auth,
     public,
     read_json,
+    requires,
 )
 
 __all__ = [
     "FAST_READS",
+    "PERMISSIONS",
     "AuthInfo",
     "Reader",
     "container_scoped",
@@ -19,4 +23,5 @@ __all__ = [
     "json_body",
     "public",
     "read_json",
+    "requires",
 ]

@@ -1,9 +1,14 @@
-"""Request authentication (contract §2): vendor header → bearer token → origin.
+"""Request authentication (contract §2, §12): vendor header → bearer token → scope →
+origin → permission.
 
 The order is the contract's: a request with neither header gets the vendor 403 first. The
 master token is compared in constant time; temporary tokens are looked up by hash. A
-single-use token is claimed only once every other check has passed, so a request refused
-for its origin does not burn it.
+temporary token outside its scope (containers, volumes) is a 401; inside its scope but
+without the view's permission (``requires``; unmarked views need ``read`` for GET/HEAD
+and ``manage`` for the rest) a 403 ``Token lacks permission: <permission>``. A single-use
+token is claimed only once every other check has passed, so a request refused for its
+origin or its permission does not burn it. The master token, and disabled authorization,
+pass everything.
 
 The rules live here once: the fast read path (``lightd.api.fastpath``) calls the same
 ``has_vendor_type``, ``bearer_token`` and ``is_master`` on the raw headers.
@@ -21,10 +26,11 @@ from quart.globals import request_ctx
 from quart.wrappers import BaseRequestWebsocket
 
 from ..config import AuthorizationConfig
+from ..containers import CONTAINERS
 from ..errors import Forbidden, Unauthorized
 from ..runtime import Agent
 from .tokens import TOKENS, TemporaryToken
-from .views import CONTAINER_SCOPED_ATTR, AuthInfo
+from .views import CONTAINER_SCOPED_ATTR, PERMISSION_ATTR, AuthInfo
 
 __all__ = [
     "VENDOR_MEDIA_TYPE",
@@ -34,6 +40,7 @@ __all__ = [
     "has_vendor_type",
     "is_master",
     "preflight",
+    "required_permission",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,15 +80,50 @@ def is_master(auth: AuthorizationConfig, token: str) -> bool:
     return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), auth.token.encode("utf-8"))
 
 
-def _scope_allows(
-    record: TemporaryToken, view: Callable[..., Any] | None, conn: BaseRequestWebsocket
-) -> bool:
-    """May a token restricted to some containers reach this route?"""
-    if record.containers is None:
+_UNMARKED = object()
+
+
+def required_permission(view: Callable[..., Any] | None, method: str) -> str | None:
+    """The permission a temporary token needs for ``view`` (see ``lightd.api.requires``)."""
+    marked = getattr(view, PERMISSION_ATTR, _UNMARKED)
+    if marked is not _UNMARKED:
+        return marked if isinstance(marked, str) else None
+    return "read" if method in ("GET", "HEAD") else "manage"
+
+
+def _volume_in_scope(agent: Agent, record: TemporaryToken, volume_id: str) -> bool:
+    """A token's volumes: those it names, and those its containers use."""
+    volume_id = volume_id.lower()
+    if record.volumes is not None and volume_id in record.volumes:
         return True
-    internal_id = (conn.view_args or {}).get("internal_id")
+    if record.containers is None:
+        return False
+    containers = agent.stash.get(CONTAINERS)
+    if containers is None:
+        return False
+    for internal_id in record.containers:
+        supervisor = containers.find(internal_id)
+        if supervisor is not None and supervisor.record.volume_id.lower() == volume_id:
+            return True
+    return False
+
+
+def _scope_allows(
+    agent: Agent,
+    record: TemporaryToken,
+    view: Callable[..., Any] | None,
+    conn: BaseRequestWebsocket,
+) -> bool:
+    """May a token restricted to some containers or volumes reach this route?"""
+    if record.containers is None and record.volumes is None:
+        return True
+    args = conn.view_args or {}
+    internal_id = args.get("internal_id")
     if internal_id is not None:
-        return internal_id in record.containers
+        return record.containers is not None and internal_id in record.containers
+    volume_id = args.get("volume_id")
+    if isinstance(volume_id, str):
+        return _volume_in_scope(agent, record, volume_id)
     return bool(getattr(view, CONTAINER_SCOPED_ATTR, False))
 
 
@@ -103,14 +145,28 @@ async def authenticate(
         return AuthInfo("master")
     registry = agent.stash[TOKENS]
     record = registry.lookup(token)
-    if record is None or not _scope_allows(record, view, conn):
+    if record is None or not _scope_allows(agent, record, view, conn):
         raise Unauthorized(INVALID_TOKEN)
     _check_origin(agent, conn)
+    permission = required_permission(view, getattr(conn, "method", "GET"))
+    if (
+        permission is not None
+        and record.permissions is not None
+        and (permission not in record.permissions)
+    ):
+        raise Forbidden(f"Token lacks permission: {permission}", code="permission_denied")
     if record.remove_on_use:
         if not registry.take(record):
             raise Unauthorized(INVALID_TOKEN)
         await registry.forget(record)
-    return AuthInfo("temporary", containers=record.containers, expires_at=record.expires_at)
+    return AuthInfo(
+        "temporary",
+        containers=record.containers,
+        expires_at=record.expires_at,
+        permissions=record.permissions,
+        volumes=record.volumes,
+        token_id=record.id,
+    )
 
 
 async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> AuthInfo:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from quart import Blueprint
 
 from ..config import Config
 from ..containers import CONTAINERS, ContainerSupervisor
 from ..containers.console import ConsoleSettings
-from ..containers.manager import MIGRATIONS, Containers, ContainersSettings, check_port_specs
+from ..containers.manager import MIGRATIONS, Containers, ContainersSettings
 from ..containers.models import (
     CreateRequest,
     RebindRequest,
@@ -30,13 +31,13 @@ from ..containers.models import (
 )
 from ..containers.stats import StatsSettings
 from ..converter import json_body, structure
-from ..errors import BadRequest, Conflict, DockerUnavailable
+from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable
 from ..hookspecs import hookimpl
 from ..interfaces import CONTAINER_SERVICE
 from ..runtime import Agent, Service
 from ..store import Migration
 from .fastpath import FAST_READS
-from .views import container_scoped, current_auth, read_json
+from .views import container_scoped, current_auth, read_json, requires
 from .ws import WebSocketSettings, websocket_blueprint
 
 
@@ -82,6 +83,18 @@ def lightd_add_services(agent: Agent) -> list[Service]:
 def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
     for supervisor in agent.stash[CONTAINERS].all():
         supervisor.hub.configure(new.section(ConsoleSettings))
+
+
+@hookimpl
+async def lightd_startup(agent: Agent) -> None:
+    """The API listens: keep containers off its port (``Containers.network``)."""
+    ports = tuple(sorted({p for p in (urlsplit(u).port for u in agent.urls) if p}))
+    await agent.stash[CONTAINERS].network.listening(ports)
+
+
+@hookimpl
+async def lightd_shutdown(agent: Agent) -> None:
+    await agent.stash[CONTAINERS].network.unguard()
 
 
 @hookimpl
@@ -140,11 +153,13 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return containers.get(internal_id).view()
 
     @bp.delete("/containers/<internal_id>")
+    @requires("manage")
     async def delete_container(internal_id: str) -> dict[str, Any]:
         await containers.delete(internal_id)
         return {"message": "Container deleted successfully"}
 
     def power(kind: str, message: str) -> Callable[[str], Awaitable[dict[str, Any]]]:
+        @requires("power")
         async def view(internal_id: str) -> dict[str, Any]:
             supervisor = containers.get(internal_id)
             need_docker()
@@ -168,6 +183,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         )
 
     @bp.post("/containers/<internal_id>/reinstall")
+    @requires("manage")
     async def reinstall(internal_id: str) -> dict[str, Any]:
         supervisor = containers.get(internal_id)
         body = await read_json(ReinstallRequest)
@@ -176,18 +192,19 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"message": "Container reinstall started", "internal_id": internal_id}
 
     @bp.post("/containers/<internal_id>/rebind-network")
+    @requires("manage")
     async def rebind(internal_id: str) -> dict[str, Any]:
         supervisor = containers.get(internal_id)
         body = await read_json(RebindRequest)
         need_docker()
         if supervisor.installing():
             raise Conflict("Cannot rebind network while container is installing", code="installing")
-        check_port_specs(body.ports)
+        containers.check_ports(body.ports)
         old = supervisor.record.ports
         ports = await containers.reserve_ports(internal_id, body.ports)
         try:
             supervisor.submit("rebind", ports=ports)
-        except Conflict:
+        except ApiError:  # refused (409, or 429 when its queue is full): ports given back
             await containers.set_ports(internal_id, old)
             raise
         return {"message": "Network rebinding started", "internal_id": internal_id}

@@ -12,13 +12,25 @@ from quart import g, request
 from ..converter import structure
 from ..errors import BadRequest, UnsupportedMedia
 
-__all__ = ["AuthInfo", "container_scoped", "current_auth", "public", "read_json"]
+__all__ = [
+    "PERMISSIONS",
+    "AuthInfo",
+    "container_scoped",
+    "current_auth",
+    "public",
+    "read_json",
+    "requires",
+]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 PUBLIC_ATTR = "_lightd_public"
 CONTAINER_SCOPED_ATTR = "_lightd_container_scoped"
+PERMISSION_ATTR = "_lightd_permission"
+
+#: What a temporary token may be allowed to do (contract §12), in canonical order.
+PERMISSIONS = ("read", "console", "power", "files", "manage")
 
 
 def public(view: F) -> F:
@@ -37,24 +49,85 @@ def container_scoped(view: F) -> F:
     return view
 
 
+def requires(permission: str | None) -> Callable[[F], F]:
+    """Mark the permission (contract §12) a temporary token needs for this view.
+
+    Unmarked views need ``read`` for ``GET``/``HEAD`` and ``manage`` for anything else, so
+    a third-party route is safe by default. ``None`` means the view checks by itself (the
+    WebSocket, frame by frame); scope and the token itself are still checked.
+    """
+    if permission is not None and permission not in PERMISSIONS:
+        raise ValueError(f"unknown permission {permission!r}")
+
+    def mark(view: F) -> F:
+        setattr(view, PERMISSION_ATTR, permission)
+        return view
+
+    return mark
+
+
 @attrs.frozen
 class AuthInfo:
     """Who is calling: the master token, a temporary token, or anyone (auth disabled)."""
 
     kind: Literal["master", "temporary", "disabled", "public"]
-    #: Container ids a restricted temporary token may reach; ``None`` = all.
+    #: Container ids a restricted temporary token may reach; ``None`` = all (when
+    #: ``volumes`` is ``None`` too; a token scoped to volumes only reaches no container).
     containers: frozenset[str] | None = None
     #: Unix time a temporary token expires at (WebSocket connections end then).
     expires_at: float | None = None
+    #: What a temporary token may do; ``None`` = everything.
+    permissions: frozenset[str] | None = None
+    #: Volume ids a temporary token names (its containers' volumes are in scope too).
+    volumes: frozenset[str] | None = None
+    #: The temporary token's public id (revocation closes its WebSockets).
+    token_id: str | None = None
 
     def allows(self, internal_id: str) -> bool:
-        return self.containers is None or internal_id in self.containers
+        if self.containers is None:
+            return self.volumes is None
+        return internal_id in self.containers
+
+    def may(self, permission: str) -> bool:
+        """Does this caller hold ``permission``? (Master and disabled auth hold all.)"""
+        return self.permissions is None or permission in self.permissions
 
 
 def current_auth() -> AuthInfo:
     """The auth of the request or WebSocket being served."""
     info: AuthInfo = g.lightd_auth
     return info
+
+
+#: Deepest nesting of arrays and objects a JSON body may have (contract §7.6).
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(raw: str | bytes, data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON nests arrays/objects deeper than ``limit``.
+
+    Cheap: a body with at most ``limit`` brackets cannot be too deep (one C-speed count);
+    otherwise the parsed value is walked iteratively, stopping at the first level past
+    the limit (each container is visited once).
+    """
+    if isinstance(raw, str):
+        opened = raw.count("[") + raw.count("{")
+    else:
+        opened = raw.count(b"[") + raw.count(b"{")
+    if opened <= limit:
+        return False
+    level: list[Any] = [data]
+    for _depth in range(limit):
+        nested: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                nested.extend(v for v in item.values() if isinstance(v, dict | list))
+            elif isinstance(item, list):
+                nested.extend(v for v in item if isinstance(v, dict | list))
+        if not nested:
+            return False
+        level = nested
+    return True
 
 
 def _is_json(mimetype: str) -> bool:
@@ -86,6 +159,8 @@ async def read_json(cls: type[T] | None = None) -> T | Any:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):  # nesting too deep too
             raise BadRequest("Invalid JSON body", code="invalid_json") from None
+        if too_deep(body, data):
+            raise BadRequest("Invalid JSON body", code="invalid_json")
     if cls is None:
         return data
     return structure(data, cls)

@@ -7,13 +7,24 @@ container is an HTTP 404 from the view, also before the upgrade.
 A connection is a subscriber of the container's event hub plus three tasks in one
 nursery: the sender (the socket's only writer, draining the subscription's bounded queue,
 so a slow client only ever delays itself), the receiver (inbound frames, rate-limited,
-handled one at a time) and, for temporary tokens, the expiry watch. Every close goes
-through the sender: the subscription is ``finish``-ed with a close code and the last
-frames to send (``Token expired`` before 4001), so no frame is ever written after a close.
+handled one at a time) and, for temporary tokens, the token watch (expiry, revocation).
+Every close goes through the sender: the subscription is ``finish``-ed with a close code
+and the last frames to send (``Token expired`` or ``Token revoked`` before 4001), so no
+frame is ever written after a close.
+
+Permissions (contract §12) are checked per frame: ``send_command`` needs ``console``,
+``power`` needs ``power``, ``request_logs`` and every outbound frame of the container need
+``read``. A socket without ``read`` gets only the replies to its own frames: it reads a
+private queue, and its hub subscription only tells it when the container goes away.
+
+Keep-alive: hypercorn sends a protocol ping every ``websocket.ping_interval`` seconds; a
+connection that sends nothing (not even the pong) for ``ping_interval + ping_timeout``
+seconds is dropped (hypercorn's ``read_timeout``, set by the server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -25,14 +36,16 @@ from quart.globals import websocket_ctx
 from wsproto.utilities import LocalProtocolError
 
 from ..containers.console import TokenBucket
+from ..containers.hub import Subscription
 from ..converter import field_check
 from ..errors import AgentError, ApiError, DockerUnavailable
-from .views import AuthInfo, current_auth
+from .tokens import TOKENS
+from .views import AuthInfo, current_auth, requires
 
 if TYPE_CHECKING:
     from quart.wrappers import Websocket
 
-    from ..containers import Containers, ContainerSupervisor, Subscription
+    from ..containers import Containers, ContainerSupervisor
     from ..runtime import Agent
 
 __all__ = ["WebSocketSettings", "parse_request", "websocket_blueprint"]
@@ -43,6 +56,8 @@ CLOSE_NORMAL = 1000
 CLOSE_TOO_BIG = 1009
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_TOO_MANY = 4429
+#: The permission each inbound frame kind needs (contract §12).
+FRAME_PERMISSIONS = {"send_command": "console", "power": "power", "request_logs": "read"}
 #: Seconds between two looks at the clock for a temporary token's expiry (the agent's
 #: clock can be moved by tests, so the watch polls rather than sleeping until then).
 EXPIRY_POLL = 1.0
@@ -71,6 +86,19 @@ class WebSocketSettings:
     queue_bytes: int = attrs.field(
         default=1024 * 1024, validator=field_check(lambda v: v >= 65536, "must be >= 65536")
     )
+    #: Open sockets one temporary token may hold at once, all containers together (the
+    #: master token is not capped: the panel holds one per server it shows).
+    max_sockets_per_token: int = attrs.field(
+        default=10, validator=field_check(lambda v: v >= 1, "must be >= 1")
+    )
+    #: Seconds between protocol pings; a client silent for ``ping_interval +
+    #: ping_timeout`` seconds is dropped. Applied at start (hypercorn's settings).
+    ping_interval: float = attrs.field(
+        default=25.0, validator=field_check(lambda v: 0 < v <= 3600, "must be in (0, 3600]")
+    )
+    ping_timeout: float = attrs.field(
+        default=35.0, validator=field_check(lambda v: 0 < v <= 3600, "must be in (0, 3600]")
+    )
 
 
 def _message(text: str) -> dict[str, str]:
@@ -90,6 +118,17 @@ def _first(args: Any) -> Any:
     if isinstance(args, list):
         return args[0] if args else None
     return args
+
+
+def _is_text(value: str) -> bool:
+    """Encodable text without NUL (a lone surrogate cannot reach the server's stdin)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_request(message: str | bytes) -> tuple[str, Any] | None:
@@ -119,7 +158,7 @@ def parse_request(message: str | bytes) -> tuple[str, Any] | None:
         return None
     if not isinstance(event, str):
         return None
-    if event == "send_command" and isinstance(command, str):
+    if event == "send_command" and isinstance(command, str) and _is_text(command):
         return "send_command", command
     if event == "power" and isinstance(action, str) and action in POWER_ACTIONS:
         return "power", action
@@ -148,26 +187,46 @@ class Session:
         ws: Websocket,
         auth: AuthInfo,
         settings: WebSocketSettings,
+        revoked: trio.Event | None = None,
     ) -> None:
         self.agent = agent
         self.supervisor = supervisor
         self.ws = ws
         self.auth = auth
         self.settings = settings
+        #: Set when the temporary token is revoked (``None``: master / auth disabled).
+        self.revoked = revoked
         self.bucket = TokenBucket(settings.rate, settings.burst, trio.current_time())
 
     async def serve(self) -> None:
         hub = self.supervisor.hub
         settings = self.settings
-        with hub.subscribe(settings.queue_frames, max_bytes=settings.queue_bytes) as sub:
-            sub.put({"event": "status", "data": status_of(self.supervisor)})
-            if hub.last_stats is not None and self.supervisor.state != "offline":
-                sub.put(hub.last_stats)
+        reads = self.auth.may("read")
+        # Without ``read`` the hub subscription is only a sign of the container's end.
+        size = settings.queue_frames if reads else 4
+        with hub.subscribe(size, max_bytes=settings.queue_bytes if reads else None) as hub_sub:
+            sub = hub_sub if reads else Subscription(settings.queue_frames, settings.queue_bytes)
+            if reads:
+                sub.put({"event": "status", "data": status_of(self.supervisor)})
+                if hub.last_stats is not None and self.supervisor.state != "offline":
+                    sub.put(hub.last_stats)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send, sub, nursery.cancel_scope)
-                if self.auth.expires_at is not None:
-                    nursery.start_soon(self._expire, sub, self.auth.expires_at)
+                if not reads:
+                    nursery.start_soon(self._follow_end, hub_sub, sub)
+                if self.revoked is not None:
+                    nursery.start_soon(self._watch_token, sub, self.revoked)
                 await self._receive(sub)
+
+    async def _follow_end(self, hub_sub: Subscription, sub: Subscription) -> None:
+        """Drop the hub's frames (no ``read``); end the socket when the container goes."""
+        while True:
+            try:
+                await hub_sub.receive()
+            except trio.EndOfChannel:
+                break
+        if sub.close_code is None:
+            sub.close()
 
     async def _send(self, sub: Subscription, done: trio.CancelScope) -> None:
         """The socket's only writer: queued frames, then the close."""
@@ -183,9 +242,16 @@ class Session:
             pass  # the server closed already (an oversized frame) or the client did
         done.cancel()
 
-    async def _expire(self, sub: Subscription, expires_at: float) -> None:
-        while (left := expires_at - self.agent.clock()) > 0:  # noqa: ASYNC110 - a clock, no event
-            await trio.sleep(min(left, EXPIRY_POLL))
+    async def _watch_token(self, sub: Subscription, revoked: trio.Event) -> None:
+        """End the socket with 4001 when its temporary token is revoked or expires (the
+        agent's clock can be moved by tests, so expiry is polled; revocation is an event)."""
+        expires_at = self.auth.expires_at if self.auth.expires_at is not None else float("inf")
+        while (left := expires_at - self.agent.clock()) > 0:
+            with trio.move_on_after(min(left, EXPIRY_POLL)):
+                await revoked.wait()
+            if revoked.is_set():
+                sub.finish(CLOSE_TOKEN_EXPIRED, _message("Token revoked"))
+                return
         sub.finish(CLOSE_TOKEN_EXPIRED, _message("Token expired"))
 
     async def _receive(self, sub: Subscription) -> None:
@@ -204,6 +270,10 @@ class Session:
                 sub.put(_message("Error: Invalid message"))
                 continue
             kind, argument = request
+            permission = FRAME_PERMISSIONS[kind]
+            if not self.auth.may(permission):
+                sub.put(_message(f"Error: Token lacks permission: {permission}"))
+                continue
             if kind == "send_command":
                 await self._command(sub, argument)
             elif kind == "power":
@@ -233,8 +303,10 @@ def websocket_blueprint(agent: Agent, containers: Containers) -> Blueprint:
     bp = Blueprint("websocket", __name__)
     #: Open sockets per container (the ``max_sockets_per_container`` cap).
     sockets: dict[str, int] = {}
+    registry = agent.stash[TOKENS]
 
     @bp.websocket("/ws/<internal_id>")
+    @requires(None)  # checked frame by frame
     async def container_socket(internal_id: str) -> None:
         supervisor = containers.get(internal_id)  # 404 before the upgrade
         settings = websocket_settings(agent)
@@ -244,9 +316,20 @@ def websocket_blueprint(agent: Agent, containers: Containers) -> Blueprint:
         if sockets.get(internal_id, 0) >= settings.max_sockets_per_container:
             await ws.close(CLOSE_TOO_MANY, "Too many connections")
             return
+        watch: contextlib.AbstractContextManager[trio.Event | None] = contextlib.nullcontext()
+        if auth.token_id is not None:
+            if registry.sockets(auth.token_id) >= settings.max_sockets_per_token:
+                await ws.close(CLOSE_TOO_MANY, "Too many connections for this token")
+                return
+            if registry.find(auth.token_id) is None:  # revoked while connecting
+                await ws.close(CLOSE_TOKEN_EXPIRED, "Token revoked")
+                return
+            # no await since the checks: the count and the revocation check hold
+            watch = registry.watch(auth.token_id)
         sockets[internal_id] = sockets.get(internal_id, 0) + 1
         try:
-            await Session(agent, supervisor, ws, auth, settings).serve()
+            with watch as revoked:
+                await Session(agent, supervisor, ws, auth, settings, revoked).serve()
         finally:
             sockets[internal_id] -= 1
             if not sockets[internal_id]:

@@ -22,7 +22,11 @@ import trio
 from ..config import Config
 from .console import THROTTLED, Console, ConsoleSettings, Frame, History
 
-__all__ = ["EventHub", "Frame", "Subscription"]
+__all__ = ["CLOSE_SERVICE_RESTART", "EventHub", "Frame", "Subscription"]
+
+#: WebSocket close code of subscriptions ended because the containers service restarted
+#: (RFC 6455's "Service Restart"): the client reconnects to the new supervisor.
+CLOSE_SERVICE_RESTART = 1012
 
 #: Frames a slow subscriber may lose (the next ones replace them).
 DROPPABLE = frozenset({"console", "stats"})
@@ -220,11 +224,14 @@ class EventHub:
     def subscriptions(self) -> tuple[Subscription, ...]:
         return tuple(self._subscribers)
 
-    def close(self) -> None:
-        """The container is gone: end every subscription (queued frames still arrive)."""
+    def close(self, *, code: int | None = None) -> None:
+        """The container is gone (or its supervisor is): end every subscription, with
+        ``code`` as the WebSocket's close code (queued frames still arrive)."""
         self._console.flush()
         self.closed = True
         for subscription in list(self._subscribers):
+            if code is not None:
+                subscription.close_code = code
             subscription.close()
         self._subscribers.clear()
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import posixpath
-import re
 import shutil
 import sqlite3
 import stat
@@ -31,9 +30,10 @@ from ..docker import ContainerSpec, DockerError, DockerNotFound
 from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
 from ..interfaces import PORT_POOL, VOLUMES, PortRequest
 from ..store import Migration, Store
-from .hub import EventHub
+from .hub import CLOSE_SERVICE_RESTART, EventHub
 from .install import InstallFailed, InstallJob, InstallRun, run_install, write_executable
 from .models import ContainerRecord, CreateRequest, PortBinding, PortSpec
+from .network import AgentNetwork
 from .settings import ContainersSettings, CrashRestart
 from .specs import (
     LABEL_ID,
@@ -44,6 +44,7 @@ from .specs import (
     server_environment,
     standard_mounts,
 )
+from .startpattern import check_start_pattern
 from .stats import StatsSettings
 from .supervisor import ContainerSupervisor
 
@@ -86,6 +87,12 @@ def check_port_specs(specs: Sequence[PortSpec]) -> None:
             raise BadRequest(f"Invalid protocol: {spec.protocol}", code="invalid_protocol")
         if spec.container_port is not None and not 1 <= spec.container_port <= 65535:
             raise BadRequest(f"Invalid port: {spec.container_port}", code="invalid_port")
+
+
+def normal_mounts(mount: dict[str, str]) -> dict[str, str]:
+    """Host paths normalized (``/srv/a/../b`` → ``/srv/b``), as ``check_mounts`` judged
+    them: Docker must get the path that was checked."""
+    return {target: posixpath.normpath(source) for target, source in mount.items()}
 
 
 class Repository:
@@ -160,6 +167,10 @@ class Containers:
         self.reconciled = trio.Event()
         #: This agent's id on the engine (label ``lightd.node``), read from the store.
         self.node_id = ""
+        #: The network every container joins (``docker.network``), and the API guard.
+        self.network = AgentNetwork(
+            agent.docker, agent.config.docker.network, {LABEL_MANAGED: "true"}
+        )
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -197,7 +208,11 @@ class Containers:
         await self.repo.save(record)
 
     async def notify(self, internal_id: str, state: str, error: str | None = None) -> None:
-        await self.agent.hooks.container_state_changed(self.agent, internal_id, state, error)
+        """Tell plugins; a plugin that fails is logged, and the container's action goes on."""
+        try:
+            await self.agent.hooks.container_state_changed(self.agent, internal_id, state, error)
+        except Exception:
+            log.exception("%s: lightd_container_state_changed failed (%s)", internal_id, state)
 
     # -- the service --------------------------------------------------------------------
 
@@ -205,11 +220,26 @@ class Containers:
         return [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self.node_id}", *extra]
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._forget_previous_run()
+        try:
+            await self._serve(task_status)
+        except Exception:
+            # Crashed (a bug): no request of the restart window may queue work on a
+            # supervisor that is gone, nor a client stay subscribed to its hub.
+            self._forget_previous_run()
+            raise
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         self.node_id = await self.repo.node_id()
         records = await self.repo.load()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for record in records:
+                if record.limits.memory is None:
+                    # Written by an agent that allowed no memory limit: §7.6 wants one.
+                    limits = attrs.evolve(record.limits, memory=self.settings.default_memory)
+                    record = attrs.evolve(record, limits=limits)
+                    await self.repo.save(record)
                 if record.install_state == "installing":
                     record = attrs.evolve(
                         record,
@@ -225,6 +255,21 @@ class Containers:
                 with trio.move_on_after(30):
                     await self.reconciled.wait()
             task_status.started()
+
+    def _forget_previous_run(self) -> None:
+        """The service crashed (and runs again): the supervisors of that run are gone
+        with its nursery, so their hubs would keep clients subscribed to nothing. Each
+        hub's clients are closed with 1012 (service restart) and reconnect to the new
+        supervisor; nothing of the old run stays registered."""
+        if not self._supervisors:
+            return
+        log.warning("containers service ended: closing %d hubs", len(self._supervisors))
+        for supervisor in self._supervisors.values():
+            supervisor.cancel()
+            supervisor.hub.close(code=CLOSE_SERVICE_RESTART)
+        self._supervisors.clear()
+        self._finished.clear()
+        self.reconciled = trio.Event()
 
     async def _start_supervisor(
         self, record: ContainerRecord, *, wait: bool = True
@@ -256,11 +301,24 @@ class Containers:
         return supervisor
 
     async def _watch(self) -> None:
+        """Follow the engine (``_follow``); when the service ends, however it ends (a
+        graceful stop, a crash, a cancelled test agent), the API guard rules go with it."""
+        try:
+            await self._follow()
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                await self.network.unguard()
+
+    async def _follow(self) -> None:
         """Follow Docker events for our containers; reconcile whenever the stream (re)starts."""
         # Only the events acted on: creates, attaches and starts would cost a parse each.
         filters = {"label": self._labels(), "type": ["container"], "event": ["die", "oom"]}
         while True:
             await self.docker.wait_available()
+            try:
+                await self.network.ensure()
+            except (DockerUnavailable, DockerError) as exc:
+                log.warning("Docker network %s not ready: %s", self.network.name, exc)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.docker.watch_events, filters, self._on_event)
@@ -278,10 +336,13 @@ class Containers:
         if supervisor is None or event.get("id") != supervisor.record.container_id:
             return
         action = event.get("Action") or event.get("status")
-        if action == "oom":
-            supervisor.on_oom()
-        elif action == "die":
-            await supervisor.on_exit(int(attributes.get("exitCode", 0) or 0), oom=False)
+        try:
+            if action == "oom":
+                supervisor.on_oom()
+            elif action == "die":
+                await supervisor.on_exit(int(attributes.get("exitCode", 0) or 0), oom=False)
+        except Exception:  # one container's bug must not end the events stream of all
+            log.exception("%s: handling the %s event failed", supervisor.internal_id, action)
 
     async def reconcile(self) -> None:
         """Make the agent's records, Docker and the port pool agree (contract §10)."""
@@ -301,20 +362,32 @@ class Containers:
                 continue
             if not supervisor.idle:
                 continue  # an action is under way: its own outcome settles the state
-            if (
-                running
-                and supervisor.state == "offline"
-                and supervisor.record.install_state == "ready"
-            ):
-                log.info("%s: adopting the running server", internal_id)
-                await supervisor.adopt(item["Id"])
-            elif (
-                not running
-                and supervisor.state != "offline"
-                and item["Id"] == supervisor.record.container_id
-            ):
-                info = await self.docker.inspect_container(item["Id"])
-                await supervisor.on_exit(int(info["State"].get("ExitCode", 0)), oom=False)
+            try:
+                await self._reconcile_one(supervisor, item, running=running)
+            except (DockerUnavailable, DockerError):
+                raise  # the engine is gone: the events loop waits for it and comes back
+            except Exception:  # one container's bug: the others are still reconciled
+                log.exception("%s: reconciling failed", internal_id)
+        await self._reconcile_ports()
+
+    async def _reconcile_one(
+        self, supervisor: ContainerSupervisor, item: dict[str, Any], *, running: bool
+    ) -> None:
+        """Adopt a server that runs, or tell the supervisor its server ended."""
+        internal_id = supervisor.internal_id
+        if running and supervisor.state == "offline" and supervisor.record.install_state == "ready":
+            log.info("%s: adopting the running server", internal_id)
+            await supervisor.adopt(item["Id"])
+        elif (
+            not running
+            and supervisor.state != "offline"
+            and item["Id"] == supervisor.record.container_id
+        ):
+            info = await self.docker.inspect_container(item["Id"])
+            await supervisor.on_exit(int(info["State"].get("ExitCode", 0)), oom=False)
+
+    async def _reconcile_ports(self) -> None:
+        """Ports held for unknown containers go; a record's ports are what it holds."""
         pool = self.agent.stash.get(PORT_POOL)
         if pool is not None:
             for owner, entries in (await pool.held()).items():
@@ -345,7 +418,9 @@ class Containers:
         """The server container of ``record``."""
         volume = await self.volume_path(record.volume_id)
         mounts = standard_mounts(record, volume, self.data_path(record.internal_id))
-        return container_spec(record, node_id=self.node_id, role="server", mounts=mounts)
+        return container_spec(
+            record, node_id=self.node_id, role="server", mounts=mounts, network=self.network.name
+        )
 
     async def ensure_image(self, image: str, message: Callable[[str], None]) -> None:
         """Use the local image, else pull it with progress messages."""
@@ -416,6 +491,7 @@ class Containers:
             cmd=run.command,
             environment=job.environment if run.environment is None else run.environment,
             limits=run.limits,
+            network=self.network.name,
         )
         await run_install(
             self.docker,
@@ -460,22 +536,35 @@ class Containers:
     def check_create(self, request: CreateRequest) -> None:
         """The contract's checks that need no I/O, with its exact messages."""
         if request.start_pattern is not None:
-            try:
-                re.compile(request.start_pattern)
-            except re.error as exc:
-                raise BadRequest(
-                    f"Invalid start_pattern: {exc}", code="invalid_start_pattern"
-                ) from None
-        check_port_specs(request.ports)
+            problem = check_start_pattern(request.start_pattern)
+            if problem is not None:
+                raise BadRequest(f"Invalid start_pattern: {problem}", code="invalid_start_pattern")
+        self.check_ports(request.ports)
+
+    def check_ports(self, specs: Sequence[PortSpec]) -> None:
+        """A create's or rebind's ports: well-formed, and no more than ``max_ports``."""
+        limit = self.settings.max_ports
+        if len(specs) > limit:
+            raise BadRequest(f"Too many ports (max {limit})", code="too_many_ports")
+        check_port_specs(specs)
 
     async def check_mounts(self, mount: dict[str, str]) -> None:
         """Each host path must lie inside a ``docker.allowed_mounts`` folder and be reached
         without a symlink on the way: a container that can write in an allowed folder
-        must not steer another container's mount out of it with a planted link."""
+        must not steer another container's mount out of it with a planted link. Nor may
+        it overlap the agent's own storage (``storage.base_path``: the state store,
+        tokens, other containers' data). What is checked is the normalized path, which is
+        what the record keeps and Docker gets (``normal_mounts``)."""
         allowed = [posixpath.normpath(p) for p in self.agent.config.docker.allowed_mounts]
+        base = posixpath.normpath(str(self.agent.paths.base))
+
+        def inside(path: str, root: str) -> bool:
+            return path == root or path.startswith(root.rstrip("/") + "/")
 
         def check(source: str) -> None:
             norm = posixpath.normpath(source) if source.startswith("/") else None
+            if norm is not None and (inside(norm, base) or inside(base, norm)):
+                norm = None  # the agent's own state is never mounted into a container
             for root in allowed:
                 if norm is None or not (norm == root or norm.startswith(root.rstrip("/") + "/")):
                     continue
@@ -508,11 +597,15 @@ class Containers:
 
     async def _create(self, request: CreateRequest) -> ContainerSupervisor:
         await self.check_mounts(request.mount)
+        mount = normal_mounts(request.mount)
         volumes = self.agent.stash.get(VOLUMES)
         folder = None if volumes is None else await volumes.path(request.volume_id)
         if folder is None:
             raise NotFound("Volume not found", code="volume_not_found")
         ports = await self.reserve_ports(request.internal_id, request.ports)
+        limits = request.limits
+        if limits.memory is None:
+            limits = attrs.evolve(limits, memory=self.settings.default_memory)
         now = int(time.time())
         record = ContainerRecord(
             internal_id=request.internal_id,
@@ -521,8 +614,8 @@ class Containers:
             startup_command=request.startup_command,
             start_pattern=request.start_pattern,
             ports=ports,
-            limits=request.limits,
-            mount=dict(request.mount),
+            limits=limits,
+            mount=mount,
             install_script=request.install_script,
             environment=dict(request.environment),
             stop_command=request.stop_command,

@@ -1,10 +1,15 @@
-"""Config section ``containers``: install and stop timeouts, the crash restart policy."""
+"""Config section ``containers``: install and stop timeouts, the crash restart policy,
+the port count bound and the default memory limit."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import attrs
 
 from ..converter import field_check
+from ..files import parse_owner
+from .models import MAX_MEMORY, MIN_MEMORY
 
 __all__ = ["ContainersSettings", "CrashRestart"]
 
@@ -22,6 +27,14 @@ class CrashRestart:
     )
 
 
+def _valid_user(value: object) -> bool:
+    try:
+        parse_owner(value)
+    except ValueError:
+        return False
+    return True
+
+
 @attrs.frozen
 class ContainersSettings:
     """Config section ``containers``."""
@@ -35,3 +48,26 @@ class ContainersSettings:
         default=30.0, validator=field_check(lambda v: v >= 0, "must be >= 0")
     )
     crash_restart: CrashRestart = attrs.Factory(CrashRestart)
+    #: Ports one container may hold (create and rebind refuse more).
+    max_ports: int = attrs.field(
+        default=20, validator=field_check(lambda v: 1 <= v <= 65535, "must be 1 to 65535")
+    )
+    #: Bytes of memory a container gets when its request names no ``limits.memory``:
+    #: every container has a memory limit (contract §7.6).
+    default_memory: int = attrs.field(
+        default=1024**3,
+        validator=field_check(
+            lambda v: MIN_MEMORY <= v <= MAX_MEMORY, f"must be {MIN_MEMORY} to {MAX_MEMORY} bytes"
+        ),
+    )
+    #: Owner of what the file API creates in volumes (writes, folders, copies, extracted
+    #: and new archives): ``"root"`` (as before), a uid, or ``"uid:gid"``, so a game server
+    #: running as a non-root user can change them.
+    user: Any = attrs.field(
+        default="root", validator=field_check(_valid_user, 'must be "root", a uid or "uid:gid"')
+    )
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """``user`` as ``(uid, gid)``; ``None`` for ``"root"``."""
+        return parse_owner(self.user)

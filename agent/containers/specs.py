@@ -15,6 +15,7 @@ from ..docker import ContainerSpec, LogConfig, Mount, PortPublish, ResourceLimit
 from .models import ContainerRecord, Limits
 
 __all__ = [
+    "CAPABILITIES",
     "LABEL_ID",
     "LABEL_MANAGED",
     "LABEL_NODE",
@@ -36,6 +37,17 @@ HOME = "/home/container"
 DATA = "/app/data"
 SERVER_ENTRYPOINT = ("/bin/sh", f"{DATA}/entrypoint.sh")
 LOGS = LogConfig("json-file", {"max-size": "10m", "max-file": "2"})
+#: The only capabilities a server or install container keeps (contract §7.6): enough to
+#: change owners and users and write files as root; never NET_RAW, MKNOD or SYS_*.
+CAPABILITIES = (
+    "CHOWN",
+    "SETUID",
+    "SETGID",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "KILL",
+    "NET_BIND_SERVICE",
+)
 
 
 def server_environment(record: ContainerRecord) -> dict[str, str]:
@@ -68,9 +80,12 @@ def standard_mounts(record: ContainerRecord, volume: Path, data: Path) -> tuple[
 def resource_limits(limits: Limits) -> ResourceLimits:
     """The API's limits (memory and swap in bytes, CPU in cores) as the engine's."""
     memory = limits.memory
+    swap: int | None = None
+    if memory:
+        swap = -1 if limits.swap == -1 else memory + limits.swap
     return ResourceLimits(
         memory=memory or None,
-        memory_swap=memory + limits.swap if memory else None,
+        memory_swap=swap,
         nano_cpus=int(limits.cpu * 1e9) if limits.cpu else None,
         pids=limits.pids,
     )
@@ -87,9 +102,11 @@ def container_spec(
     cmd: tuple[str, ...] = (),
     environment: Mapping[str, str] | None = None,
     limits: Limits | None = None,
+    network: str | None = None,
 ) -> ContainerSpec:
     """The server container (``role="server"``: named ``lightd-<internal_id>``, ports
-    published) or another one of the record (an install: no name, no ports)."""
+    published) or another one of the record (an install: no name, no ports); both on
+    ``network`` (the agent's own, ``None``: the engine's default)."""
     ports: tuple[PortPublish, ...] = ()
     if role == "server":
         ports = tuple(
@@ -116,6 +133,9 @@ def container_spec(
         stdin_open=True,  # attachable stdin; StdinOnce stays false (notes, pitfall 17)
         tty=False,
         security_opt=("no-new-privileges",),
+        cap_drop=("ALL",),
+        cap_add=CAPABILITIES,
+        network=network,
         privileged=False,
         log_config=LOGS,
     )

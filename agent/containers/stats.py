@@ -379,7 +379,18 @@ class StatsReader:
         self.source: StatsSource | None = None
 
     async def run(self, container_id: str) -> None:
-        """Publish stats for this run of ``container_id`` until cancelled."""
+        """Publish stats for this run of ``container_id`` until cancelled. A failure (a
+        bug: sources return ``None`` for what they cannot read) is logged and the reader
+        starts again; it never ends the console or the supervisor it runs under."""
+        while True:
+            try:
+                await self._run(container_id)
+                return
+            except Exception:
+                log.exception("%s: stats reader failed (a bug); again in 5 s", container_id[:12])
+            await trio.sleep(5)
+
+    async def _run(self, container_id: str) -> None:
         began = time.time()
         self.source = None
         while True:

@@ -10,12 +10,18 @@ that no stop or kill asked for is a crash.
 The console is one attach per run, opened before ``start`` so no output is lost: it
 feeds the hub (history, subscribers), matches ``start_pattern`` on every line, and
 carries stdin (commands, the ``stop_command``).
+
+Failures stay inside the container they concern (contract §7.6): any exception while an
+action, the console reader or the stats reader runs ends that piece of work only; the
+container says so (``Error: …`` on its hub, ``error`` in its record, a failed install),
+and nothing reaches the ``containers`` service, whose crash would cut every other
+container. An exception that is not an ``AgentError`` or ``OSError`` is a bug: it is logged
+once with its traceback, and still contained.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 import time
 from collections import deque
@@ -36,17 +42,22 @@ from ..docker import (
     DockerError,
     DockerNotFound,
 )
-from ..errors import AgentError, Conflict, DockerUnavailable
+from ..errors import AgentError, Conflict, DockerUnavailable, TooManyRequests
 from .console import LineSplitter
 from .hub import EventHub
 from .install import write_executable
 from .models import ContainerRecord, PortBinding, RuntimeState
 from .settings import ContainersSettings
+from .startpattern import StartPattern
 from .stats import StatsReader, StatsSettings
 
-__all__ = ["ContainerSupervisor", "SupervisorHost"]
+__all__ = ["MAX_PENDING", "ContainerSupervisor", "SupervisorHost"]
 
 log = logging.getLogger(__name__)
+
+#: Actions queued behind the running one, per container, at most: beyond, a request is
+#: refused (429) rather than queued, so a client cannot grow the queue without bound.
+MAX_PENDING = 16
 
 
 @attrs.define
@@ -148,7 +159,7 @@ class ContainerSupervisor:
         self._exit_seen = False
         self._oom = False
         self._crashes: deque[float] = deque()
-        self._pattern = re.compile(record.start_pattern) if record.start_pattern else None
+        self._pattern = _start_pattern(record)
 
     @property
     def internal_id(self) -> str:
@@ -157,12 +168,31 @@ class ContainerSupervisor:
     # -- the supervisor's life ----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. Each action, the console and the stats contain their own
+        failures; should anything still escape (a bug), the supervisor logs it, says so on
+        the hub and runs again, rather than let it reach the service."""
+        started = False
         with self._scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self.hub.run)
-                task_status.started()
-                await self._work()
+            while True:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        await nursery.start(self.hub.run)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        if self.state != "offline" and self.record.container_id:
+                            await self._reattach(self.record.container_id)
+                        await self._work()
+                except Exception as exc:
+                    log.exception(
+                        "%s: supervisor failed (a bug); running it again", self.internal_id
+                    )
+                    self._close_console()
+                    self._current = None
+                    self._current_scope = None
+                    self.hub.message(f"Error: {_reason(exc)}")
+                    await trio.sleep(1)
 
     def cancel(self) -> None:
         """Stop everything this supervisor does (the container is being deleted)."""
@@ -180,9 +210,8 @@ class ContainerSupervisor:
                 with trio.CancelScope() as scope:
                     self._current_scope = scope
                     await getattr(self, f"_do_{action.kind}")(**action.args)
-            except (AgentError, OSError) as exc:
-                log.warning("%s: %s failed: %s", self.internal_id, action.kind, exc)
-                self.hub.message(f"Error: {_reason(exc)}")
+            except Exception as exc:  # the action ends here; the container says why
+                await self._action_failed(action, exc)
             finally:
                 self._current = None
                 self._current_scope = None
@@ -191,6 +220,63 @@ class ContainerSupervisor:
                     self._install_pending = any(
                         a.kind in ("install", "reinstall") for a in self._queue
                     )
+
+    async def _action_failed(self, action: Action, exc: Exception) -> None:
+        """Tell the container's clients (and its record) that ``action`` failed; settle a
+        state the action left half-way. Never raises: this is where failures stop."""
+        reason = _reason(exc)
+        try:
+            if _expected(exc):
+                log.warning("%s: %s failed: %s", self.internal_id, action.kind, reason)
+            else:
+                log.error(
+                    "%s: %s failed unexpectedly (a bug)",
+                    self.internal_id,
+                    action.kind,
+                    exc_info=exc,
+                )
+            self.hub.message(f"Error: {reason}")
+            install = action.kind in ("install", "reinstall")
+            if install and (not _expected(exc) or self.record.install_state == "installing"):
+                self._install_pending = False
+                await self._set_record(install_state="failed", error=reason)
+                await self.host.notify(self.internal_id, "failed", reason)
+            elif not _expected(exc):
+                await self._set_record(error=reason)
+                if self.state in ("starting", "stopping"):
+                    await self._settle()
+        except (AgentError, OSError) as again:
+            log.warning("%s: after %s failed: %s", self.internal_id, action.kind, again)
+        except Exception:
+            log.exception("%s: could not record the failure of %s", self.internal_id, action.kind)
+
+    async def _settle(self) -> None:
+        """After a failed action: make the state what Docker says."""
+        container_id = self.record.container_id
+        running = False
+        if container_id:
+            try:
+                info = await self.host.docker.inspect_container(container_id)
+                running = bool(info["State"]["Running"])
+            except DockerNotFound:
+                running = False
+        if running and container_id:
+            if self._stream is None:
+                await self._reattach(container_id)
+            await self._set_state("running")
+        else:
+            self._close_console()
+            self._exited.set()
+            await self._set_state("offline")
+
+    async def _reattach(self, container_id: str) -> None:
+        """Open the console of a server that runs on without one (after a failure)."""
+        self._exited = trio.Event()
+        self._exit_seen = False
+        try:
+            await self._attach(container_id)
+        except (AgentError, OSError) as exc:
+            log.warning("%s: re-attach failed: %s", self.internal_id, exc)
 
     # -- requests (validated now, run later, in order) ------------------------------------
 
@@ -247,6 +333,14 @@ class ContainerSupervisor:
                 # Each rebind reserves on top of the ports held now; two in a row would
                 # free each other's.
                 raise Conflict("Network rebinding already in progress", code="rebinding")
+        # A restart right behind another pending one would do nothing the first does not:
+        # it is absorbed (and answered as accepted), as is a second pending kill below.
+        if kind == "restart" and self._queue and self._queue[-1].kind == "restart":
+            return self._queue[-1]
+        if kind != "kill" and len(self._queue) >= MAX_PENDING:  # a kill always gets in
+            raise TooManyRequests(
+                f"Too many pending actions (max {MAX_PENDING})", code="too_many_actions"
+            )
         action = Action(kind, args)
         if kind in ("install", "reinstall"):
             self._install_pending = True
@@ -258,6 +352,9 @@ class ContainerSupervisor:
             current = self._current
             if current and current.kind in ("start", "restart", "stop") and self._current_scope:
                 self._current_scope.cancel()
+            pending = next((a for a in self._queue if a.kind == "kill"), None)
+            if pending is not None:
+                return pending
             self._queue.appendleft(action)
         else:
             self._queue.append(action)
@@ -288,8 +385,15 @@ class ContainerSupervisor:
         await self.host.notify(self.internal_id, state)
 
     async def _set_record(self, **changes: Any) -> None:
-        self.record = attrs.evolve(self.record, updated_at=int(time.time()), **changes)
-        await self.host.save_record(self.record)
+        old = self.record
+        new = self.record = attrs.evolve(old, updated_at=int(time.time()), **changes)
+        try:
+            await self.host.save_record(new)
+        except Exception:
+            # Not stored (a value the store refuses): the record stays what is stored.
+            if self.record is new:
+                self.record = old
+            raise
 
     # -- install ------------------------------------------------------------------------
 
@@ -301,8 +405,10 @@ class ContainerSupervisor:
         await self.host.notify(self.internal_id, "installing")
         try:
             container_id = await self._install_steps()
-        except (AgentError, OSError) as exc:  # whatever failed, the install ends failed
+        except Exception as exc:  # whatever failed, the install ends failed
             reason = _reason(exc)
+            if not _expected(exc):
+                log.error("%s: install failed unexpectedly (a bug)", self.internal_id, exc_info=exc)
             self._install_pending = False
             await self._set_record(install_state="failed", error=reason)
             self.hub.message(f"Error: {reason}")
@@ -395,6 +501,8 @@ class ContainerSupervisor:
             return  # it exited (and was told) before the start call even returned
         self.started_at = time.time()
         self.exit_code = None
+        if self.record.error and self.record.install_state == "ready":
+            await self._set_record(error=None)  # an earlier action's failure is over
         self.hub.message("Container started")
         if self._pattern is None:
             await self._set_state("running")
@@ -514,15 +622,27 @@ class ContainerSupervisor:
         self, container_id: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         done = self._console_done = trio.Event()
+        started = False
         with trio.CancelScope() as scope:
             self._console_scope = scope
-            async with self.host.docker.attach(container_id) as stream:
-                self._stream = stream
-                task_status.started()
-                async with trio.open_nursery() as run:
-                    run.start_soon(self.stats.run, container_id)
-                    await self._read_console(stream)
-                    run.cancel_scope.cancel()
+            try:
+                async with self.host.docker.attach(container_id) as stream:
+                    self._stream = stream
+                    started = True
+                    task_status.started()
+                    async with trio.open_nursery() as run:
+                        run.start_soon(self.stats.run, container_id)
+                        await self._read_console(stream)
+                        run.cancel_scope.cancel()
+            except Exception as exc:
+                if not started:
+                    raise  # the start that opens it fails, and says why
+                # The console of this run ends; the server and everything else go on.
+                if _expected(exc):
+                    log.warning("%s: console reading failed: %s", self.internal_id, exc)
+                else:
+                    log.error("%s: console reading failed (a bug)", self.internal_id, exc_info=exc)
+                self.hub.message(f"Error: {_reason(exc)}")
         done.set()
         if self._console_scope is scope:
             self._console_scope = None
@@ -539,7 +659,10 @@ class ContainerSupervisor:
     async def _lines(self, lines: list[str]) -> None:
         self.hub.console(lines)
         pattern = self._pattern
-        if self.state == "starting" and pattern and any(pattern.search(li) for li in lines):
+        # Matched within a time budget, mostly off the event loop (see startpattern): the
+        # console of this container may wait for it, nothing else does.
+        matched = self.state == "starting" and pattern is not None and await pattern.matches(lines)
+        if matched and self.state == "starting":  # (a stop may have come meanwhile)
             self.hub.message("Server started")
             await self._set_state("running")
 
@@ -636,7 +759,33 @@ def _docker_time(text: str) -> float | None:
     return moment.timestamp()
 
 
+def _start_pattern(record: ContainerRecord) -> StartPattern | None:
+    if not record.start_pattern:
+        return None
+    try:
+        return StartPattern(record.start_pattern)
+    except Exception as exc:  # a record stored before the pattern was checked this way
+        log.warning("%s: start_pattern ignored: %s", record.internal_id, exc)
+        return None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (nurseries wrap them)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _expected(exc: BaseException) -> bool:
+    """An error the agent raises on purpose, or the system's: not a bug."""
+    return isinstance(_leaf(exc), AgentError | OSError)
+
+
 def _reason(exc: BaseException) -> str:
+    exc = _leaf(exc)
+    if not isinstance(exc, AgentError | OSError):
+        # A bug: its text may hold anything (a path, a request's bytes); the log has it.
+        return f"Internal error ({type(exc).__name__})"
     if isinstance(exc, DockerUnavailable):
         return "Docker engine unreachable"
     if isinstance(exc, OSError):

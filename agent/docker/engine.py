@@ -31,7 +31,8 @@ import httpcore
 import httpx
 import trio
 
-from ..errors import AgentError, DockerUnavailable
+from ..errors import DockerUnavailable
+from .errors import DockerConflict, DockerError, DockerNotFound
 from .spec import ContainerSpec, create_body
 from .streams import AttachStream, JsonLines, demux
 
@@ -45,18 +46,6 @@ __all__ = [
     "docker_url",
     "split_image",
 ]
-
-
-class DockerError(AgentError):
-    """The engine answered, and refused (the message is the engine's explanation)."""
-
-
-class DockerNotFound(DockerError):
-    """The engine has no such object (container, image)."""
-
-
-class DockerConflict(DockerError):
-    """The engine refused because of a conflict (a container name already taken)."""
 
 
 class _NoEngine(Exception):
@@ -199,11 +188,11 @@ class DockerEngine:
 
     async def version(self) -> EngineInfo:
         """The engine's version, API version, OS and architecture, asked now."""
-        return _engine_info(await self.request("GET", "/version"))
+        return _engine_info(_expect(await self.request("GET", "/version"), dict))
 
     async def system_info(self) -> dict[str, Any]:
         """The engine's ``/info`` document (counts, storage driver, cgroup version…)."""
-        return dict(await self.request("GET", "/info"))
+        return dict(_expect(await self.request("GET", "/info"), dict))
 
     async def ping(self) -> None:
         await self.request("GET", "/_ping", raw=True)
@@ -216,10 +205,15 @@ class DockerEngine:
         created = await self.request(
             "POST", "/containers/create", params=params, body=create_body(spec)
         )
+        created = _expect(created, dict)
+        if not isinstance(created.get("Id"), str):
+            raise DockerError("Docker engine answered a create without a container id")
         return str(created["Id"])
 
     async def inspect_container(self, container_id: str) -> dict[str, Any]:
-        return dict(await self.request("GET", f"/containers/{_quote(container_id)}/json"))
+        return dict(
+            _expect(await self.request("GET", f"/containers/{_quote(container_id)}/json"), dict)
+        )
 
     async def start(self, container_id: str) -> None:
         await self.request("POST", f"/containers/{_quote(container_id)}/start")
@@ -245,13 +239,13 @@ class DockerEngine:
     async def containers(self, labels: list[str]) -> list[dict[str, Any]]:
         """Every container (running or not) carrying all of ``labels``."""
         params = {"all": "1", "filters": json.dumps({"label": labels})}
-        return list(await self.request("GET", "/containers/json", params=params))
+        return list(_expect(await self.request("GET", "/containers/json", params=params), list))
 
     async def wait(self, container_id: str) -> dict[str, Any]:
         """Block until the container exits; its ``StatusCode``. Abandoned on cancel (it
         changes nothing), and not bounded by the engine timeout."""
         path = f"/containers/{_quote(container_id)}/wait"
-        return dict(await self.request("POST", path, long=True))
+        return dict(_expect(await self.request("POST", path, long=True), dict))
 
     async def logs(self, container_id: str, *, tail: int | None = None, tty: bool = False) -> bytes:
         """What the container wrote so far (stdout and stderr; the last ``tail`` lines)."""
@@ -263,15 +257,38 @@ class DockerEngine:
     # -- images and networks ---------------------------------------------------------------
 
     async def inspect_image(self, image: str) -> dict[str, Any]:
-        return dict(await self.request("GET", f"/images/{_quote(image)}/json"))
+        return dict(_expect(await self.request("GET", f"/images/{_quote(image)}/json"), dict))
 
     async def images(self) -> list[dict[str, Any]]:
         """The engine's images (``Id``, ``RepoTags``, ``Size``…)."""
-        return list(await self.request("GET", "/images/json"))
+        return list(_expect(await self.request("GET", "/images/json"), list))
 
     async def networks(self) -> list[dict[str, Any]]:
         """The engine's networks (``Name``, ``Id``, ``Driver``…)."""
-        return list(await self.request("GET", "/networks"))
+        return list(_expect(await self.request("GET", "/networks"), list))
+
+    async def inspect_network(self, name: str) -> dict[str, Any]:
+        """One network by name or id (``DockerNotFound`` when there is none)."""
+        return dict(_expect(await self.request("GET", f"/networks/{_quote(name)}"), dict))
+
+    async def create_network(
+        self,
+        name: str,
+        *,
+        driver: str = "bridge",
+        options: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> str:
+        """Create a network (``DockerConflict`` when the name is taken); its id."""
+        body = {
+            "Name": name,
+            "Driver": driver,
+            "CheckDuplicate": True,
+            "Options": dict(options or {}),
+            "Labels": dict(labels or {}),
+        }
+        created = _expect(await self.request("POST", "/networks/create", body=body), dict)
+        return str(created.get("Id", ""))
 
     async def pull(self, image: str, progress: Callable[[str], None] | None = None) -> None:
         """Pull ``image`` (``latest`` when no tag is named), calling ``progress`` with each
@@ -426,11 +443,19 @@ class DockerEngine:
                 except _TRANSPORT_ERRORS as exc:
                     self._lost(generation, exc)
                     raise DockerUnavailable() from None
-        if response.status >= 400:
+        # 304: the engine's "already so" (start a running container, stop a stopped one).
+        if not (200 <= response.status < 300 or response.status == 304):
             raise _refusal(response.status, response.content)
         if raw:
             return response.content
-        return json.loads(response.content) if response.content else None
+        if not response.content:
+            return None
+        try:
+            return json.loads(response.content)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise DockerError(
+                f"Docker engine answered {method} {path} with a body that is not JSON"
+            ) from None
 
     def _control(self) -> tuple[_ControlConnections, str, int]:
         if not self._up or self._pool is None or self.info is None:
@@ -607,6 +632,13 @@ def _registry_auth(repository: str) -> str | None:
         document = {"username": user, "password": password, "serveraddress": name}
         return base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
     return None
+
+
+def _expect(value: Any, kind: type) -> Any:
+    """An engine answer of the JSON type the call needs, else a ``DockerError``."""
+    if not isinstance(value, kind):
+        raise DockerError(f"Docker engine answered with an unexpected {type(value).__name__}")
+    return value
 
 
 def _quote(segment: str) -> str:

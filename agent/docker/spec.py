@@ -85,6 +85,11 @@ class ContainerSpec:
     tty: bool = False
     #: Hardening: e.g. ``("no-new-privileges",)``.
     security_opt: tuple[str, ...] = ()
+    #: Capabilities removed (``("ALL",)``: every one) and then given back.
+    cap_drop: tuple[str, ...] = ()
+    cap_add: tuple[str, ...] = ()
+    #: The network the container joins (``None``: the engine's default bridge).
+    network: str | None = None
     privileged: bool = False
     log_config: LogConfig | None = None
 
@@ -116,7 +121,7 @@ def create_body(spec: ContainerSpec) -> dict[str, Any]:
         body["Env"] = [f"{key}={value}" for key, value in spec.env.items()]
     if spec.labels:
         body["Labels"] = dict(spec.labels)
-    host: dict[str, Any] = {"NetworkMode": "default"}
+    host: dict[str, Any] = {"NetworkMode": spec.network or "default"}
     if spec.mounts:
         body["Volumes"] = {m.target: {} for m in spec.mounts}
         host["Binds"] = [
@@ -141,6 +146,10 @@ def create_body(spec: ContainerSpec) -> dict[str, Any]:
             host[key] = value
     if spec.security_opt:
         host["SecurityOpt"] = list(spec.security_opt)
+    if spec.cap_drop:
+        host["CapDrop"] = list(spec.cap_drop)
+    if spec.cap_add:
+        host["CapAdd"] = list(spec.cap_add)
     if spec.privileged:
         host["Privileged"] = True
     if spec.log_config is not None:

@@ -9,6 +9,8 @@ import httpcore
 import httpx
 import trio
 
+from .errors import DockerError
+
 __all__ = ["AttachStream", "JsonLines", "demux"]
 
 
@@ -73,7 +75,10 @@ class JsonLines:
         while True:
             line = await self._lines.__anext__()
             if line.strip():
-                item = json.loads(line)
+                try:
+                    item = json.loads(line)
+                except (ValueError, RecursionError):
+                    raise DockerError("Docker engine sent a stream line that is not JSON") from None
                 return item if isinstance(item, dict) else {"value": item}
 
 

@@ -39,10 +39,10 @@ from .errors import (
     VolumeNotFound,
     api_status,
 )
-from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse
+from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse, parse_owner
 from .resolve import openat2_available
 from .root import AtomicFile, DirEntry, Root
-from .tree import CHUNK, MAX_DEPTH, TEMP_PREFIX, WalkEntry, copy_data, merge_tree
+from .tree import CHUNK, MAX_DEPTH, TEMP_PREFIX, Owner, WalkEntry, copy_data, merge_tree
 
 __all__ = [
     "API_STATUS",
@@ -62,6 +62,7 @@ __all__ = [
     "NoSpace",
     "NotAFile",
     "NotAFolder",
+    "Owner",
     "PathEscapes",
     "PathNotFound",
     "RelPath",
@@ -73,4 +74,5 @@ __all__ = [
     "merge_tree",
     "openat2_available",
     "parse",
+    "parse_owner",
 ]

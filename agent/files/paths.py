@@ -12,7 +12,7 @@ import attrs
 
 from .errors import InvalidPath
 
-__all__ = ["NAME_MAX", "PATH_MAX", "ROOT", "RelPath", "parse"]
+__all__ = ["NAME_MAX", "PATH_MAX", "ROOT", "RelPath", "parse", "parse_owner"]
 
 #: Longest name of one component, in bytes (Linux ``NAME_MAX``).
 NAME_MAX = 255
@@ -85,3 +85,28 @@ def parse(text: str, *, empty_is_root: bool = False) -> RelPath:
     if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
         raise InvalidPath("name too long", code="name_too_long")
     return RelPath(parts, text)
+
+
+#: Largest uid or gid (``(uid_t) -1`` is "no change" to chown, so one less).
+_MAX_ID = 2**32 - 2
+
+
+def parse_owner(value: object) -> tuple[int, int] | None:
+    """Config ``containers.user`` as ``(uid, gid)``: ``"root"`` (the default) is ``None``,
+    files are made as before (by the agent, a write keeping the folder's owner); a uid
+    (a JSON number or ``"1000"``, its gid the same) or ``"uid:gid"``. Numbers only: the
+    names inside an image are not the host's. ``ValueError`` for anything else."""
+    if value == "root":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ids = [value, value]
+    elif isinstance(value, str) and value.count(":") <= 1:
+        texts = value.split(":") if ":" in value else [value, value]
+        if not all(t.isascii() and t.isdigit() and len(t) <= 10 for t in texts):
+            raise ValueError(value)
+        ids = [int(t) for t in texts]
+    else:
+        raise ValueError(value)
+    if not all(0 <= i <= _MAX_ID for i in ids):
+        raise ValueError(value)
+    return ids[0], ids[1]

@@ -35,6 +35,8 @@ __all__ = [
     "locate",
     "lstat_at",
     "open_beneath",
+    "open_regular",
+    "open_regular_at",
     "openat2_available",
     "rename_noreplace",
 ]
@@ -259,6 +261,44 @@ def open_beneath(
         path = os.fsencode("/".join(parts)) or b"."
         return _openat2(dirfd, path, flags, mode if flags & os.O_CREAT else 0, resolve)
     return _walk(dirfd, parts, flags, mode, follow_last, no_links)
+
+
+def _reopen_regular(path_fd: int) -> int | None:
+    """A blocking read descriptor of the object an ``O_PATH`` descriptor names, if it is a
+    regular file, else ``None`` (``path_fd`` is closed either way).
+
+    Nothing is ``open()``-ed before its type is known: opening a FIFO blocks (or, with
+    ``O_NONBLOCK``, still wakes its writer) and a device's open may act on the device. The
+    type comes from ``fstat`` of the ``O_PATH`` descriptor, which opens nothing; the file
+    is then reopened through ``/proc/self/fd``, which names that very inode, so it cannot
+    have been swapped meanwhile.
+    """
+    try:
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            return None
+        # (the agent needs /proc mounted, as ``Root.chmod`` does)
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+
+
+def open_regular(
+    dirfd: int, parts: Sequence[str], *, follow_last: bool = True, no_links: bool = False
+) -> int | None:
+    """``open_beneath`` for reading a regular file: ``None`` if ``parts`` is anything
+    else (folder, FIFO, device node, socket, or a link when ``follow_last`` is false)."""
+    path_fd = open_beneath(dirfd, parts, os.O_PATH, follow_last=follow_last, no_links=no_links)
+    return _reopen_regular(path_fd)
+
+
+def open_regular_at(dir_fd: int, name: str) -> int | None:
+    """The regular file ``name`` in a folder opened for reading, no link followed;
+    ``None`` if it is gone or is anything else (a link, a FIFO, a device node...)."""
+    try:
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    return _reopen_regular(path_fd)
 
 
 def locate(

@@ -40,17 +40,20 @@ from .paths import RelPath
 from .resolve import (
     DIR,
     DIR_PATH,
-    READ,
     link_target_at,
     locate,
     lstat_at,
     open_beneath,
+    open_regular,
     rename_noreplace,
 )
 from .tree import (
     CHUNK,
     TEMP_PREFIX,
+    Owner,
     WalkEntry,
+    chown_at,
+    chown_fd,
     copy_entry,
     enter_dir,
     fsync_dir,
@@ -96,23 +99,37 @@ class Root:
     ``no_links=True`` refuses to go through any link at all (``RESOLVE_NO_SYMLINKS``):
     archives are extracted into such a root, so a link planted by one archive entry can
     never redirect a later one.
+
+    ``owner`` (``(uid, gid)``, config ``containers.user``) owns every file, folder and link
+    this object creates, so a game server running as that user can change them; ``None``
+    keeps the agent's own (a replaced file always keeps its owner).
     """
 
-    def __init__(self, fd: int, *, no_links: bool = False, owned: bool = True) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        no_links: bool = False,
+        owned: bool = True,
+        owner: Owner | None = None,
+    ) -> None:
         self.fd = fd
         self.no_links = no_links
+        self.owner = owner
         self._owned = owned
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, no_links: bool = False) -> Root:
+    def open(
+        cls, path: str | os.PathLike[str], *, no_links: bool = False, owner: Owner | None = None
+    ) -> Root:
         """Open a trusted host folder (from config); its last component is not followed."""
-        return cls(os.open(path, DIR | os.O_NOFOLLOW), no_links=no_links)
+        return cls(os.open(path, DIR | os.O_NOFOLLOW), no_links=no_links, owner=owner)
 
     @classmethod
-    def open_volume(cls, folder: str | os.PathLike[str]) -> Root:
+    def open_volume(cls, folder: str | os.PathLike[str], *, owner: Owner | None = None) -> Root:
         """``open`` for a registered volume's folder: ``VolumeNotFound`` if it vanished."""
         try:
-            return cls.open(folder)
+            return cls.open(folder, owner=owner)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 log.warning("volume folder %s is missing or not a folder", folder)
@@ -120,8 +137,17 @@ class Root:
             raise
 
     @classmethod
-    def open_at(cls, dir_fd: int, name: str, *, no_links: bool = False) -> Root:
-        return cls(os.open(name, DIR | os.O_NOFOLLOW, dir_fd=dir_fd), no_links=no_links)
+    def open_at(
+        cls, dir_fd: int, name: str, *, no_links: bool = False, owner: Owner | None = None
+    ) -> Root:
+        fd = os.open(name, DIR | os.O_NOFOLLOW, dir_fd=dir_fd)
+        return cls(fd, no_links=no_links, owner=owner)
+
+    def _own_at(self, dir_fd: int, name: str) -> None:
+        """Give a name this object just created to ``owner`` (the name itself: a link
+        swapped in meanwhile is changed, never what it points to)."""
+        if self.owner is not None:
+            chown_at(dir_fd, name, self.owner)
 
     def close(self) -> None:
         if self._owned and self.fd >= 0:
@@ -221,13 +247,13 @@ class Root:
         return entries
 
     def open_file(self, rel: RelPath) -> BinaryIO:
-        """Open a regular file for reading (in-volume links followed)."""
+        """Open a regular file for reading (in-volume links followed). Anything else is
+        ``NotAFile`` and is never opened (a FIFO would block, a device might act)."""
         with self._errors(rel):
-            fd = self.open_fd(rel.parts, READ)
+            fd = open_regular(self.fd, rel.parts, no_links=self.no_links)
+        if fd is None:
+            raise NotAFile(rel.text)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NotAFile(rel.text)
-            os.set_blocking(fd, True)
             return os.fdopen(fd, "rb", buffering=CHUNK)
         except BaseException:
             os.close(fd)
@@ -260,6 +286,7 @@ class Root:
                 try:
                     os.mkdir(name, 0o755, dir_fd=parent_fd)
                     created.append(RelPath(prefix, "/".join(prefix)))
+                    self._own_at(parent_fd, name)
                 except FileExistsError:
                     try:  # created meanwhile (fine), or a dangling link (in the way)
                         os.close(self.open_fd(prefix, DIR_PATH))
@@ -326,10 +353,16 @@ class Root:
                 if keep_mode and stat.S_ISREG(existing.st_mode):
                     mode = stat.S_IMODE(existing.st_mode)
             # Never setuid/setgid/sticky from an API write; the file belongs to whoever
-            # owned the one it replaces, else to its folder's owner: a server running as
-            # a non-root user can still read what the panel wrote for it.
+            # owned the one it replaces, else to ``owner`` (containers.user), else to its
+            # folder's owner: a server running as a non-root user can still use it.
             mode &= 0o777
-            owner = existing if existing is not None else os.fstat(parent_fd)
+            if existing is not None:
+                uid, gid = existing.st_uid, existing.st_gid
+            elif self.owner is not None:
+                uid, gid = self.owner
+            else:
+                parent = os.fstat(parent_fd)
+                uid, gid = parent.st_uid, parent.st_gid
             tmp = TEMP_PREFIX + secrets.token_hex(8)
             with self._errors(rel):
                 fd = os.open(
@@ -344,7 +377,7 @@ class Root:
                 with self._errors(rel):
                     out.file.flush()
                     with contextlib.suppress(PermissionError):  # an agent not run as root
-                        os.fchown(fd, owner.st_uid, owner.st_gid)
+                        os.fchown(fd, uid, gid)
                     os.fchmod(fd, mode)
                     if fsync:
                         os.fsync(fd)
@@ -397,6 +430,8 @@ class Root:
                 src_st = lstat_at(src_dir, src_name)
             if src_st is None:
                 raise PathNotFound(source.text)
+            if kind_of(src_st.st_mode) == "other":  # FIFO, device node, socket: not data
+                raise NotAFile(source.text)
             if not destination.parts:
                 raise FileExists(destination.text)
             self.make_dirs(destination.parent, report=destination)
@@ -408,7 +443,17 @@ class Root:
                 tmp = TEMP_PREFIX + secrets.token_hex(8)
                 try:
                     with self._errors(source):
-                        copy_entry(src_dir, src_name, src_st, dst_dir, tmp, set(), 0, checkpoint)
+                        copy_entry(
+                            src_dir,
+                            src_name,
+                            src_st,
+                            dst_dir,
+                            tmp,
+                            set(),
+                            0,
+                            checkpoint,
+                            owner=self.owner,
+                        )
                     with self._errors(destination):
                         try:
                             rename_noreplace(dst_dir, tmp, dst_dir, dst_name)
@@ -514,18 +559,26 @@ class Root:
         (an earlier archive entry of the same name, a link) is replaced, never followed.
         The parent folder must exist."""
         with self._cleared(rel) as (parent_fd, name):
-            return os.open(
+            fd = os.open(
                 name,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 mode,
                 dir_fd=parent_fd,
             )
+            if self.owner is not None:
+                try:
+                    chown_fd(fd, self.owner)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            return fd
 
     def symlink(self, rel: RelPath, target: str) -> None:
         """Create a symlink at ``rel`` (replacing a non-folder). The target is not checked
         here: a link is only text until someone resolves it, and we resolve beneath."""
         with self._cleared(rel) as (parent_fd, name):
             os.symlink(target, name, dir_fd=parent_fd)
+            self._own_at(parent_fd, name)
 
     def hardlink(self, target: RelPath, rel: RelPath) -> None:
         """Hard-link the regular file at ``target`` (no link followed) to ``rel``."""

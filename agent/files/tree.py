@@ -22,13 +22,16 @@ from functools import partial
 import attrs
 
 from .errors import FileError, FileExists, FolderExists, InvalidPath
-from .resolve import DIR, NOFOLLOW_READ, link_target_at, lstat_at, rename_noreplace
+from .resolve import DIR, link_target_at, lstat_at, open_regular_at, rename_noreplace
 
 __all__ = [
     "CHUNK",
     "MAX_DEPTH",
     "TEMP_PREFIX",
+    "Owner",
     "WalkEntry",
+    "chown_at",
+    "chown_fd",
     "copy_data",
     "copy_entry",
     "enter_dir",
@@ -49,6 +52,36 @@ TEMP_PREFIX = ".lightd-tmp-"
 MAX_DEPTH = 256
 #: Buffer size of file reads and writes.
 CHUNK = 1 << 20
+
+
+#: ``(uid, gid)`` that files the API creates belong to (config ``containers.user``).
+Owner = tuple[int, int]
+
+
+def chown_fd(fd: int, owner: Owner) -> None:
+    """Give an open file or folder to ``owner``. An agent not run as root cannot give
+    files away: it keeps them (logged once), as it did before ``containers.user``."""
+    try:
+        os.fchown(fd, *owner)
+    except PermissionError:
+        _cannot_chown()
+
+
+def chown_at(dir_fd: int, name: str, owner: Owner) -> None:
+    """``chown_fd`` for a name in a folder; a link is changed itself, never followed."""
+    try:
+        os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+    except PermissionError:
+        _cannot_chown()
+
+
+_warned: list[bool] = []
+
+
+def _cannot_chown() -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning("cannot change owners (the agent is not root): containers.user is ignored")
 
 
 def noop() -> None:
@@ -150,18 +183,8 @@ def walk_below(
 
 def open_entry(entry: WalkEntry) -> int | None:
     """A blocking read descriptor of a walked regular file (``None`` if it is no longer
-    one: gone, swapped for a link, a FIFO or a device node)."""
-    try:
-        fd = os.open(entry.name, NOFOLLOW_READ, dir_fd=entry.dir_fd)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
-            return None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    os.set_blocking(fd, True)
-    return fd
+    one: gone, swapped for a link, a FIFO or a device node; those are never opened)."""
+    return open_regular_at(entry.dir_fd, entry.name)
 
 
 # --- copying -----------------------------------------------------------------------------
@@ -201,27 +224,27 @@ def copy_entry(
     skip: set[tuple[int, int]],
     depth: int,
     checkpoint: Callable[[], None],
+    *,
+    owner: Owner | None = None,
 ) -> None:
     """Copy one entry (recursively for folders) between two folder descriptors; folders
     whose ``(st_dev, st_ino)`` is in ``skip`` are not entered (the copy being built is
-    added to it, so a copy into the source never copies itself)."""
+    added to it, so a copy into the source never copies itself). Every entry made
+    belongs to ``owner`` (``None``: the agent)."""
     checkpoint()
     mode = st.st_mode
     if stat.S_ISLNK(mode):
         target = link_target_at(src_dir, name)
         if target is not None:
             os.symlink(target, dst_name, dir_fd=dst_dir)
+            if owner is not None:
+                chown_at(dst_dir, dst_name, owner)
     elif stat.S_ISREG(mode):
+        src_fd = open_regular_at(src_dir, name)
+        if src_fd is None:
+            return  # gone, or swapped for a link, FIFO or device node while we copied
+        src = src_fd
         try:
-            src = os.open(name, NOFOLLOW_READ, dir_fd=src_dir)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
-                return  # gone or swapped for a link while we copied
-            raise
-        try:
-            if not stat.S_ISREG(os.fstat(src).st_mode):
-                return
-            os.set_blocking(src, True)
             dst = os.open(
                 dst_name,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -229,6 +252,8 @@ def copy_entry(
                 dir_fd=dst_dir,
             )
             try:
+                if owner is not None:
+                    chown_fd(dst, owner)
                 copy_data(src, dst, checkpoint)
                 os.fchmod(dst, stat.S_IMODE(mode) & 0o777)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -249,6 +274,8 @@ def copy_entry(
             os.mkdir(dst_name, 0o700, dir_fd=dst_dir)
             dst = os.open(dst_name, DIR | os.O_NOFOLLOW, dir_fd=dst_dir)
             try:
+                if owner is not None:
+                    chown_fd(dst, owner)
                 dst_st = os.fstat(dst)
                 skip.add((dst_st.st_dev, dst_st.st_ino))
                 src_st = os.fstat(src)
@@ -257,7 +284,17 @@ def copy_entry(
                         child_st = lstat_at(src, child)
                         if child_st is None or (child_st.st_dev, child_st.st_ino) in skip:
                             continue
-                        copy_entry(src, child, child_st, dst, child, skip, depth + 1, checkpoint)
+                        copy_entry(
+                            src,
+                            child,
+                            child_st,
+                            dst,
+                            child,
+                            skip,
+                            depth + 1,
+                            checkpoint,
+                            owner=owner,
+                        )
                 os.fchmod(dst, stat.S_IMODE(mode) & 0o777)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:

@@ -25,7 +25,7 @@ import json
 import re
 
 import attrs
-from lightd import BadRequest, field_check
+from lightd import BadRequest, ValidationError, field_check
 
 __all__ = [
     "PROTOCOLS",
@@ -82,10 +82,13 @@ def _normal_ip(text: str) -> str | None:
     return address.compressed
 
 
-def parse_port(value: object) -> int:
-    """A port 1 to 65535 from a JSON integer (``"80"``, ``80.0`` and ``true`` are not), or
-    ``BadRequest("Invalid port: <value>")``."""
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+def parse_port(value: object, field: str = "port") -> int:
+    """A port 1 to 65535 from a JSON integer. Any other JSON type (``"80"``, ``80.0``,
+    ``true``, ``null``, ``[1]``) is the §1 field form ``<field>: must be an integer``; an
+    integer out of range is §6's ``Invalid port: <value>``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(f"{field}: must be an integer")
+    if 1 <= value <= 65535:
         return value
     raise BadRequest(f"Invalid port: {echo(value)}", code="invalid_port")
 

@@ -79,8 +79,12 @@ def _bulk_entries(body: BulkAddBody) -> list[tuple[str, int, str]]:
     default = _protocol(body.protocol)
     if body.ports is not None:
         return [
-            (parse_ip(item.ip), parse_port(item.port), _protocol(item.protocol, default))
-            for item in body.ports
+            (
+                parse_ip(item.ip),
+                parse_port(item.port, f"ports[{i}].port"),
+                _protocol(item.protocol, default),
+            )
+            for i, item in enumerate(body.ports)
         ]
     if body.ip is None:
         raise ValidationError("ports: is required (or a range: ip, start, end)")
@@ -88,7 +92,7 @@ def _bulk_entries(body: BulkAddBody) -> list[tuple[str, int, str]]:
     for name in ("start", "end"):
         if getattr(body, name) is None:
             raise ValidationError(f"{name}: is required")
-    start, end = parse_port(body.start), parse_port(body.end)
+    start, end = parse_port(body.start, "start"), parse_port(body.end, "end")
     if start > end:
         raise BadRequest(f"Invalid port range: {start}-{end}", code="invalid_port_range")
     return [(ip, port, default) for port in range(start, end + 1)]
@@ -140,7 +144,10 @@ def make_blueprint(pool: PortPool) -> Blueprint:
     @bp.post("/network/ports/bulk-delete")
     async def bulk_delete() -> dict[str, Any]:
         body = await read_json(BulkDeleteBody)
-        keys = [(parse_ip(ref.ip), parse_port(ref.port)) for ref in body.ports]
+        keys = [
+            (parse_ip(ref.ip), parse_port(ref.port, f"ports[{i}].port"))
+            for i, ref in enumerate(body.ports)
+        ]
         deleted, skipped = await pool.delete_many(keys)
         return {
             "message": f"Deleted {deleted} ports from pool",
