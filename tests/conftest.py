@@ -7,10 +7,16 @@ waiting is polling with a deadline (``wait_for``), never a bare sleep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ import pytest
 import trio
 import trio_websocket
 from lightd.config import deep_merge, new_token
+from lightd.containers import CONTAINERS
 from lightd.runtime import Agent, open_agent
 from lightd.server import serve_agent
 
@@ -28,6 +35,196 @@ ROOT = Path(__file__).resolve().parent.parent
 VENDOR = "Application/vnd.pkglatv1+json"
 MASTER = "lightd_" + "0123456789abcdef" * 2
 TEST_IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
+
+
+# --- what the session made, checked at its end ------------------------------------------
+# Tests share one machine (and one Docker engine) with other runs, so the end-of-session
+# check looks only at what this session made: containers of its agents' node ids or of its
+# internal-id prefixes, its Docker network, folders in its own TMPDIR, processes that carry
+# its marker in their environment. Anything found fails the session, then is removed.
+
+MARKER = "LIGHTD_TEST_SESSION"
+
+
+@attrs.define
+class Made:
+    """What this pytest process made that must be gone when it ends."""
+
+    session: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
+    #: Internal-id prefixes handed to tests (``lightd-<prefix>…`` containers).
+    prefixes: set[str] = attrs.field(factory=set)
+    #: ``lightd.node`` labels of the agents this session ran.
+    node_ids: set[str] = attrs.field(factory=set)
+    #: The session's own folder for temporary files (TMPDIR of the tests and their children).
+    tmpdir: Path | None = None
+
+    @property
+    def network(self) -> str:
+        """The Docker network every test agent uses (``docker.network``), one per session."""
+        return f"lightd-test-{self.session}"
+
+    def new_prefix(self) -> str:
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.prefixes.add(prefix)
+        return prefix
+
+    def ours(self, labels: dict[str, str], name: str) -> bool:
+        internal_id = labels.get("lightd.internal_id", "")
+        return (
+            labels.get("lightd.node", "") in self.node_ids
+            or internal_id.startswith(tuple(self.prefixes))
+            or any(name.startswith(f"lightd-{p}") for p in self.prefixes)
+        )
+
+
+MADE = Made()
+ORIGINAL_TMPDIR = os.environ.get("TMPDIR")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the session its own TMPDIR and environment marker (children inherit both)."""
+    if MADE.tmpdir is not None:
+        return
+    # pytest's own tmp_path tree stays where it was (it keeps the last runs by design).
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    MADE.tmpdir = Path(tempfile.mkdtemp(prefix=f"lightd-tests-{MADE.session}-"))
+    os.environ["TMPDIR"] = str(MADE.tmpdir)
+    tempfile.tempdir = None  # re-read TMPDIR
+    os.environ[MARKER] = MADE.session
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if MADE.tmpdir is not None:
+        shutil.rmtree(MADE.tmpdir, ignore_errors=True)
+
+
+def outside_environ() -> dict[str, str]:
+    """The environment without the session's marker and TMPDIR: for what outlives the
+    session by design (the Docker engine the session may start)."""
+    env = {k: v for k, v in os.environ.items() if k not in (MARKER, "TMPDIR")}
+    if ORIGINAL_TMPDIR is not None:
+        env["TMPDIR"] = ORIGINAL_TMPDIR
+    return env
+
+
+def _marked_processes(session: str) -> list[tuple[int, str]]:
+    """Live processes (other than this one) whose environment carries the session marker."""
+    found = []
+    needle = f"{MARKER}={session}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, a zombie, or not ours to read
+            continue
+        found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def _stored_node_ids(root: Path) -> set[str]:
+    """Node ids from the stores of agents run as subprocesses (their configs live under
+    the session's tmp_path tree: ``<test>/<node>/storage/lightd.sqlite3``)."""
+    ids = set()
+    for db in root.glob("*/*/storage/lightd.sqlite3"):
+        with contextlib.suppress(sqlite3.Error):
+            conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+            try:
+                ids.update(str(r[0]) for r in conn.execute("SELECT id FROM containers_node"))
+            finally:
+                conn.close()
+    return ids
+
+
+def _guard_rules(network: dict[str, Any]) -> list[str]:
+    """The agents' API-port guard rules (iptables chain ``LIGHTD-API``) on the session
+    network's bridge: each agent deletes its own at shutdown, so any left is a leak."""
+    iptables = shutil.which("iptables")
+    options = network.get("Options") or {}
+    bridge = options.get("com.docker.network.bridge.name") or f"br-{network['Id'][:12]}"
+    if iptables is None:
+        return []
+    listed = subprocess.run(
+        [iptables, "-S", "LIGHTD-API"], capture_output=True, text=True, timeout=30, check=False
+    )
+    found = []
+    for line in listed.stdout.splitlines():
+        args = line.split()
+        if args[:2] == ["-A", "LIGHTD-API"] and f"-i {bridge} " in f"{line} ":
+            found.append(f"iptables rule {line}")
+            delete = [iptables, "-D", *args[1:]]
+            subprocess.run(delete, capture_output=True, timeout=30, check=False)
+    return found
+
+
+def drop_guard_rules(port: int) -> None:
+    """Delete the API-port guard rules of an agent on ``port`` (for tests that SIGKILL an
+    agent: it cannot delete its own, and the session's bridge outlives it)."""
+    iptables = shutil.which("iptables")
+    if iptables is None:
+        return
+    listed = subprocess.run(
+        [iptables, "-S", "LIGHTD-API"], capture_output=True, text=True, timeout=30, check=False
+    )
+    for line in listed.stdout.splitlines():
+        args = line.split()
+        if args[:2] == ["-A", "LIGHTD-API"] and f"--dport {port} " in f"{line} ":
+            delete = [iptables, "-D", *args[1:]]
+            subprocess.run(delete, capture_output=True, timeout=30, check=False)
+
+
+def leftovers(made: Made, basetemp: Path | None) -> list[str]:
+    """Everything the session made that is still there, removing each after noting it.
+
+    The session's Docker network is removed first (agents create it, none deletes it); the
+    check then lists containers, networks, temporary files and processes that remain."""
+    found: list[str] = []
+    if basetemp is not None:
+        made.node_ids |= _stored_node_ids(basetemp)
+    host = os.environ.get("DOCKER_HOST")
+    if host and (made.node_ids or made.prefixes):
+        import docker
+
+        client = docker.DockerClient(base_url=host, timeout=30)
+        try:
+            for c in client.containers.list(all=True, filters={"label": "lightd.managed"}):
+                if made.ours(c.labels, c.name):
+                    found.append(f"Docker container {c.name} ({c.status})")
+                    with contextlib.suppress(docker.errors.APIError):
+                        c.remove(force=True)
+            for net in client.networks.list(names=[made.network]):
+                if net.name != made.network:
+                    continue
+                found += _guard_rules(net.attrs)
+                with contextlib.suppress(docker.errors.APIError):
+                    net.remove()
+            for net in client.networks.list():
+                labels = net.attrs.get("Labels") or {}
+                if net.name == made.network or labels.get("lightd.node") in made.node_ids:
+                    found.append(f"Docker network {net.name}")
+                    with contextlib.suppress(docker.errors.APIError):
+                        net.remove()
+        finally:
+            client.close()
+    if made.tmpdir is not None:
+        for item in sorted(made.tmpdir.iterdir()):
+            found.append(f"temporary {'folder' if item.is_dir() else 'file'} {item}")
+    for pid, cmdline in _marked_processes(made.session):
+        found.append(f"process {pid}: {cmdline}")
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the session if anything its tests made outlives them (see ``leftovers``)."""
+    yield
+    found = leftovers(MADE, tmp_path_factory.getbasetemp())
+    if found:
+        pytest.fail("the tests left behind (now removed):\n  " + "\n  ".join(found))
 
 
 # --- readable failures ---------------------------------------------------------------
@@ -76,6 +273,7 @@ def docker_host() -> str:
             text=True,
             timeout=900,
             check=False,
+            env=outside_environ(),  # the engine outlives the session by design
         )
         if result.returncode != 0:
             pytest.fail(f"no Docker engine could be started:\n{result.stderr[-3000:]}")
@@ -105,6 +303,8 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
                 "volumes_path": "./storage/volumes",
             },
             "remote": {"enabled": False, "url": "http://127.0.0.1:9", "token": new_token()},
+            # The session's own network: removed at its end (see ``leftovers``).
+            "docker": {"network": MADE.network},
         }
         path = folder / "config.json"
         path.write_text(json.dumps(deep_merge(raw, overrides or {}), indent=2))
@@ -178,6 +378,9 @@ def start_agent(nursery: trio.Nursery, clock: Clock) -> StartAgent:
                     trio.open_nursery() as inner,
                 ):
                     urls = await inner.start(serve_agent, agent)
+                    containers = agent.stash.get(CONTAINERS)
+                    if containers is not None and containers.node_id:
+                        MADE.node_ids.add(containers.node_id)
                     task_status.started(RunningAgent(agent, urls[0], stopped))
             finally:
                 stopped.set()

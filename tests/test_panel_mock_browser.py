@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -80,6 +81,8 @@ async def open_chromium(profile: Path, log: Path) -> AsyncIterator[DevTools]:
                 [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                 stdout=out,
                 stderr=out,
+                # Its temporary folders go with the test's (a killed browser leaves them).
+                env={**os.environ, "TMPDIR": str(profile.parent)},
             )
         except OSError as exc:
             pytest.fail(f"chromium ({binary}) cannot be started: {exc}")

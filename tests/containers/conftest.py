@@ -4,7 +4,6 @@ helpers that poll the agent (never sleep) until a container reaches a state."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from ..conftest import TEST_IMAGE, RunningAgent, StartAgent, api_client, wait_for
+from ..conftest import MADE, TEST_IMAGE, RunningAgent, StartAgent, api_client, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +27,7 @@ def engine(docker_host: str) -> docker.DockerClient:
 @pytest.fixture
 def prefix() -> str:
     """A unique internal-id prefix per test (containers of a test are easy to find)."""
-    return f"t{uuid.uuid4().hex[:8]}"
+    return MADE.new_prefix()
 
 
 @pytest.fixture
@@ -55,6 +54,7 @@ async def start_node(
 ) -> AsyncIterator[StartNode]:
     """Start an agent on the real engine (config ``overrides`` deep-merged); at the end
     remove every Docker container the test's ids left behind."""
+    started: list[RunningAgent] = []
 
     async def start(
         overrides: dict[str, Any] | None = None,
@@ -62,20 +62,28 @@ async def start_node(
         path: Path | None = None,
         extra: tuple[tuple[str, object], ...] = (),
     ) -> RunningAgent:
-        return await start_agent(
+        running = await start_agent(
             path or containers_config(overrides),
             environ={"DOCKER_HOST": docker_host},
             extra_plugins=extra,
         )
+        started.append(running)
+        return running
 
     try:
         yield start
     finally:
-        # Whatever a test left behind goes, so the engine stays clean for the next one.
-        for c in engine.containers.list(all=True, filters={"label": "lightd.managed=true"}):
-            if c.labels.get("lightd.internal_id", "").startswith(prefix):
-                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                    c.remove(force=True)  # the agent may be removing it at the same moment
+        # The agents stop first: one still running would go on creating what a test's
+        # create started (an install in flight) after the sweep below.
+        try:
+            for running in started:
+                await running.stop()
+        finally:
+            # Whatever a test left behind goes, so the engine stays clean for the next one.
+            for c in engine.containers.list(all=True, filters={"label": "lightd.managed=true"}):
+                if c.labels.get("lightd.internal_id", "").startswith(prefix):
+                    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                        c.remove(force=True)  # the agent may be removing it at the same moment
 
 
 @pytest.fixture

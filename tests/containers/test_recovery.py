@@ -20,7 +20,7 @@ import trio
 from lightd.containers import CONTAINERS
 from lightd.interfaces import PORT_POOL, PortRequest
 
-from ..conftest import TEST_IMAGE, api_client, wait_for
+from ..conftest import TEST_IMAGE, api_client, drop_guard_rules, wait_for
 from .conftest import StartNode, add_port, create, docker_state, get, in_thread, ready, wait_state
 
 
@@ -148,9 +148,9 @@ def agent_process(config: Path, docker_host: str) -> Iterator[tuple[subprocess.P
         text=True,
         env={**os.environ, "DOCKER_HOST": docker_host},
     )
+    url = None
     try:
         assert proc.stderr is not None
-        url = None
         for _ in range(200):
             line = proc.stderr.readline()
             if found := re.search(r"listening on (http://\S+)", line):
@@ -162,6 +162,8 @@ def agent_process(config: Path, docker_host: str) -> Iterator[tuple[subprocess.P
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+        if url:  # a killed agent could not delete its API-port guard rule
+            drop_guard_rules(int(url.rsplit(":", 1)[1]))
 
 
 @pytest.mark.parametrize("step", ["install", "start", "rebind", "delete"])

@@ -116,17 +116,9 @@ BAD_IPS = [
     (["10.0.0.1"], '["10.0.0.1"]'),
     ("1" * 300, "1" * 100 + "…"),
 ]
-BAD_PORTS = [
-    (0, "0"),
-    (-1, "-1"),
-    (65536, "65536"),
-    ("80", "80"),
-    (80.0, "80.0"),
-    (80.5, "80.5"),
-    (True, "true"),
-    (None, "null"),
-    ({}, "{}"),
-]
+BAD_PORTS = [(0, "0"), (-1, "-1"), (65536, "65536")]
+#: Not a JSON integer at all: the field form of contract §1, not "Invalid port".
+WRONG_TYPE_PORTS: list[object] = ["80", 80.0, 80.5, True, None, {}, [1]]
 BAD_PROTOCOLS = [("TCP", "TCP"), ("icmp", "icmp"), ("", ""), ("tcp ", "tcp "), (6, "6")]
 
 
@@ -158,6 +150,10 @@ async def test_add_port_validates_every_field(client: httpx.AsyncClient) -> None
         *[
             ({"json": {"ip": "10.0.0.1", "port": port}}, 400, f"Invalid port: {shown}")
             for port, shown in BAD_PORTS
+        ],
+        *[
+            ({"json": {"ip": "10.0.0.1", "port": port}}, 400, "port: must be an integer")
+            for port in WRONG_TYPE_PORTS
         ],
         *[
             (
@@ -506,6 +502,7 @@ async def test_bulk_delete_validates_everything_first(client: httpx.AsyncClient)
             "Invalid IP address: x",
         ),
         ({"ports": [{"ip": "10.0.0.1", "port": 1}, {"ip": "::1", "port": 0}]}, "Invalid port: 0"),
+        ({"ports": [{"ip": "10.0.0.1", "port": "1"}]}, "ports[0].port: must be an integer"),
     ]
     for body, message in cases:
         response = await client.post("/network/ports/bulk-delete", json=body)
@@ -611,7 +608,8 @@ async def test_bulk_add_validates_everything_first(client: httpx.AsyncClient) ->
         ({"ip": "nope", "start": 1, "end": 2}, "Invalid IP address: nope"),
         ({"ip": "10.0.0.2", "start": 0, "end": 2}, "Invalid port: 0"),
         ({"ip": "10.0.0.2", "start": 1, "end": 70000}, "Invalid port: 70000"),
-        ({"ip": "10.0.0.2", "start": "1", "end": 2}, "Invalid port: 1"),
+        ({"ip": "10.0.0.2", "start": "1", "end": 2}, "start: must be an integer"),
+        ({"ports": [{"ip": "10.0.0.2", "port": [1]}]}, "ports[0].port: must be an integer"),
         ({"ip": "10.0.0.2", "start": 9, "end": 2}, "Invalid port range: 9-2"),
         ({"ip": "10.0.0.2", "start": 1, "end": 2, "protocol": "TCP"}, "Invalid protocol: TCP"),
     ]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from ..conftest import ROOT, api_client, wait_for
+from ..conftest import ROOT, api_client, drop_guard_rules, wait_for
 from .remote_sync_support import Panel, remote_config, until
 
 LISTENING = re.compile(r"listening on (http://\S+?)(?:,|\s|$)")
@@ -52,8 +52,8 @@ async def agent_process(
             cwd=ROOT,
             env=env,
         )
+    url = ""
     try:
-        url = ""
 
         async def listening() -> bool:
             nonlocal url
@@ -71,6 +71,8 @@ async def agent_process(
             process.kill()
             with trio.fail_after(10):
                 await process.wait()
+        if url:  # a killed agent could not delete its API-port guard rule
+            drop_guard_rules(int(url.rsplit(":", 1)[1]))
 
 
 @pytest.fixture
