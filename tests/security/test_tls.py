@@ -4,7 +4,6 @@ config error at start."""
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import sys
@@ -22,8 +21,6 @@ from lightd.server import serve_agent
 from quart import Blueprint, websocket
 
 from ..conftest import MASTER, ROOT, VENDOR, StartAgent
-
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
 async def self_signed(folder: Path) -> tuple[Path, Path]:

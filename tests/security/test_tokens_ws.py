@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import trio
-import trio_websocket
 from lightd.containers import CONTAINERS
 
 from ..conftest import MASTER, RunningAgent, api_client, wait_for
 from ..containers import conftest as fixtures
 from ..containers.conftest import StartNode, get, ready, wait_state
+from ..containers.test_websocket import SHELL, Client, Frame
 
 # The container fixtures (tests/containers/conftest.py), for this folder's tests.
 engine = fixtures.engine
@@ -34,40 +34,7 @@ start_node = fixtures.start_node
 node = fixtures.node
 api = fixtures.api
 
-Frame = dict[str, Any]
-SHELL = 'echo ready; while read cmd; do eval "$cmd"; done'
 OTHER_MASTER = "lightd_" + "fedcba9876543210" * 2
-
-
-class Client:
-    """A WebSocket client with deadlines on every read."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-
-    async def send(self, **frame: Any) -> None:
-        await self.ws.send_message(json.dumps(frame))
-
-    async def next(self, within: float = 10) -> Frame:
-        with trio.fail_after(within):
-            frame: Frame = json.loads(await self.ws.get_message())
-        return frame
-
-    async def until(self, match: Callable[[Frame], bool], within: float = 20) -> list[Frame]:
-        seen: list[Frame] = []
-        with trio.fail_after(within):
-            while True:
-                seen.append(json.loads(await self.ws.get_message()))
-                if match(seen[-1]):
-                    return seen
-
-    async def closed(self, within: float = 10) -> int | None:
-        with trio.fail_after(within):
-            try:
-                while True:
-                    await self.ws.get_message()
-            except trio_websocket.ConnectionClosed as closed:
-                return closed.reason.code
 
 
 def message(text: str) -> Frame:
