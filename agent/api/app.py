@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 
-from quart import Blueprint, Response, g, has_request_context, jsonify, request, websocket
+from quart import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    has_request_context,
+    jsonify,
+    request,
+    websocket,
+)
 from quart.globals import websocket_ctx
 from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
@@ -36,6 +46,17 @@ def _error(status: int, message: str, code: str) -> Response:
     response = jsonify({"error": message, "code": code})
     response.status_code = status
     return response
+
+
+async def _drain_body() -> None:
+    """Read what is left of a request body the view answered without reading (a 404 before
+    the body mattered), so the kept-alive connection is ready for the client's next
+    request; a body over the size limit is left alone (its connection is closed)."""
+    length = request.content_length
+    if not length or length > (current_app.config["MAX_CONTENT_LENGTH"] or 0):
+        return
+    with contextlib.suppress(HTTPException):
+        await request.get_data(cache=True)
 
 
 def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
@@ -74,6 +95,7 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
     @app.after_request
     async def add_cors(response: Response) -> Response:
         cors_headers(agent, response)
+        await _drain_body()
         return response
 
     @app.errorhandler(ApiError)
