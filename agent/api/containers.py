@@ -21,7 +21,7 @@ from quart import Blueprint
 from ..config import Config
 from ..containers import CONTAINERS, ContainerSupervisor
 from ..containers.console import ConsoleSettings
-from ..containers.manager import MIGRATIONS, Containers, ContainersSettings
+from ..containers.manager import MIGRATIONS, Containers
 from ..containers.models import (
     CreateRequest,
     RebindRequest,
@@ -29,6 +29,7 @@ from ..containers.models import (
     StopRequest,
     valid_internal_id,
 )
+from ..containers.settings import ContainersSettings
 from ..containers.stats import StatsSettings
 from ..converter import json_body, structure
 from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable

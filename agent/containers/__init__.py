@@ -11,7 +11,8 @@ from ..runtime import StashKey
 from .console import LineSplitter
 from .hub import EventHub, Subscription
 from .install import InstallFailed, InstallJob, InstallRun
-from .manager import Containers, ContainersSettings
+from .manager import Containers
+from .settings import ContainersSettings
 from .supervisor import ContainerSupervisor, SupervisorHost
 
 CONTAINERS: StashKey[Containers] = StashKey("containers")

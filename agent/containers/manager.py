@@ -34,7 +34,7 @@ from .hub import CLOSE_SERVICE_RESTART, EventHub
 from .install import InstallFailed, InstallJob, InstallRun, run_install, write_executable
 from .models import ContainerRecord, CreateRequest, PortBinding, PortSpec
 from .network import AgentNetwork
-from .settings import ContainersSettings, CrashRestart
+from .settings import ContainersSettings
 from .specs import (
     LABEL_ID,
     LABEL_MANAGED,
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MIGRATIONS",
     "Containers",
-    "ContainersSettings",
-    "CrashRestart",
     "check_port_specs",
 ]
 
