@@ -8,7 +8,8 @@ hook or one of the service interfaces below (``agent.stash[VOLUMES]``).
 
 Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`` →
 ``files``, ``config``, ``store``, ``docker`` → ``hookspecs``, ``plugin_manager``,
-``runtime``, ``interfaces`` → ``containers`` → ``api`` → ``server`` → ``cli``.
+``runtime``, ``metrics``, ``interfaces``, ``jobs`` →
+``containers`` → ``api`` → ``server`` → ``cli``.
 """
 
 from ._version import __version__
@@ -26,6 +27,7 @@ from .errors import (
     Forbidden,
     NotFound,
     PluginError,
+    TooManyRequests,
     Unauthorized,
     UnsupportedMedia,
     ValidationError,
@@ -41,11 +43,23 @@ from .interfaces import (
     PortRequest,
     VolumeService,
 )
+from .jobs import (
+    JOBS,
+    JobBody,
+    JobContext,
+    JobFailed,
+    JobKind,
+    JobLimitReached,
+    Jobs,
+    JobView,
+)
+from .metrics import Metrics
 from .runtime import Agent, Service, StashKey
 from .store import Migration, Store, StoreError
 
 __all__ = [
     "CONTAINER_SERVICE",
+    "JOBS",
     "PORT_POOL",
     "VOLUMES",
     "Agent",
@@ -62,6 +76,14 @@ __all__ = [
     "Forbidden",
     "InstallJob",
     "InstallRun",
+    "JobBody",
+    "JobContext",
+    "JobFailed",
+    "JobKind",
+    "JobLimitReached",
+    "JobView",
+    "Jobs",
+    "Metrics",
     "Migration",
     "NotFound",
     "PluginError",
@@ -72,6 +94,7 @@ __all__ = [
     "StashKey",
     "Store",
     "StoreError",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedMedia",
     "ValidationError",

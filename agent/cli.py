@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,11 @@ import trio
 from ._version import __version__
 from .config import (
     CONFIG_ENV,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MIN_TOKEN_LENGTH,
+    TOKEN_PREFIX,
+    LoadedConfig,
     create_config,
     is_valid_token,
     load_config,
@@ -24,31 +31,47 @@ from .config import (
     write_config,
 )
 from .errors import ConfigError, PluginError
+from .logs import setup as setup_logging
 from .store import StoreError
+
+#: Overrides config ``log.level`` (a ``--log-level`` or ``--dev`` flag overrides both).
+LOG_LEVEL_ENV = "LIGHTD_LOG_LEVEL"
 
 DESCRIPTION = """\
 Lightd node agent. Runs game servers as Docker containers on this machine and serves the
 Lightd v2 API (REST + WebSocket) that a hosting panel drives.
 
-Without options it serves the API (default 0.0.0.0:8070) until SIGINT or SIGTERM.
-On first run it creates the config file with a random master token (mode 0600)."""
+Without a command it serves the API (default 0.0.0.0:8070) until SIGINT or SIGTERM
+(SIGHUP reloads the config like POST /remote/config/reload). On first run it creates the
+config file with a random master token (mode 0600); only serving and --token reset/set
+create a missing config, every other command fails naming the path."""
 
 EPILOG = f"""\
+commands:
+  diagnostics [--json]      support report: versions, redacted config, Docker engine,
+                            storage, firewall chains, remote sync, plugins, recent errors
+  config check [PATH]       list every config error and unknown key (exit 1 on an error)
+
 config file lookup: --config PATH, else ${CONFIG_ENV}, else ./config.json
+log level: --log-level, else --dev (debug), else ${LOG_LEVEL_ENV}, else config log.level
 
 examples:
   lightd                          serve with ./config.json (created if missing)
-  lightd --config /etc/lightd/config.json --dev
+  lightd --config /etc/lightd/config.json --log-format json
   lightd --token what             print the master token
   lightd --token reset            replace it with a new random token
+  lightd --token set              prompt for a token (no echo), or read it from stdin
   lightd --servers 2              page 2 of this node's containers
-  echo lightd_mysecret0123456789 | lightd --token set
+  lightd --servers --json         every container, as JSON
+  lightd diagnostics > report.txt
+  lightd config check /etc/lightd/config.json.new
 
   curl -H 'Accept: Application/vnd.pkglatv1+json' \\
        -H "Authorization: Bearer $(lightd --token what | cut -d' ' -f3)" \\
        http://127.0.0.1:8070/remote/config
 
-A running agent picks up a changed token with POST /remote/config/reload, or at restart."""
+A running agent picks up a changed token with POST /remote/config/reload, SIGHUP, or at
+restart."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,36 +84,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", metavar="PATH", help=f"config file (default: ${CONFIG_ENV} or ./config.json)"
     )
-    parser.add_argument("--dev", action="store_true", help="debug logging")
+    parser.add_argument("--dev", action="store_true", help="debug logging (= --log-level debug)")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help=f"log level (default: ${LOG_LEVEL_ENV}, else config log.level, else info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        help="text (default; no timestamps under journald) or json lines (config log.format)",
+    )
     parser.add_argument(
         "--token",
         metavar="CMD",
         type=str.lower,
         choices=("what", "reset", "set"),
         help="what: print the master token; reset: write a new random one; "
-        "set: read one from standard input",
+        "set: prompt for one without echo (or read a line from standard input)",
     )
     parser.add_argument(
         "--servers",
         metavar="PAGE",
         nargs="?",
-        const=1,
+        const=0,
         type=int,
-        help="list this node's containers, 5 per page (default page 1), and exit",
+        help="list this node's containers, 5 per page (default page 1; with --json every "
+        "container unless PAGE is given), and exit",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="with --servers or diagnostics: print JSON"
     )
     parser.add_argument("--version", action="version", version=f"lightd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    diagnostics = commands.add_parser(
+        "diagnostics", help="print a support report (no secret in it)"
+    )
+    diagnostics.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+    )
+    config = commands.add_parser("config", help="config file tools")
+    config_commands = config.add_subparsers(dest="config_command", metavar="check", required=True)
+    check = config_commands.add_parser(
+        "check", help="list every error and unknown key; exit 1 on an error"
+    )
+    check.add_argument(
+        "path", nargs="?", metavar="PATH", help="the file (default: the --config lookup)"
+    )
     return parser
 
 
-def _setup_logging(dev: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if dev else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not dev:
-        # httpx logs every request (remote sync, Docker streams) at INFO; keep INFO readable.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+def log_settings(
+    args: argparse.Namespace, raw: Mapping[str, Any] | None, environ: Mapping[str, str]
+) -> tuple[str, str]:
+    """(level, format): a flag wins, then ``--dev``, then ``$LIGHTD_LOG_LEVEL``, then the
+    config's ``log`` section, then info/text. A bad environment value is a ``ConfigError``
+    (a bad config value is reported by the config's own validation)."""
+    section = raw.get("log") if raw is not None else None
+    section = section if isinstance(section, dict) else {}
+    level = args.log_level or ("debug" if args.dev else None)
+    env_level = environ.get(LOG_LEVEL_ENV, "").strip().lower()
+    if env_level and env_level not in LOG_LEVELS:
+        raise ConfigError(LOG_LEVEL_ENV, f"must be one of {', '.join(LOG_LEVELS)}")
+    configured = section.get("level")
+    level = level or env_level or (configured if configured in LOG_LEVELS else None) or "info"
+    configured = section.get("format")
+    fmt = args.log_format or (configured if configured in LOG_FORMATS else None) or "text"
+    return level, fmt
+
+
+def _quiet_raw(path: Path) -> dict[str, Any] | None:
+    """The file's JSON object for the log settings, or ``None`` (errors come later)."""
+    try:
+        return _read_raw(path)
+    except ConfigError:
+        return None
 
 
 def _fail(path: Path, error: ConfigError) -> int:
@@ -111,10 +181,49 @@ def _read_raw(path: Path) -> dict[str, Any]:
     return raw
 
 
+class _Missing(Exception):
+    """The config file does not exist and this command must not create it."""
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise _Missing(path)
+
+
+def _read_token(prompt: str) -> str:
+    """A TTY gets a prompt without echo (getpass writes it to the terminal, else stderr);
+    piped input is one line of stdin, the prompt still on stderr, so stdout stays clean."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt, stream=sys.stderr).strip()
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline().strip()
+    sys.stderr.write("\n")
+    return line
+
+
+def _token_problem(token: str) -> str | None:
+    if not token.startswith(TOKEN_PREFIX):
+        return f"Error: Token must start with '{TOKEN_PREFIX}'"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"Error: Token too short (minimum {MIN_TOKEN_LENGTH} characters)"
+    if not is_valid_token(token) or not token.isascii() or not token.isprintable() or " " in token:
+        return "Error: Token may contain only printable ASCII characters, no spaces"
+    return None
+
+
+def _created(path: Path) -> None:
+    print(
+        f"lightd: created {path} with a new random master token (mode 0600);"
+        f" show it with: lightd --config {path} --token what",
+        file=sys.stderr,
+    )
+
+
 def token_command(command: str, path: Path) -> int:
-    raw = _read_raw(path)
     if command == "what":
-        auth = raw.get("authorization")
+        _require(path)
+        auth = _read_raw(path).get("authorization")
         token = auth.get("token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not token:
             print("No token is set; create one with: lightd --token reset", file=sys.stderr)
@@ -123,28 +232,81 @@ def token_command(command: str, path: Path) -> int:
         return 0
     if command == "reset":
         token = new_token()
-        write_config(path, raw, {"authorization": {"token": token}})
+        current = _read_raw(path) if path.exists() else create_config(path).raw
+        write_config(path, current, {"authorization": {"token": token}})
         print("✓ Token reset successfully!")
         print(f"New Token: {token}")
         return 0
-    # set
-    sys.stdout.write("Enter the new token (lightd_…, at least 20 characters): ")
-    sys.stdout.flush()
-    token = sys.stdin.readline().strip()
-    if not token.startswith("lightd_"):
-        print("Error: Token must start with 'lightd_'", file=sys.stderr)
+    # set: read and check the token before anything is written
+    raw = _read_raw(path) if path.exists() else None
+    token = _read_token(
+        f"Enter the new token ({TOKEN_PREFIX}…, at least {MIN_TOKEN_LENGTH} characters): "
+    )
+    if (problem := _token_problem(token)) is not None:
+        print(problem, file=sys.stderr)
         return 1
-    if len(token) < 20:
-        print("Error: Token too short (minimum 20 characters)", file=sys.stderr)
-        return 1
-    if not is_valid_token(token) or not token.isascii() or not token.isprintable() or " " in token:
-        print(
-            "Error: Token may contain only printable ASCII characters, no spaces", file=sys.stderr
-        )
-        return 1
+    if raw is None:
+        raw = create_config(path).raw
+        _created(path)
     write_config(path, raw, {"authorization": {"token": token}})
-    print()
     print("✓ Token set successfully!")
+    return 0
+
+
+def config_check(path: Path, *, as_json: bool = False) -> int:
+    """``lightd config check``: every error, then every warning; exit 1 on an error."""
+    from .diagnostics import CheckResult, check_config
+
+    try:
+        result = check_config(path)
+    except ConfigError as exc:  # unreadable as a whole: that is the one error to list
+        result = CheckResult(path=path, errors=[str(exc)], warnings=[])
+    if as_json:
+        shown = {"path": str(path), "errors": result.errors, "warnings": result.warnings}
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+    else:
+        for error in result.errors:
+            print(f"error: {error}")
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        verdict = "invalid" if result.errors else "valid"
+        counts = f"{len(result.errors)} error(s), {len(result.warnings)} warning(s)"
+        print(f"{path}: {verdict} ({counts})")
+    return 1 if result.errors else 0
+
+
+def _load_with_sections(path: Path) -> LoadedConfig:
+    """The config as the agent reads it: core and every loaded plugin's sections."""
+    from .diagnostics import plugin_sections
+
+    _require(path)
+    core = load_config(path)
+    return load_config(path, plugin_sections(core.raw))
+
+
+def diagnostics(path: Path, *, as_json: bool = False) -> int:
+    from .diagnostics import collect, render_text
+
+    loaded = _load_with_sections(path)
+    # The report says whether the engine answers; its reconnect warnings would only repeat it.
+    logging.getLogger("lightd.docker").setLevel(logging.CRITICAL)
+    report = collect(loaded)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(render_text(report))
+    return 0
+
+
+def servers(path: Path, page: int, *, as_json: bool = False) -> int:
+    from .containers.listing import listing, render
+
+    _require(path)
+    loaded = load_config(path)
+    if as_json:
+        print(json.dumps(listing(loaded, page or None), indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(render(loaded, page or 1))
     return 0
 
 
@@ -158,23 +320,24 @@ def _raise_open_files_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.dev)
-    path = locate_config(args.config)
+    if args.command == "config":
+        path = locate_config(args.path or args.config)
+    else:
+        path = locate_config(args.config)
     try:
-        if not path.exists():
-            create_config(path)
-            print(
-                f"lightd: created {path} with a new random master token (mode 0600);"
-                f" show it with: lightd --config {path} --token what",
-                file=sys.stderr,
-            )
+        level, fmt = log_settings(args, _quiet_raw(path), os.environ)
+        setup_logging(level, fmt)
+        if args.command == "config":
+            return config_check(path, as_json=args.json)
+        if args.command == "diagnostics":
+            return diagnostics(path, as_json=args.json)
         if args.token:
             return token_command(args.token, path)
         if args.servers is not None:
-            from .containers.listing import render
-
-            sys.stdout.write(render(load_config(path), args.servers))
-            return 0
+            return servers(path, args.servers, as_json=args.json)
+        if not path.exists():
+            create_config(path)
+            _created(path)
         from .runtime import open_agent
         from .server import serve_agent
 
@@ -185,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 await serve_agent(agent, handle_signals=True)
 
         trio.run(run)
+    except _Missing:
+        print(
+            f"lightd: config file {path} does not exist (serving or --token reset creates it)",
+            file=sys.stderr,
+        )
+        return 2
     except ConfigError as error:
         return _fail(path, error)
     except PluginError as error:

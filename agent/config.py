@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "DockerConfig",
     "LoadedConfig",
+    "LogConfig",
     "PluginsConfig",
     "ServerConfig",
     "StorageConfig",
@@ -147,6 +148,27 @@ class StorageConfig:
     volumes_path: str = "./storage/volumes"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@attrs.frozen
+class LogConfig:
+    """``log``: how the agent logs (``--log-level``/``--log-format`` and the environment's
+    ``LIGHTD_LOG_LEVEL`` win over these)."""
+
+    level: str = attrs.field(
+        default="info",
+        validator=field_check(lambda v: v in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
+    )
+    format: str = attrs.field(
+        default="text",
+        validator=field_check(lambda v: v in LOG_FORMATS, "must be text or json"),
+    )
+    #: One line per HTTP request and WebSocket (method, route, status, time); never a token.
+    access: bool = False
+
+
 @attrs.frozen
 class PluginsConfig:
     #: Plugin names (built-in short names or entry-point names) not to load.
@@ -161,6 +183,7 @@ class Config:
     docker: DockerConfig = attrs.Factory(DockerConfig)
     storage: StorageConfig = attrs.Factory(StorageConfig)
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
+    log: LogConfig = attrs.Factory(LogConfig)
     #: Plugin sections by name, structured from their declared classes.
     sections: Mapping[str, object] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -33,6 +33,7 @@ __all__ = [
     "FieldError",
     "converter",
     "describe_error",
+    "describe_errors",
     "field_check",
     "json_body",
     "object_structure_fn",
@@ -211,6 +212,11 @@ def describe_error(exc: BaseException, root: str = "") -> tuple[str, str]:
     return root, "is invalid"
 
 
+def describe_errors(exc: BaseException, root: str = "") -> list[tuple[str, str]]:
+    """Every bad field of a structuring error (``lightd config check`` lists them all)."""
+    return list(_walk(exc, root)) or [(root, "is invalid")]
+
+
 def structure(data: Any, cls: type[T], *, root: str = "") -> T:
     """Structure wire data into ``cls``; a bad field raises ``ValidationError`` (a 400)."""
     if attrs.has(cls) and not isinstance(data, dict):
@@ -220,8 +226,12 @@ def structure(data: Any, cls: type[T], *, root: str = "") -> T:
     try:
         return converter.structure(data, cls)
     except STRUCTURE_ERRORS as exc:
+        # The message names the first bad field (the contract's form); ``details`` lists
+        # every one cattrs found, so a client fixes them all in one round.
+        problems = [f"{path}: {message}" if path else message for path, message in _walk(exc, root)]
         path, message = describe_error(exc, root)
-        raise ValidationError(f"{path}: {message}" if path else message) from None
+        first = f"{path}: {message}" if path else message
+        raise ValidationError(first, details=problems or [first]) from None
 
 
 def unstructure(obj: Any) -> Any:

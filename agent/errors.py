@@ -10,6 +10,7 @@
     │   ├── DockerNotFound      an ApiError, and losing the engine into DockerUnavailable
     │   └── DockerConflict
     ├── InstallFailed           an install step failed; its message is the panel's reason
+    ├── JobFailed               a job gives up; its message is the job's error (lightd.jobs)
     ├── PortPoolError           the port pool's store rows are inconsistent (port_pool plugin)
     ├── FileError               the file layer refused (lightd.files; plain, no HTTP status:
     │   │                       the app answers with the status of files.API_STATUS)
@@ -28,7 +29,7 @@
         ├── Conflict            409  the resource is in a state that forbids the request
         ├── PayloadTooLarge     413
         ├── UnsupportedMedia    415  a body that is not JSON
-        ├── TooManyRequests     429
+        ├── TooManyRequests     429  (JobLimitReached: a key's job limit, lightd.jobs)
         └── DockerUnavailable   503  the Docker engine does not answer
 
     FieldError (a ValueError)   a config or body field failed its check; the converter turns
@@ -42,7 +43,7 @@ fails when a module defines an exception class this tree does not name.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "AgentError",
@@ -91,14 +92,26 @@ class ApiError(AgentError):
     #: The class's code; one instance may carry a more specific one (``code=`` below).
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: list[str] | dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        #: [ext] what was expected, where the message alone does not say (contract §1):
+        #: every bad field of a body, the ``Accept`` value wanted. Never a secret.
+        self.details = details
 
-    def to_body(self) -> dict[str, str]:
-        return {"error": self.message, "code": self.code}
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.message, "code": self.code}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
 
 
 class BadRequest(ApiError):

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .containers.install import InstallJob, InstallRun
+    from .jobs import JobView
     from .runtime import Agent, Service
     from .store import Migration
 
@@ -203,4 +204,38 @@ def lightd_run_install_script(agent: Agent, job: InstallJob) -> InstallRun | Non
 
     :param agent: the running agent.
     :param job: the script, image, limits, timeout, environment and mounts of this run.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs: notifications.
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def lightd_job_changed(agent: Agent, job: JobView) -> Awaitable[None] | None:
+    """A job was queued, started or made progress (contract §14).
+
+    Called at most twice a second per job, with the job as it is then; not for its end
+    (``lightd_job_done`` is). The container WebSocket turns it into
+    ``{"event":"job","data":job.to_json()}`` for a job of its container, the node event
+    stream into ``job.progress``. Progress is throttled by the runner, so forward it as it
+    comes; a failing implementation is logged and never fails the job.
+
+    :param agent: the running agent.
+    :param job: a snapshot of the job (``lightd.JobView``; ``job.to_json()`` is the body
+        of ``GET /jobs/:id``).
+    """
+
+
+@hookspec
+def lightd_job_done(agent: Agent, job: JobView) -> Awaitable[None] | None:
+    """A job ended: ``done``, ``failed`` or ``cancelled``, its cleanup already run.
+
+    Called once per job, after its outcome is in the store (a job that a crash
+    interrupted is marked ``failed`` at the next start without this call). The node event
+    stream sends it as ``job.done``, the container WebSocket as a last ``job`` frame.
+
+    :param agent: the running agent.
+    :param job: the finished job (``lightd.JobView``), with ``error`` or ``result``.
     """

@@ -26,6 +26,7 @@ __all__ = [
     "PoolPort",
     "PortPoolService",
     "PortRequest",
+    "VolumeRecord",
     "VolumeService",
 ]
 
@@ -85,8 +86,25 @@ class PortPoolService(Protocol):
         ...
 
 
+class VolumeRecord(Protocol):
+    """A registered volume, as ``VolumeService.get`` gives it."""
+
+    @property
+    def volume_id(self) -> str: ...
+
+    @property
+    def created_at(self) -> int:
+        """Unix seconds."""
+        ...
+
+
 class VolumeService(Protocol):
-    """The volume registry, as containers use it."""
+    """The volume registry, as containers (and the file manager) use it."""
+
+    async def get(self, volume_id: str) -> VolumeRecord:
+        """The registered volume; ``NotFound("Volume not found")`` for an unknown or
+        malformed id."""
+        ...
 
     async def path(self, volume_id: str) -> Path | None:
         """The host folder of volume ``volume_id`` (what Docker bind-mounts), or ``None``

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .containers.install import InstallJob, InstallRun
+    from .jobs import JobView
     from .runtime import Agent, Service
     from .store import Migration
 
@@ -51,6 +52,11 @@ ENTRY_POINT_GROUP = "lightd.plugins"
 #: Short name → module, in registration order.
 BUILTIN_PLUGINS: Mapping[str, str] = {
     "system": "lightd.api.system",
+    "file_manager": "lightd.plugins.file_manager",
+    "jobs": "lightd.api.jobs",
+    "metrics": "lightd.api.metrics",
+    "health": "lightd.api.health",
+    "openapi": "lightd.api.openapi",
     "tokens": "lightd.api.tokens",
     "volumes": "lightd.plugins.volumes",
     "archives": "lightd.plugins.archives",
@@ -60,7 +66,7 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
     "install_scripts": "lightd.plugins.install_scripts",
 }
 
-ESSENTIAL_PLUGINS = frozenset({"system", "tokens", "containers"})
+ESSENTIAL_PLUGINS = frozenset({"system", "health", "tokens", "jobs", "containers"})
 
 
 def make_plugin_manager(
@@ -205,6 +211,12 @@ class Hooks:
     def run_install_script(self, agent: Agent, job: InstallJob) -> InstallRun | None:
         result: InstallRun | None = self._relay.lightd_run_install_script(agent=agent, job=job)
         return result
+
+    async def job_changed(self, agent: Agent, job: JobView) -> None:
+        await _await_all(self._relay.lightd_job_changed(agent=agent, job=job))
+
+    async def job_done(self, agent: Agent, job: JobView) -> None:
+        await _await_all(self._relay.lightd_job_done(agent=agent, job=job))
 
     def volume_in_use(self, agent: Agent, volume_id: str) -> str | None:
         result: str | None = self._relay.lightd_volume_in_use(agent=agent, volume_id=volume_id)

@@ -20,6 +20,7 @@ from ._version import __version__
 from .config import Config, LoadedConfig, load_config
 from .docker import DockerEngine, docker_url
 from .errors import ConfigError
+from .metrics import Metrics
 from .plugin_manager import Hooks, make_plugin_manager
 from .store import Store, open_store
 
@@ -116,7 +117,8 @@ class Agent:
     """One running node agent: what routes, services and hooks are handed.
 
     Attributes plugins use: ``config`` (typed, current), ``paths``, ``store``, ``docker``,
-    ``hooks``, ``stash``, ``clock`` (unix seconds; tests replace it), ``version``.
+    ``hooks``, ``stash``, ``metrics`` (this agent's Prometheus registry and the way to add
+    series to it), ``clock`` (unix seconds; tests replace it), ``version``.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class Agent:
         store: Store,
         docker: DockerEngine,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = loaded.config
@@ -137,6 +140,7 @@ class Agent:
         self.docker = docker
         self.clock = clock
         self.stash = Stash()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.paths = StoragePaths.from_config(loaded.config, loaded.directory)
         self.version = __version__
         self.started_at = clock()
@@ -202,12 +206,21 @@ async def open_agent(
     loaded = await trio.to_thread.run_sync(load_config, config_path, sections)
     paths = StoragePaths.from_config(loaded.config, loaded.directory)
     await trio.to_thread.run_sync(paths.ensure)
+    metrics = Metrics()
     engine = DockerEngine(
-        docker_url(loaded.config.docker.socket_path, environ), timeout=loaded.config.docker.timeout
+        docker_url(loaded.config.docker.socket_path, environ),
+        timeout=loaded.config.docker.timeout,
+        observer=metrics.docker_call,
     )
     async with open_store(paths.base, hooks.migrations()) as store:
         agent = Agent(
-            loaded, hooks=hooks, sections=sections, store=store, docker=engine, clock=clock
+            loaded,
+            hooks=hooks,
+            sections=sections,
+            store=store,
+            docker=engine,
+            clock=clock,
+            metrics=metrics,
         )
         hooks.configure(agent)
         yield agent

@@ -164,18 +164,18 @@ def running(
 
 
 def prepare_agent(folder: Path) -> tuple[Path, str, int]:
-    """Create a fresh agent config (via ``lightd --token what``) bound to a free local port."""
+    """Create a fresh agent config (via ``lightd --token reset``) bound to a free local port."""
     config = folder / "config.json"
     done = subprocess.run(
-        [sys.executable, "-m", "lightd", "--config", str(config), "--token", "what"],
+        [sys.executable, "-m", "lightd", "--config", str(config), "--token", "reset"],
         cwd=folder,
         capture_output=True,
         text=True,
         check=False,
     )
-    found = re.search(r"Current Token: (\S+)", done.stdout)
+    found = re.search(r"New Token: (\S+)", done.stdout)
     if done.returncode != 0 or found is None:
-        raise RuntimeError(f"lightd --token what failed ({done.returncode}):\n{done.stderr}")
+        raise RuntimeError(f"lightd --token reset failed ({done.returncode}):\n{done.stderr}")
     raw = json.loads(config.read_text(encoding="utf-8"))
     port = free_port()
     raw["server"]["host"] = "127.0.0.1"

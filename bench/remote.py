@@ -182,7 +182,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             node.mkdir()
             config = node / "config.json"
             await trio.run_process(
-                [sys.executable, "-m", "lightd", "--config", str(config), "--token", "what"],
+                [sys.executable, "-m", "lightd", "--config", str(config), "--token", "reset"],
                 cwd=ROOT,
                 capture_stdout=True,
                 capture_stderr=True,

@@ -123,13 +123,13 @@ class Agent:
     def __init__(self, folder: Path) -> None:
         config = folder / "config.json"
         done = subprocess.run(
-            [sys.executable, "-m", "lightd", "--config", str(config), "--token", "what"],
+            [sys.executable, "-m", "lightd", "--config", str(config), "--token", "reset"],
             cwd=folder,
             capture_output=True,
             text=True,
             check=True,
         )
-        found = re.search(r"Current Token: (\S+)", done.stdout)
+        found = re.search(r"New Token: (\S+)", done.stdout)
         assert found, done.stdout
         self.token = found[1]
         raw = json.loads(config.read_text())

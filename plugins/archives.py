@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypedDict, TypeVar
 
 import attrs
 import trio
@@ -63,7 +63,7 @@ from lightd import (
     field_check,
     hookimpl,
 )
-from lightd.api import read_json, requires
+from lightd.api import describe, read_json, requires
 from lightd.files import (
     CHUNK,
     NAME_MAX,
@@ -920,6 +920,19 @@ def output_path(name: str, fmt: str) -> RelPath:
     return parse(name if name.lower().endswith(extension) else name + extension)
 
 
+class Compressed(TypedDict):
+    """``archive_path``: the archive's volume-relative path; ``size``: its bytes."""
+
+    message: str
+    archive_path: str
+    size: int
+
+
+class Decompressed(TypedDict):
+    message: str
+    destination: str
+
+
 ARCHIVE_WORKERS: StashKey[trio.CapacityLimiter] = StashKey("archives.workers")
 
 
@@ -958,8 +971,21 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         )
 
     @bp.post("/volumes/<volume_id>/compress")
+    @describe(
+        "Compress into an archive",
+        description="`format`: `zip`, `tar`, `tar.gz`, `tar.bz2` or [ext] `tar.xz`. "
+        "`output_name` is a path inside the volume; the format's extension is appended "
+        "unless already there. `sources` [ext] defaults to everything in the volume root. "
+        "404 when a source is missing, 409 when something exists at the archive's path.",
+        body=CompressBody,
+        errors=(409,),
+        examples={
+            "body": {"format": "tar.gz", "output_name": "backups/world", "sources": ["world"]}
+        },
+        tags=("volumes",),
+    )
     @requires("files")
-    async def compress_view(volume_id: str) -> dict[str, Any]:
+    async def compress_view(volume_id: str) -> Compressed:
         folder = await folder_of(volume_id)
         body = await read_json(CompressBody)
         if body.format not in FORMATS:
@@ -975,8 +1001,20 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"message": "Compression successful", "archive_path": str(output), "size": size}
 
     @bp.post("/volumes/<volume_id>/decompress")
+    @describe(
+        "Extract an archive",
+        description="All or nothing: an entry that is absolute, has `..`, is a device or "
+        "a link leaving the destination, or an archive over the size or entry limits is "
+        "`400 Invalid archive: <reason>` and nothing is left. `destination` defaults to "
+        'the archive\'s folder. [alias] body `{"root", "file"}`. 404 when the archive '
+        "is missing, 409 when a file and a folder collide.",
+        body=DecompressBody,
+        errors=(409,),
+        examples={"body": {"archive_path": "backups/world.tar.gz", "destination": "restore"}},
+        tags=("volumes",),
+    )
     @requires("files")
-    async def decompress_view(volume_id: str) -> dict[str, Any]:
+    async def decompress_view(volume_id: str) -> Decompressed:
         folder = await folder_of(volume_id)
         body = await read_json(DecompressBody)
         if body.archive_path is not None:

@@ -13,14 +13,22 @@ Route [ext]: ``GET /containers/<internal_id>/install-log`` → ``{"internal_id",
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import trio
 from lightd import CONTAINER_SERVICE, Agent, InstallJob, InstallRun, NotFound, hookimpl
+from lightd.api import describe
 from quart import Blueprint
 
 #: Bytes of install.log served by the install-log route (the tail).
 LOG_TAIL = 256 * 1024
+
+
+class InstallLog(TypedDict):
+    """The tail (last 256 KiB) of the container's ``install.log``, as text."""
+
+    internal_id: str
+    log: str
 
 
 def _entrypoint(job: InstallJob) -> tuple[str, ...]:
@@ -39,7 +47,13 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     bp = Blueprint("install_scripts", __name__)
 
     @bp.get("/containers/<internal_id>/install-log")
-    async def install_log(internal_id: str) -> dict[str, Any]:
+    @describe(
+        "Read the install log [ext]",
+        description="The output of the container's last install script (its tail). 404 "
+        "when the container is unknown or has no install log yet.",
+        tags=("containers",),
+    )
+    async def install_log(internal_id: str) -> InstallLog:
         path = agent.stash[CONTAINER_SERVICE].install_log(internal_id)  # 404 if unknown
 
         def tail() -> str:

@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import attrs
 import trio
@@ -66,7 +66,7 @@ from lightd import (
     field_check,
     hookimpl,
 )
-from lightd.api import read_json, requires
+from lightd.api import describe, read_json, requires
 from lightd.files import Owner, RelPath, Root, parse
 from quart import Blueprint, request
 
@@ -75,10 +75,12 @@ __all__ = [
     "REGISTRY",
     "FileWorkers",
     "Volume",
+    "VolumeInfo",
     "VolumeRegistry",
     "VolumesConfig",
     "valid_volume_id",
 ]
+
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +392,66 @@ def legacy_join(root: str, name: str) -> str:
     return f"{base}/{name}"
 
 
+# --- answers (their types are the OpenAPI document's schemas) ----------------------------
+
+
+class VolumeInfo(TypedDict):
+    """A volume: its id, its folder on the host (what Docker bind-mounts) and when it was
+    made (unix seconds)."""
+
+    volume_id: str
+    path: str
+    created_at: int
+
+
+class NewVolume(TypedDict):
+    """No fields: a volume takes no settings (send no body, or ``{}``)."""
+
+
+class VolumeList(TypedDict):
+    volumes: list[VolumeInfo]
+
+
+class VolumeMessage(TypedDict):
+    message: str
+
+
+class PathDone(TypedDict):
+    """A write or a folder made: ``path`` is the normalised volume-relative path."""
+
+    message: str
+    path: str
+
+
+class Copied(TypedDict):
+    message: str
+    source: str
+    destination: str
+
+
+class FileEntry(TypedDict):
+    """One entry of a folder: ``type`` is ``file``, ``directory`` or ``symlink``; ``size``
+    in bytes (0 for folders); [ext] ``modified`` (unix seconds) and ``mode`` (octal,
+    e.g. ``"644"``)."""
+
+    name: str
+    type: str
+    size: int
+    modified: int
+    mode: str
+
+
+class FileList(TypedDict):
+    """The entries of a folder, folders first then by name."""
+
+    files: list[FileEntry]
+
+
+class FileListQuery(TypedDict, total=False):
+    #: The folder to list, relative to the volume root (default: the root).
+    path: str
+
+
 # --- blocking work (worker threads) --------------------------------------------------------
 
 
@@ -425,7 +487,7 @@ def _copy(
         root.copy(source, destination, checkpoint=checkpoint)
 
 
-def _list(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> list[dict[str, Any]]:
+def _list(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> list[FileEntry]:
     with Root.open_volume(folder) as root:
         return [
             {
@@ -483,7 +545,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     workers = agent.stash[FILE_WORKERS]
     bp = Blueprint("volumes", __name__)
 
-    def view(volume: Volume) -> dict[str, Any]:
+    def view(volume: Volume) -> VolumeInfo:
         return {
             "volume_id": volume.volume_id,
             "path": str(registry.root / volume.volume_id),
@@ -498,64 +560,124 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         """``containers.user``: who owns what these routes create (read per request)."""
         return agent.config.section_or_default(ContainersSettings).owner
 
-    async def write(volume_id: str, text: str, data: bytes) -> dict[str, str]:
+    async def write(volume_id: str, text: str, data: bytes) -> PathDone:
         folder = await folder_of(volume_id)
         rel = parse(text)
         fsync = agent.config.section(VolumesConfig).fsync_writes
         await workers.run(_write, folder, rel, data, fsync, owner())
         return {"message": "File written successfully", "path": str(rel)}
 
-    async def make_folder(volume_id: str, text: str) -> dict[str, str]:
+    async def make_folder(volume_id: str, text: str) -> PathDone:
         folder = await folder_of(volume_id)
         rel = parse(text)
         await workers.run(_mkdir, folder, rel, owner())
         return {"message": "Folder created successfully", "path": str(rel)}
 
     @bp.post("/volumes")
-    async def create_volume() -> tuple[dict[str, Any], int]:
+    @describe(
+        "Create a volume",
+        description="A new empty folder with a fresh UUID v4 id. No body (or `{}`).",
+        body=NewVolume,
+        responses={201: VolumeInfo},
+        tags=("volumes",),
+    )
+    async def create_volume() -> tuple[VolumeInfo, int]:
         await read_json()  # none or {}; a body that is not JSON is still a 400/415
         return view(await registry.create()), 201
 
     @bp.get("/volumes")
-    async def list_volumes() -> dict[str, Any]:
+    @describe("List volumes", tags=("volumes",))
+    async def list_volumes() -> VolumeList:
         return {"volumes": [view(v) for v in await registry.list()]}
 
     @bp.delete("/volumes/<volume_id>")
-    async def delete_volume(volume_id: str) -> dict[str, str]:
+    @describe(
+        "Delete a volume",
+        description="Unregisters the volume and removes its folder in the background. "
+        "409 while a container uses it.",
+        errors=(409,),
+        tags=("volumes",),
+    )
+    async def delete_volume(volume_id: str) -> VolumeMessage:
         await registry.delete(volume_id, lambda v: agent.hooks.volume_in_use(agent, v))
         return {"message": "Volume deleted successfully"}
 
     @bp.post("/volumes/<volume_id>/files")
+    @describe(
+        "Write a file",
+        description="Creates missing parent folders and replaces an existing file "
+        "atomically. `encoding` is `utf-8` (default) or `base64` [ext]. 409 when a folder "
+        "is at `path`.",
+        body=WriteBody,
+        errors=(409,),
+        examples={"body": {"path": "server.properties", "content": "motd=Hello\n"}},
+        tags=("volumes",),
+    )
     @requires("files")
-    async def write_file(volume_id: str) -> dict[str, str]:
+    async def write_file(volume_id: str) -> PathDone:
         await registry.get(volume_id)
         body = await read_json(WriteBody)
         return await write(volume_id, body.path, decode_content(body.content, body.encoding))
 
     @bp.post("/volumes/<volume_id>/write")
+    @describe(
+        "Write a file [alias]",
+        description="The original daemon's form of `POST /volumes/{volume_id}/files`: "
+        "`filename` is the path, `content` UTF-8 text.",
+        body=LegacyWriteBody,
+        errors=(409,),
+        examples={"body": {"filename": "server.properties", "content": "motd=Hello\n"}},
+        tags=("volumes",),
+    )
     @requires("files")
-    async def write_file_alias(volume_id: str) -> dict[str, str]:
+    async def write_file_alias(volume_id: str) -> PathDone:
         await registry.get(volume_id)
         body = await read_json(LegacyWriteBody)
         return await write(volume_id, body.filename, decode_content(body.content or "", "utf-8"))
 
     @bp.post("/volumes/<volume_id>/folders")
+    @describe(
+        "Create a folder",
+        description="Like `mkdir -p`; 409 when a file is in the way.",
+        body=FolderBody,
+        errors=(409,),
+        examples={"body": {"path": "plugins/config"}},
+        tags=("volumes",),
+    )
     @requires("files")
-    async def create_folder(volume_id: str) -> dict[str, str]:
+    async def create_folder(volume_id: str) -> PathDone:
         await registry.get(volume_id)
         body = await read_json(FolderBody)
         return await make_folder(volume_id, body.path)
 
     @bp.post("/volumes/<volume_id>/create-folder")
+    @describe(
+        "Create a folder [alias]",
+        description="The original daemon's form of `POST /volumes/{volume_id}/folders`: "
+        "the folder `root/name` (`root` `/` is the volume root).",
+        body=LegacyFolderBody,
+        errors=(409,),
+        examples={"body": {"root": "/", "name": "plugins"}},
+        tags=("volumes",),
+    )
     @requires("files")
-    async def create_folder_alias(volume_id: str) -> dict[str, str]:
+    async def create_folder_alias(volume_id: str) -> PathDone:
         await registry.get(volume_id)
         body = await read_json(LegacyFolderBody)
         return await make_folder(volume_id, legacy_join(body.root, body.name))
 
     @bp.post("/volumes/<volume_id>/copy")
+    @describe(
+        "Copy a file or folder",
+        description="Links inside a copied folder are copied as links. 404 when the "
+        "source is missing, 409 when the destination exists.",
+        body=CopyBody,
+        errors=(409,),
+        examples={"body": {"source": "world", "destination": "world-copy"}},
+        tags=("volumes",),
+    )
     @requires("files")
-    async def copy(volume_id: str) -> dict[str, str]:
+    async def copy(volume_id: str) -> Copied:
         folder = await folder_of(volume_id)
         body = await read_json(CopyBody)
         source, destination = parse(body.source), parse(body.destination)
@@ -567,8 +689,14 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         }
 
     @bp.get("/volumes/<volume_id>/files")
+    @describe(
+        "List a folder",
+        description="404 when the folder is missing, 400 when `path` is a file or invalid.",
+        query=FileListQuery,
+        tags=("volumes",),
+    )
     @requires("files")
-    async def list_files(volume_id: str) -> dict[str, Any]:
+    async def list_files(volume_id: str) -> FileList:
         folder = await folder_of(volume_id)
         rel = parse(request.args.get("path", ""), empty_is_root=True)
         return {"files": await workers.run(_list, folder, rel)}

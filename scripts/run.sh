@@ -16,7 +16,28 @@ cd "$(dirname "$0")/.."
 eval "$(bash scripts/bootstrap.sh)"
 export DOCKER_HOST
 config="${LIGHTD_CONFIG:-$PWD/config.json}"
-.venv/bin/lightd --config "$config" --token what >/dev/null  # creates it on first run
+# First run: create the config (a random master token). Only serving and --token reset/set
+# create a missing config; every other command fails on one.
+[ -e "$config" ] || .venv/bin/lightd --config "$config" --token reset >/dev/null
+# Every `lightd` command (e.g. `lightd --servers` in another shell, without DOCKER_HOST)
+# must find the engine this agent uses: record the private engine's socket in the config
+# while docker.socket_path is still the default.
+.venv/bin/python - "$config" "$DOCKER_HOST" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+from lightd.config import DockerConfig, write_config
+
+path, host = Path(sys.argv[1]), sys.argv[2]
+raw = json.loads(path.read_text(encoding="utf-8"))
+docker = raw.get("docker") if isinstance(raw.get("docker"), dict) else {}
+default = DockerConfig().socket_path
+socket = host.removeprefix("unix://")
+if host.startswith("unix://") and docker.get("socket_path", default) == default != socket:
+    write_config(path, raw, {"docker": {"socket_path": socket}})
+    print(f"run.sh: docker.socket_path in {path} is now {socket}", file=sys.stderr)
+PY
 
 panel_url="http://127.0.0.1:${PANEL_PORT:-8080}"
 if [ -z "${LIGHTD_NO_PANEL:-}" ]; then

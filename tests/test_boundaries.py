@@ -24,11 +24,18 @@ PUBLIC = frozenset({"lightd", "lightd.api", "lightd.files"})
 #: The core's layers, bottom up; a module imports only from its own layer or below.
 LAYERS: list[set[str]] = [
     {"lightd._version", "lightd.errors", "lightd.converter"},
-    {"lightd.files", "lightd.config", "lightd.store", "lightd.docker"},
-    {"lightd.hookspecs", "lightd.plugin_manager", "lightd.runtime", "lightd.interfaces"},
+    {"lightd.files", "lightd.config", "lightd.logs", "lightd.store", "lightd.docker"},
+    {
+        "lightd.hookspecs",
+        "lightd.plugin_manager",
+        "lightd.runtime",
+        "lightd.metrics",
+        "lightd.interfaces",
+        "lightd.jobs",
+    },
     {"lightd.containers"},
     {"lightd.api"},
-    {"lightd.server", "lightd.cli", "lightd.__main__"},
+    {"lightd.server", "lightd.cli", "lightd.diagnostics", "lightd.__main__"},
 ]
 
 

@@ -114,3 +114,26 @@ async def test_unexpected_error_is_500_without_details(
 async def test_errors_carry_a_machine_code(client: httpx.AsyncClient) -> None:
     response = await client.post("/auth/tokens", json={"ttl": "nope"})
     assert response.json() == {"error": "Invalid TTL format", "code": "invalid_ttl"}
+
+
+async def test_refusals_say_what_was_expected(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient
+) -> None:
+    """[ext] ``details`` (contract §1): what the message alone does not say."""
+    vendor = await anon.get("/remote/config", headers={"Accept": "application/json"})
+    assert_error(vendor, 403, "Invalid vendor header")
+    assert vendor.json()["details"] == ["expected header Accept: application/vnd.pkglatv1+json"]
+    # A body with several bad fields: the message names the first, details every one.
+    bad = await client.post(
+        "/containers",
+        json={"internal_id": "x-1", "image": 7, "volume_id": [], "startup_command": 3},
+    )
+    assert bad.status_code == 400, bad.text
+    body = bad.json()
+    assert body["error"] == body["details"][0]
+    assert len(body["details"]) >= 3 and all(": must be a string" in d for d in body["details"])
+    port = await client.post("/network/ports", json={"ip": "127.0.0.1", "port": 70000})
+    assert_error(port, 400, "Invalid port: 70000")
+    assert port.json()["details"] == ["port must be an integer from 1 to 65535"]
+    # Refusals whose message says it all carry no details.
+    assert "details" not in (await client.get("/containers/nope")).json()

@@ -26,6 +26,8 @@ from ..files import FileError, api_status
 from ..runtime import Agent
 from .auth import authenticate, authenticate_http, cors_headers, preflight
 from .fastpath import fast_reads
+from .metrics import label_routes, observe
+from .streaming import body_flow
 from .views import PUBLIC_ATTR, AuthInfo
 
 __all__ = ["create_app"]
@@ -60,7 +62,7 @@ async def _drain_body() -> None:
 
 
 def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
-    app = QuartTrio("lightd")
+    app = QuartTrio("lightd", static_folder=None)  # no /static route: /docs serves its own
     app.config.update(
         MAX_CONTENT_LENGTH=agent.config.server.max_body_bytes,
         PROPAGATE_EXCEPTIONS=False,
@@ -70,6 +72,9 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
         app.json.compact = True
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+
+    # Before the access check, so that a refused request is measured under its route.
+    observing = label_routes(agent, app)
 
     @app.before_request
     async def check_access() -> Response | None:
@@ -100,7 +105,9 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
-        return _error(error.status, error.message, error.code)
+        response = jsonify(error.to_body())  # with its "details" when it has some
+        response.status_code = error.status
+        return response
 
     @app.errorhandler(FileError)
     async def file_error(error: FileError) -> Response:
@@ -123,5 +130,8 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
         return _error(500, "Internal server error", "internal_error")
 
     # Quart's documented way to add ASGI middleware; the wrapper has the same call shape.
+    app.asgi_app = body_flow(app, app.asgi_app)  # type: ignore[method-assign,assignment]
     app.asgi_app = fast_reads(agent, app.asgi_app)  # type: ignore[method-assign,assignment]
+    if observing:  # metrics and the access log, around everything (fast reads too)
+        app.asgi_app = observe(agent, app, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 VENDOR_MEDIA_TYPE = "application/vnd.pkglatv1+json"
 INVALID_TOKEN = "Missing or invalid authorization token"
+#: What a refused request without the vendor type is told it must send.
+VENDOR_DETAIL = f"expected header Accept: {VENDOR_MEDIA_TYPE}"
 
 
 def has_vendor_type(accept: str) -> bool:
@@ -171,7 +173,7 @@ async def authenticate(
 
 async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> AuthInfo:
     if not has_vendor_type(request.headers.get("Accept", "")):
-        raise Forbidden("Invalid vendor header", code="invalid_vendor")
+        raise Forbidden("Invalid vendor header", code="invalid_vendor", details=[VENDOR_DETAIL])
     token = bearer_token(request.headers.get("Authorization", ""))
     return await authenticate(agent, token, view, request_ctx.request)
 

@@ -13,7 +13,7 @@ Puts the manager on the stash twice: as ``CONTAINERS`` (the core's, typed
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Literal, TypedDict, cast
 from urllib.parse import urlsplit
 
 from quart import Blueprint
@@ -24,8 +24,10 @@ from ..containers.console import ConsoleSettings
 from ..containers.manager import MIGRATIONS, Containers
 from ..containers.models import (
     CreateRequest,
+    InstallState,
     RebindRequest,
     ReinstallRequest,
+    RuntimeState,
     StopRequest,
     valid_internal_id,
 )
@@ -38,8 +40,87 @@ from ..interfaces import CONTAINER_SERVICE
 from ..runtime import Agent, Service
 from ..store import Migration
 from .fastpath import FAST_READS
-from .views import container_scoped, current_auth, read_json, requires
+from .views import Message, container_scoped, current_auth, describe, read_json, requires
 from .ws import WebSocketSettings, websocket_blueprint
+
+
+class Port(TypedDict):
+    ip: str
+    port: int
+    protocol: str
+    container_port: int
+
+
+class LimitsView(TypedDict):
+    #: Bytes.
+    memory: int | None
+    cpu: float | None
+    pids: int
+    #: Bytes of swap beyond ``memory``; ``-1``: unlimited.
+    swap: int
+
+
+class ContainerSummary(TypedDict):
+    internal_id: str
+    container_id: str | None
+    install_state: InstallState
+    image: str
+    ports: list[Port]
+    state: RuntimeState
+
+
+class ContainerList(TypedDict):
+    containers: list[ContainerSummary]
+
+
+class ContainerView(TypedDict):
+    """``GET /containers/:id`` (contract §7)."""
+
+    internal_id: str
+    container_id: str | None
+    volume_id: str
+    image: str
+    startup_command: str
+    start_pattern: str | None
+    install_state: InstallState
+    ports: list[Port]
+    limits: LimitsView
+    mount: dict[str, str]
+    #: Unix seconds.
+    created_at: int
+    updated_at: int
+    #: Why the last install failed.
+    error: str | None
+    environment: dict[str, str]
+    stop_command: str | None
+    install_image: str | None
+    state: RuntimeState
+    exit_code: int | None
+    #: Unix seconds; ``None`` while offline.
+    started_at: int | None
+
+
+class CreateAnswer(TypedDict):
+    message: str
+    internal_id: str
+    state: Literal["installing"]
+
+
+class ActionAnswer(TypedDict):
+    message: str
+    internal_id: str
+
+
+CREATE_EXAMPLE = {
+    "internal_id": "server-1",
+    "image": "ghcr.io/example/game:1.2",
+    "volume_id": "0b3c6f1e-9d2a-4c55-8e7f-1a2b3c4d5e6f",
+    "startup_command": "./start.sh",
+    "start_pattern": "Server started",
+    "ports": [{"ip": "0.0.0.0", "port": 25565, "protocol": "tcp"}],
+    "limits": {"memory": 1073741824, "cpu": 1.5, "pids": 512},
+    "environment": {"EULA": "true"},
+}
 
 
 @hookimpl
@@ -103,7 +184,7 @@ def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
     return agent.stash[CONTAINERS].using_volume(volume_id)
 
 
-def _summary(supervisor: ContainerSupervisor) -> dict[str, Any]:
+def _summary(supervisor: ContainerSupervisor) -> ContainerSummary:
     record = supervisor.record
     return {
         "internal_id": record.internal_id,
@@ -128,7 +209,22 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             raise DockerUnavailable()
 
     @bp.post("/containers")
-    async def create() -> dict[str, Any]:
+    @describe(
+        "Create a container and start installing it",
+        description="Answers at once; the install runs in the background (contract §7.1).",
+        body=CreateRequest,
+        errors=(404, 409, 503),
+        examples={
+            "body": CREATE_EXAMPLE,
+            200: {
+                "message": "Container creation started",
+                "internal_id": "server-1",
+                "state": "installing",
+            },
+        },
+        tags=("containers",),
+    )
+    async def create() -> CreateAnswer:
         data = await read_json()
         if isinstance(data, dict) and "internal_id" in data:
             internal_id = data["internal_id"]
@@ -144,30 +240,46 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         }
 
     @bp.get("/containers")
+    @describe(
+        "List containers",
+        description="A token restricted to some containers sees only those.",
+        tags=("containers",),
+    )
     @container_scoped
-    async def list_containers() -> dict[str, Any]:
+    async def list_containers() -> ContainerList:
         auth = current_auth()
         return {"containers": [_summary(s) for s in containers.all() if auth.allows(s.internal_id)]}
 
     @bp.get("/containers/<internal_id>")
-    async def get_container(internal_id: str) -> dict[str, Any]:
-        return containers.get(internal_id).view()
+    @describe("A container: its record and runtime state", tags=("containers",))
+    async def get_container(internal_id: str) -> ContainerView:
+        return cast(ContainerView, containers.get(internal_id).view())
 
     @bp.delete("/containers/<internal_id>")
+    @describe(
+        "Delete a container (its volume is kept)",
+        errors=(409, 503),
+        examples={200: {"message": "Container deleted successfully"}},
+        tags=("containers",),
+    )
     @requires("manage")
-    async def delete_container(internal_id: str) -> dict[str, Any]:
+    async def delete_container(internal_id: str) -> Message:
         await containers.delete(internal_id)
         return {"message": "Container deleted successfully"}
 
-    def power(kind: str, message: str) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    def power(kind: str, message: str) -> Callable[[str], Awaitable[ActionAnswer]]:
+        @describe(
+            f"{kind.capitalize()} the container",
+            description="Queued: the answer comes before the action is done.",
+            errors=(409, 429, 503),
+            examples={200: {"message": message, "internal_id": "server-1"}},
+            tags=("containers",),
+        )
         @requires("power")
-        async def view(internal_id: str) -> dict[str, Any]:
+        async def view(internal_id: str) -> ActionAnswer:
             supervisor = containers.get(internal_id)
             need_docker()
-            args: dict[str, Any] = {}
-            if kind == "stop":
-                args["grace"] = (await read_json(StopRequest)).timeout
-            supervisor.submit(kind, **args)
+            supervisor.submit(kind)
             return {"message": message, "internal_id": internal_id}
 
         view.__name__ = f"power_{kind}"
@@ -177,15 +289,48 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         ("start", "Container start initiated"),
         ("kill", "Container kill initiated"),
         ("restart", "Container restart initiated"),
-        ("stop", "Container stop initiated"),
     ):
         bp.add_url_rule(
             f"/containers/<internal_id>/{kind}", view_func=power(kind, message), methods=["POST"]
         )
 
+    @bp.post("/containers/<internal_id>/stop")
+    @describe(
+        "Stop the container",
+        description=(
+            "Its stop command, then SIGKILL after ``timeout`` seconds (the config's stop "
+            "timeout without one). Queued: the answer comes before the action is done. "
+            "The body is optional."
+        ),
+        body=StopRequest,
+        errors=(409, 429, 503),
+        examples={
+            "body": {"timeout": 30},
+            200: {"message": "Container stop initiated", "internal_id": "server-1"},
+        },
+        tags=("containers",),
+    )
+    @requires("power")
+    async def power_stop(internal_id: str) -> ActionAnswer:
+        supervisor = containers.get(internal_id)
+        need_docker()
+        grace = (await read_json(StopRequest)).timeout
+        supervisor.submit("stop", grace=grace)
+        return {"message": "Container stop initiated", "internal_id": internal_id}
+
     @bp.post("/containers/<internal_id>/reinstall")
+    @describe(
+        "Reinstall the container, optionally with another image or install script",
+        errors=(409, 429, 503),
+        body=ReinstallRequest,
+        examples={
+            "body": {"image": "ghcr.io/example/game:1.3"},
+            200: {"message": "Container reinstall started", "internal_id": "server-1"},
+        },
+        tags=("containers",),
+    )
     @requires("manage")
-    async def reinstall(internal_id: str) -> dict[str, Any]:
+    async def reinstall(internal_id: str) -> ActionAnswer:
         supervisor = containers.get(internal_id)
         body = await read_json(ReinstallRequest)
         need_docker()
@@ -193,8 +338,18 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"message": "Container reinstall started", "internal_id": internal_id}
 
     @bp.post("/containers/<internal_id>/rebind-network")
+    @describe(
+        "Move the container to other host ports",
+        body=RebindRequest,
+        errors=(409, 429, 503),
+        examples={
+            "body": {"ports": [{"ip": "0.0.0.0", "port": 25566, "protocol": "tcp"}]},
+            200: {"message": "Network rebinding started", "internal_id": "server-1"},
+        },
+        tags=("containers",),
+    )
     @requires("manage")
-    async def rebind(internal_id: str) -> dict[str, Any]:
+    async def rebind(internal_id: str) -> ActionAnswer:
         supervisor = containers.get(internal_id)
         body = await read_json(RebindRequest)
         need_docker()

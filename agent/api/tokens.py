@@ -30,7 +30,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import attrs
 import trio
@@ -42,7 +42,7 @@ from ..errors import BadRequest, NotFound, Unauthorized
 from ..hookspecs import hookimpl
 from ..runtime import Agent, Service, StashKey
 from ..store import Migration, Store
-from .views import PERMISSIONS, current_auth, read_json
+from .views import PERMISSIONS, Message, current_auth, describe, read_json
 
 __all__ = ["TOKENS", "TemporaryToken", "TokenRegistry", "master_fingerprint", "parse_ttl"]
 
@@ -96,6 +96,36 @@ def rfc3339(unix: float) -> str:
     return datetime.fromtimestamp(int(unix), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class TokenListing(TypedDict):
+    """A token as ``GET /auth/tokens`` lists it: never the secret nor its hash."""
+
+    id: str
+    expires_at: str
+    remove_on_use: bool
+    containers: list[str] | None
+    volumes: list[str] | None
+    permissions: list[str]
+    created_at: int
+
+
+class TokenList(TypedDict):
+    tokens: list[TokenListing]
+
+
+class TokenCreated(TypedDict):
+    #: The token itself, shown this once.
+    token: str
+    #: RFC 3339 UTC.
+    expires_at: str
+    #: [ext] Its public id (listing, revocation).
+    id: str
+
+
+class TokensRevoked(TypedDict):
+    message: str
+    revoked_count: int
+
+
 @attrs.frozen
 class TemporaryToken:
     token_hash: str
@@ -114,7 +144,7 @@ class TemporaryToken:
     def names_any(self, containers: frozenset[str]) -> bool:
         return self.containers is not None and not self.containers.isdisjoint(containers)
 
-    def listing(self) -> dict[str, Any]:
+    def listing(self) -> TokenListing:
         """The ``GET /auth/tokens`` entry: never the secret nor its hash."""
         permissions = self.permissions
         return {
@@ -450,7 +480,25 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     bp = Blueprint("tokens", __name__)
 
     @bp.post("/auth/tokens")
-    async def create_token() -> dict[str, str]:
+    @describe(
+        "Mint a temporary token (master token only)",
+        description=(
+            "``ttl``: ``<n>s``, ``<n>m``, ``<n>h``, ``<n>d`` or a bare number of seconds, at "
+            "most 30 days. [ext] ``containers``, ``volumes`` and ``permissions`` restrict it "
+            "(contract §2.1, §12)."
+        ),
+        body=TokenRequest,
+        examples={
+            "body": {"ttl": "15m", "remove_on_use": False, "permissions": ["read", "console"]},
+            200: {
+                "token": "lightd_0123456789abcdef0123456789abcdef",
+                "expires_at": "2026-01-28T15:30:00Z",
+                "id": "9f2c4e1a7b3d5c6e",
+            },
+        },
+        tags=("tokens",),
+    )
+    async def create_token() -> TokenCreated:
         _master_only()
         body = await read_json(TokenRequest)
         ttl = parse_ttl(body.ttl)
@@ -465,12 +513,19 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"token": token, "expires_at": rfc3339(record.expires_at), "id": record.id}
 
     @bp.get("/auth/tokens")
-    async def list_tokens() -> dict[str, Any]:
+    @describe("List live temporary tokens (master token only)", tags=("tokens",))
+    async def list_tokens() -> TokenList:
         _master_only()
         return {"tokens": [record.listing() for record in registry.tokens()]}
 
     @bp.delete("/auth/tokens/<token_id>")
-    async def delete_token(token_id: str) -> dict[str, str]:
+    @describe(
+        "Revoke one token by its id (master token only)",
+        description="Its WebSockets are closed at once.",
+        examples={200: {"message": "Token revoked"}},
+        tags=("tokens",),
+    )
+    async def delete_token(token_id: str) -> Message:
         _master_only()
         if registry.find(token_id) is None:
             raise NotFound("Token not found", code="token_not_found")
@@ -478,7 +533,16 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         return {"message": "Token revoked"}
 
     @bp.post("/auth/tokens/revoke")
-    async def revoke_tokens() -> dict[str, Any]:
+    @describe(
+        "Revoke every token, or those naming some containers (master token only)",
+        body=RevokeRequest,
+        examples={
+            "body": {"containers": ["server-1"]},
+            200: {"message": "Revoked 2 tokens", "revoked_count": 2},
+        },
+        tags=("tokens",),
+    )
+    async def revoke_tokens() -> TokensRevoked:
         _master_only()
         body = await read_json(RevokeRequest)
         if body.all:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, TypedDict, TypeVar, overload
 
 import attrs
 from quart import g, request
@@ -13,10 +13,14 @@ from ..converter import structure
 from ..errors import BadRequest, UnsupportedMedia
 
 __all__ = [
+    "DOC_ATTR",
     "PERMISSIONS",
     "AuthInfo",
+    "Message",
+    "RouteDoc",
     "container_scoped",
     "current_auth",
+    "describe",
     "public",
     "read_json",
     "requires",
@@ -28,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 PUBLIC_ATTR = "_lightd_public"
 CONTAINER_SCOPED_ATTR = "_lightd_container_scoped"
 PERMISSION_ATTR = "_lightd_permission"
+DOC_ATTR = "_lightd_doc"
 
 #: What a temporary token may be allowed to do (contract §12), in canonical order.
 PERMISSIONS = ("read", "console", "power", "files", "manage")
@@ -61,6 +66,74 @@ def requires(permission: str | None) -> Callable[[F], F]:
 
     def mark(view: F) -> F:
         setattr(view, PERMISSION_ATTR, permission)
+        return view
+
+    return mark
+
+
+class Message(TypedDict):
+    """The answer of an action that has nothing else to say: ``{"message": "..."}``."""
+
+    message: str
+
+
+@attrs.frozen
+class RouteDoc:
+    """What ``describe`` recorded about a view; ``/openapi.json`` is generated from it."""
+
+    summary: str
+    description: str | None = None
+    #: The JSON request body's type (an attrs class or a TypedDict), if it takes one; or
+    #: a mapping of media type to type-or-schema for other content
+    #: (``{"application/octet-stream": {}}``). A JSON Schema (a mapping) may stand for a
+    #: type anywhere.
+    body: Any = None
+    #: The query string's parameters, as an attrs class or TypedDict of their types.
+    query: Any = None
+    #: Success answers by status: a type (JSON), ``None`` (no body), or a mapping of
+    #: media type to schema-or-type for other content (``{"text/plain": str}``).
+    #: Without a ``200`` entry the view's return annotation is the ``200`` answer.
+    responses: Mapping[int, Any] = attrs.field(factory=dict)
+    #: Error statuses this view answers beyond those every route of its kind has
+    #: (auth, body, path arguments): e.g. ``(409, 503)``.
+    errors: tuple[int, ...] = ()
+    #: Examples: ``"body"`` for the request, a status for an answer.
+    examples: Mapping[str | int, Any] = attrs.field(factory=dict)
+    tags: tuple[str, ...] = ()
+
+
+def describe(
+    summary: str,
+    *,
+    description: str | None = None,
+    body: Any = None,
+    query: Any = None,
+    responses: Mapping[int, Any] | None = None,
+    errors: Iterable[int] = (),
+    examples: Mapping[str | int, Any] | None = None,
+    tags: Iterable[str] = (),
+) -> Callable[[F], F]:
+    """Document a route for ``GET /openapi.json`` (contract §18).
+
+    Every route must be described: a test fails on any route of the URL map the document
+    misses. The request and answer schemas are generated from the types given here and
+    from the view's return annotation (a TypedDict or attrs class), so what the document
+    promises is what the type checker holds the view to. ``description`` defaults to the
+    view's docstring.
+    """
+    doc = RouteDoc(
+        summary=summary,
+        description=description,
+        body=body,
+        query=query,
+        responses=dict(responses or {}),
+        errors=tuple(errors),
+        examples=dict(examples or {}),
+        tags=tuple(tags),
+    )
+
+    def mark(view: F) -> F:
+        setattr(view, DOC_ATTR, doc)
         return view
 
     return mark

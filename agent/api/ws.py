@@ -40,7 +40,7 @@ from ..containers.hub import Subscription
 from ..converter import field_check
 from ..errors import AgentError, ApiError, DockerUnavailable
 from .tokens import TOKENS
-from .views import AuthInfo, current_auth, requires
+from .views import AuthInfo, current_auth, describe, requires
 
 if TYPE_CHECKING:
     from quart.wrappers import Websocket
@@ -306,6 +306,20 @@ def websocket_blueprint(agent: Agent, containers: Containers) -> Blueprint:
     registry = agent.stash[TOKENS]
 
     @bp.websocket("/ws/<internal_id>")
+    @describe(
+        "The container's console, stats and events (WebSocket)",
+        description=(
+            "Upgrade with the token as ``?token=`` (no headers needed). Frames in: "
+            '``{"event":"send_command","command":"..."}`` (console), '
+            '``{"event":"power","action":"start|stop|restart|kill"}`` (power), '
+            '``{"event":"request_logs","lines":100}`` (read). Frames out: ``status``, '
+            "``console``, ``stats``, ``event``, ``daemon_message``, ``logs`` (contract §8). "
+            "Close 4001: token expired or revoked; 4429: too many connections; 1009: frame "
+            "too big."
+        ),
+        responses={101: None},
+        tags=("containers",),
+    )
     @requires(None)  # checked frame by frame
     async def container_socket(internal_id: str) -> None:
         supervisor = containers.get(internal_id)  # 404 before the upgrade

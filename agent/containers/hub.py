@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from ..config import Config
+from ..metrics import ConsoleCounts
 from .console import THROTTLED, Console, ConsoleSettings, Frame, History
 
 __all__ = ["CLOSE_SERVICE_RESTART", "EventHub", "Frame", "Subscription"]
@@ -42,9 +43,16 @@ class Subscription:
     subscriber has caught up), other frames past twice the bounds.
     """
 
-    def __init__(self, max_frames: int = QUEUE_FRAMES, max_bytes: int = QUEUE_BYTES) -> None:
+    def __init__(
+        self,
+        max_frames: int = QUEUE_FRAMES,
+        max_bytes: int = QUEUE_BYTES,
+        counts: ConsoleCounts | None = None,
+    ) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        #: The agent's console totals (metrics), told of every frame dropped here.
+        self._counts = counts
         self._queue: deque[Frame] = deque()
         self._bytes = 0
         self._lot = trio.lowlevel.ParkingLot()
@@ -83,6 +91,8 @@ class Subscription:
                 full = frames >= 2 * self.max_frames or total > 2 * self.max_bytes
             if full:
                 self.dropped += 1
+                if self._counts is not None:
+                    self._counts.dropped_frames += 1
                 if not self._noticed:
                     self._noticed = True
                     self._push(Frame(event="daemon_message", data=THROTTLED))
@@ -145,8 +155,12 @@ class EventHub:
         console: ConsoleSettings | None = None,
         queue_frames: int = QUEUE_FRAMES,
         queue_bytes: int = QUEUE_BYTES,
+        counts: ConsoleCounts | None = None,
     ) -> None:
         self._subscribers: set[Subscription] = set()
+        #: The agent's console totals (metrics), shared by every hub; a hub of its own
+        #: (tests) counts into a private one.
+        self.counts = counts if counts is not None else ConsoleCounts()
         self._console = Console(self._broadcast, console or ConsoleSettings())
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
@@ -166,9 +180,9 @@ class EventHub:
         return self._console.throttled
 
     @classmethod
-    def for_config(cls, config: Config) -> EventHub:
-        """A hub set up from the ``console`` section."""
-        return cls(console=config.section_or_default(ConsoleSettings))
+    def for_config(cls, config: Config, counts: ConsoleCounts | None = None) -> EventHub:
+        """A hub set up from the ``console`` section, counting into ``counts``."""
+        return cls(console=config.section_or_default(ConsoleSettings), counts=counts)
 
     def configure(self, console: ConsoleSettings) -> None:
         """Apply reloaded settings."""
@@ -189,7 +203,11 @@ class EventHub:
 
     def console(self, lines: list[str]) -> None:
         """Record complete lines (each ending with ``\\n``); they go out as console frames."""
-        self._console.write(lines)
+        console, counts = self._console, self.counts
+        throttled = console.throttled
+        console.write(lines)
+        counts.lines += len(lines)
+        counts.throttled += console.throttled - throttled
 
     def event(self, name: str) -> None:
         self.publish(Frame(event="event", data=name))
@@ -210,7 +228,9 @@ class EventHub:
     def subscribe(
         self, size: int | None = None, *, max_bytes: int | None = None
     ) -> Iterator[Subscription]:
-        subscription = Subscription(size or self.queue_frames, max_bytes or self.queue_bytes)
+        subscription = Subscription(
+            size or self.queue_frames, max_bytes or self.queue_bytes, self.counts
+        )
         if self.closed:
             subscription.close()
         self._subscribers.add(subscription)

@@ -20,6 +20,7 @@ import trio
 
 from ..docker import ContainerSpec, DockerEngine, Mount
 from ..errors import AgentError
+from ..logs import container_logger
 from .console import LineSplitter
 from .models import Limits
 
@@ -100,11 +101,13 @@ async def run_install(
     """Create the install container from ``spec``, attach, start, stream its output to
     ``console`` and ``log_path``, and judge its exit (or ``time_limit`` seconds passing:
     ``Install script timed out``); the container is removed however this ends."""
+    logger = container_logger(internal_id, log)
     container_id = await docker.create_container(spec)
     try:
         log_file = await trio.open_file(log_path, "wb")
         async with log_file, docker.attach(container_id) as stream:
             await docker.start(container_id)
+            logger.info("install script running (image %s)", spec.image)
             lines = LineSplitter()  # cuts lines at 64 KiB: no unbounded re-splitting
             logged = 0
             with trio.move_on_after(time_limit) as deadline:
@@ -122,6 +125,7 @@ async def run_install(
             if deadline.cancelled_caught:
                 raise InstallFailed("Install script timed out")
         code = int(result.get("StatusCode", -1))
+        logger.info("install script exited with code %d", code)
         if code != 0:
             raise InstallFailed(f"Install script failed with exit code {code}")
     finally:
@@ -129,7 +133,7 @@ async def run_install(
             try:
                 await docker.remove_container(container_id)
             except AgentError as exc:  # reconciliation removes what is left
-                log.warning("%s: install container not removed: %s", internal_id, exc)
+                logger.warning("install container not removed: %s", exc)
 
 
 def write_executable(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""``lightd --servers [PAGE]``: the node's containers as a table, 5 per page.
+"""``lightd --servers [PAGE] [--json]``: the node's containers as a table, 5 per page
+(or as JSON).
 
 Reads the state store directly (read-only; the agent need not run) and asks Docker for
 each server's state when the engine answers.
@@ -33,7 +34,9 @@ def _limits(record: dict[str, Any]) -> str:
     return f"{memory}, {cpu}"
 
 
-def render(loaded: LoadedConfig, page: int) -> str:
+def _records(loaded: LoadedConfig) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+    """Every container record (by internal id) and Docker's state of each (``None`` when
+    the engine does not answer)."""
     paths = StoragePaths.from_config(loaded.config, loaded.directory)
     db = paths.base / DB_NAME
     records: list[dict[str, Any]] = []
@@ -50,23 +53,66 @@ def render(loaded: LoadedConfig, page: int) -> str:
         finally:
             conn.close()
     if not records:
-        return "No containers on this node.\n"
+        return [], None
     records.sort(key=lambda r: r["internal_id"])
-    pages = (len(records) + PAGE_SIZE - 1) // PAGE_SIZE
-    page = min(max(page, 1), pages)
     states = container_states(
         docker_url(loaded.config.docker.socket_path),
         ["lightd.managed=true", f"lightd.node={node}"],
     )
+    return records, states or None
+
+
+def _state(record: dict[str, Any], states: dict[str, str] | None) -> str:
+    install = str(record["install_state"])
+    if install != "ready":
+        return install
+    return (states or {}).get(record["internal_id"], "unknown")
+
+
+def listing(loaded: LoadedConfig, page: int | None = None) -> dict[str, Any]:
+    """``--servers --json``: every container (or one page of ``PAGE_SIZE``) with its state,
+    the same facts the table shows, as data."""
+    records, states = _records(loaded)
+    pages = max((len(records) + PAGE_SIZE - 1) // PAGE_SIZE, 1)
+    if page is not None:
+        page = min(max(page, 1), pages)
+        records_shown = records[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    else:
+        records_shown = records
+    return {
+        "total": len(records),
+        "page": page,
+        "pages": pages,
+        "servers": [
+            {
+                "internal_id": r["internal_id"],
+                "state": _state(r, states),
+                "install_state": r["install_state"],
+                "image": r["image"],
+                "ports": r["ports"],
+                "limits": r["limits"],
+            }
+            for r in records_shown
+        ],
+    }
+
+
+def render(loaded: LoadedConfig, page: int) -> str:
+    records, states = _records(loaded)
+    if not records:
+        return "No containers on this node.\n"
+    pages = (len(records) + PAGE_SIZE - 1) // PAGE_SIZE
+    page = min(max(page, 1), pages)
     rows = [("ID", "STATE", "IMAGE", "PORTS", "LIMITS")]
     for record in records[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]:
-        install = record["install_state"]
-        if install == "ready":
-            state = states.get(record["internal_id"], "unknown") if states else "unknown"
-        else:
-            state = install
         rows.append(
-            (record["internal_id"], state, record["image"], _ports(record), _limits(record))
+            (
+                record["internal_id"],
+                _state(record, states),
+                record["image"],
+                _ports(record),
+                _limits(record),
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [

@@ -29,6 +29,7 @@ from ..converter import converter
 from ..docker import ContainerSpec, DockerError, DockerNotFound
 from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
 from ..interfaces import PORT_POOL, VOLUMES, PortRequest
+from ..logs import container_logger
 from ..store import Migration, Store
 from .hub import CLOSE_SERVICE_RESTART, EventHub
 from .install import InstallFailed, InstallJob, InstallRun, run_install, write_executable
@@ -82,9 +83,17 @@ def check_port_specs(specs: Sequence[PortSpec]) -> None:
         if spec.container_port is None and (spec.ip is None or spec.port is None):
             raise BadRequest("ports: each entry needs ip and port, or container_port")
         if spec.protocol not in ("tcp", "udp", "both"):
-            raise BadRequest(f"Invalid protocol: {spec.protocol}", code="invalid_protocol")
+            raise BadRequest(
+                f"Invalid protocol: {spec.protocol}",
+                code="invalid_protocol",
+                details=["protocol must be tcp, udp or both"],
+            )
         if spec.container_port is not None and not 1 <= spec.container_port <= 65535:
-            raise BadRequest(f"Invalid port: {spec.container_port}", code="invalid_port")
+            raise BadRequest(
+                f"Invalid port: {spec.container_port}",
+                code="invalid_port",
+                details=["container_port must be an integer from 1 to 65535"],
+            )
 
 
 def normal_mounts(mount: dict[str, str]) -> dict[str, str]:
@@ -210,7 +219,9 @@ class Containers:
         try:
             await self.agent.hooks.container_state_changed(self.agent, internal_id, state, error)
         except Exception:
-            log.exception("%s: lightd_container_state_changed failed (%s)", internal_id, state)
+            container_logger(internal_id, log).exception(
+                "lightd_container_state_changed failed (%s)", state
+            )
 
     # -- the service --------------------------------------------------------------------
 
@@ -230,6 +241,7 @@ class Containers:
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         self.node_id = await self.repo.node_id()
         records = await self.repo.load()
+        log.info("%d container records loaded (node %s)", len(records), self.node_id)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for record in records:
@@ -239,6 +251,9 @@ class Containers:
                     record = attrs.evolve(record, limits=limits)
                     await self.repo.save(record)
                 if record.install_state == "installing":
+                    container_logger(record.internal_id, log).warning(
+                        "install interrupted by the agent's restart: marked failed"
+                    )
                     record = attrs.evolve(
                         record,
                         install_state="failed",
@@ -279,7 +294,7 @@ class Containers:
         supervisor = ContainerSupervisor(
             self,
             record,
-            EventHub.for_config(agent.config),
+            EventHub.for_config(agent.config, agent.metrics.console),
             lambda: _stats_settings(agent),
         )
         finished = trio.Event()
@@ -340,11 +355,18 @@ class Containers:
             elif action == "die":
                 await supervisor.on_exit(int(attributes.get("exitCode", 0) or 0), oom=False)
         except Exception:  # one container's bug must not end the events stream of all
-            log.exception("%s: handling the %s event failed", supervisor.internal_id, action)
+            supervisor.log.exception("handling the %s event failed", action)
 
     async def reconcile(self) -> None:
         """Make the agent's records, Docker and the port pool agree (contract §10)."""
         listed = await self.docker.containers(self._labels())
+        running_now = sum(item.get("State") == "running" for item in listed)
+        log.info(
+            "reconciling %d records with %d Docker containers (%d running)",
+            len(self._supervisors),
+            len(listed),
+            running_now,
+        )
         for item in listed:
             labels = item.get("Labels") or {}
             internal_id = labels.get(LABEL_ID, "")
@@ -353,8 +375,10 @@ class Containers:
             running = item.get("State") == "running"
             if supervisor is None or role != "server":
                 if supervisor is None or supervisor.record.install_state != "installing":
-                    log.info(
-                        "removing orphaned Docker container %s (%s)", item["Id"][:12], internal_id
+                    container_logger(internal_id, log).info(
+                        "reconcile: removing orphaned Docker container %s (role %s)",
+                        item["Id"][:12],
+                        role,
                     )
                     await self._remove(item["Id"])
                 continue
@@ -365,16 +389,16 @@ class Containers:
             except (DockerUnavailable, DockerError):
                 raise  # the engine is gone: the events loop waits for it and comes back
             except Exception:  # one container's bug: the others are still reconciled
-                log.exception("%s: reconciling failed", internal_id)
+                container_logger(internal_id, log).exception("reconciling failed")
         await self._reconcile_ports()
+        log.info("reconcile done")
 
     async def _reconcile_one(
         self, supervisor: ContainerSupervisor, item: dict[str, Any], *, running: bool
     ) -> None:
         """Adopt a server that runs, or tell the supervisor its server ended."""
-        internal_id = supervisor.internal_id
         if running and supervisor.state == "offline" and supervisor.record.install_state == "ready":
-            log.info("%s: adopting the running server", internal_id)
+            supervisor.log.info("reconcile: adopting the running server")
             await supervisor.adopt(item["Id"])
         elif (
             not running
@@ -382,6 +406,7 @@ class Containers:
             and item["Id"] == supervisor.record.container_id
         ):
             info = await self.docker.inspect_container(item["Id"])
+            supervisor.log.info("reconcile: the server ended while nobody watched")
             await supervisor.on_exit(int(info["State"].get("ExitCode", 0)), oom=False)
 
     async def _reconcile_ports(self) -> None:
@@ -393,13 +418,15 @@ class Containers:
                 if owner in self._claims:
                     continue  # being created: its record is not written yet
                 if supervisor is None:
-                    log.info("releasing ports held by unknown container %s", owner)
+                    container_logger(owner, log).info(
+                        "reconcile: releasing ports held by an unknown container"
+                    )
                     await pool.release(owner)
                 elif not supervisor.busy_with("rebind") and {(e.ip, e.port) for e in entries} != {
                     (p.ip, p.port) for p in supervisor.record.ports
                 }:
                     # A rebind cut short by a crash: the record says which ports it uses.
-                    log.info("%s: realigning held ports with its record", owner)
+                    supervisor.log.info("reconcile: realigning held ports with its record")
                     await self.set_ports(owner, supervisor.record.ports)
 
     # -- Docker mapping -----------------------------------------------------------------
@@ -633,6 +660,7 @@ class Containers:
         if not inserted:
             raise Conflict("Container already exists", code="container_exists")
         supervisor = await self._start_supervisor(record, wait=False)
+        supervisor.log.info("created (image %s, volume %s)", record.image, record.volume_id)
         supervisor.submit("install", start_after=request.start_on_completion)
         return supervisor
 
@@ -665,11 +693,12 @@ class Containers:
         try:
             await self.remove_docker_container(internal_id, role=None)
         except (DockerError, DockerUnavailable) as exc:
-            log.warning("%s: Docker cleanup left for reconciliation: %s", internal_id, exc)
+            supervisor.log.warning("Docker cleanup left for reconciliation: %s", exc)
         await self._release(internal_id)
         await trio.to_thread.run_sync(
             lambda: shutil.rmtree(self.data_path(internal_id), ignore_errors=True)
         )
         supervisor.hub.message("Container deleted")
+        supervisor.log.info("deleted")
         supervisor.hub.close()
         await self.agent.hooks.container_deleted(self.agent, internal_id)

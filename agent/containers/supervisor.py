@@ -43,6 +43,7 @@ from ..docker import (
     DockerNotFound,
 )
 from ..errors import AgentError, Conflict, DockerUnavailable, TooManyRequests
+from ..logs import container_logger
 from .console import LineSplitter
 from .hub import EventHub
 from .install import write_executable
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 #: Actions queued behind the running one, per container, at most: beyond, a request is
 #: refused (429) rather than queued, so a client cannot grow the queue without bound.
 MAX_PENDING = 16
+#: Actions logged when requested and when done (the operator's lifecycle lines).
+_LOGGED = frozenset({"start", "stop", "restart", "kill", "reinstall", "rebind"})
 
 
 @attrs.define
@@ -135,6 +138,8 @@ class ContainerSupervisor:
     ) -> None:
         self.host = host
         self.record = record
+        #: Lines about this container carry its ``internal_id``.
+        self.log = container_logger(record.internal_id, log)
         self.state: RuntimeState = "offline"
         self._view_body: tuple[tuple[Any, ...], bytes] | None = None
         self.hub = hub
@@ -185,9 +190,7 @@ class ContainerSupervisor:
                             await self._reattach(self.record.container_id)
                         await self._work()
                 except Exception as exc:
-                    log.exception(
-                        "%s: supervisor failed (a bug); running it again", self.internal_id
-                    )
+                    self.log.exception("supervisor failed (a bug); running it again")
                     self._close_console()
                     self._current = None
                     self._current_scope = None
@@ -210,6 +213,9 @@ class ContainerSupervisor:
                 with trio.CancelScope() as scope:
                     self._current_scope = scope
                     await getattr(self, f"_do_{action.kind}")(**action.args)
+                if action.kind in _LOGGED:
+                    done = "cut short by a kill" if scope.cancelled_caught else "done"
+                    self.log.info("%s %s (state %s)", action.kind, done, self.state)
             except Exception as exc:  # the action ends here; the container says why
                 await self._action_failed(action, exc)
             finally:
@@ -227,14 +233,9 @@ class ContainerSupervisor:
         reason = _reason(exc)
         try:
             if _expected(exc):
-                log.warning("%s: %s failed: %s", self.internal_id, action.kind, reason)
+                self.log.warning("%s failed: %s", action.kind, reason)
             else:
-                log.error(
-                    "%s: %s failed unexpectedly (a bug)",
-                    self.internal_id,
-                    action.kind,
-                    exc_info=exc,
-                )
+                self.log.error("%s failed unexpectedly (a bug)", action.kind, exc_info=exc)
             self.hub.message(f"Error: {reason}")
             install = action.kind in ("install", "reinstall")
             if install and (not _expected(exc) or self.record.install_state == "installing"):
@@ -246,9 +247,9 @@ class ContainerSupervisor:
                 if self.state in ("starting", "stopping"):
                     await self._settle()
         except (AgentError, OSError) as again:
-            log.warning("%s: after %s failed: %s", self.internal_id, action.kind, again)
+            self.log.warning("after %s failed: %s", action.kind, again)
         except Exception:
-            log.exception("%s: could not record the failure of %s", self.internal_id, action.kind)
+            self.log.exception("could not record the failure of %s", action.kind)
 
     async def _settle(self) -> None:
         """After a failed action: make the state what Docker says."""
@@ -276,7 +277,7 @@ class ContainerSupervisor:
         try:
             await self._attach(container_id)
         except (AgentError, OSError) as exc:
-            log.warning("%s: re-attach failed: %s", self.internal_id, exc)
+            self.log.warning("re-attach failed: %s", exc)
 
     # -- requests (validated now, run later, in order) ------------------------------------
 
@@ -359,6 +360,8 @@ class ContainerSupervisor:
         else:
             self._queue.append(action)
         self._wake.set()
+        if kind in _LOGGED:
+            self.log.info("%s requested", kind)
         return action
 
     async def send_command(self, text: str) -> None:
@@ -403,12 +406,14 @@ class ContainerSupervisor:
             await self._set_record(install_state="installing", error=None)
         self.hub.event("installing")
         await self.host.notify(self.internal_id, "installing")
+        self.log.info("install started (image %s)", self.record.image)
         try:
             container_id = await self._install_steps()
         except Exception as exc:  # whatever failed, the install ends failed
             reason = _reason(exc)
             if not _expected(exc):
-                log.error("%s: install failed unexpectedly (a bug)", self.internal_id, exc_info=exc)
+                self.log.error("install failed unexpectedly (a bug)", exc_info=exc)
+            self.log.warning("install failed: %s", reason)
             self._install_pending = False
             await self._set_record(install_state="failed", error=reason)
             self.hub.message(f"Error: {reason}")
@@ -418,6 +423,7 @@ class ContainerSupervisor:
         await self._set_record(install_state="ready", error=None, container_id=container_id)
         self.hub.event("installed")
         await self.host.notify(self.internal_id, "ready")
+        self.log.info("install finished: ready")
         if start_after:
             self._queue.appendleft(Action("start"))
 
@@ -472,7 +478,7 @@ class ContainerSupervisor:
                 await self.host.docker.inspect_container(container_id)
                 return container_id
             except DockerNotFound:
-                log.info("%s: Docker container vanished; recreating it", self.internal_id)
+                self.log.info("Docker container vanished; recreating it")
                 await self._set_record(container_id=None)
         return await self._recreate()
 
@@ -518,7 +524,7 @@ class ContainerSupervisor:
             try:
                 await self.host.docker.kill(container_id, "SIGKILL")
             except DockerError as exc:
-                log.info("%s: kill: %s", self.internal_id, exc)  # not running
+                self.log.info("kill: %s", exc)  # not running
         if self.state != "offline":
             await self._wait_exit(10)
 
@@ -540,14 +546,14 @@ class ContainerSupervisor:
                 elif container_id:
                     await self.host.docker.kill(container_id, "SIGTERM")
             except (DockerError, Conflict) as exc:
-                log.info("%s: stop: %s", self.internal_id, exc)
+                self.log.info("stop: %s", exc)
             await self._exited.wait()
         if not self.offline:
             try:
                 if container_id:
                     await self.host.docker.kill(container_id, "SIGKILL")
             except DockerError as exc:
-                log.info("%s: kill after stop: %s", self.internal_id, exc)
+                self.log.info("kill after stop: %s", exc)
             await self._wait_exit(10)
 
     async def _do_restart(self) -> None:
@@ -639,9 +645,9 @@ class ContainerSupervisor:
                     raise  # the start that opens it fails, and says why
                 # The console of this run ends; the server and everything else go on.
                 if _expected(exc):
-                    log.warning("%s: console reading failed: %s", self.internal_id, exc)
+                    self.log.warning("console reading failed: %s", exc)
                 else:
-                    log.error("%s: console reading failed (a bug)", self.internal_id, exc_info=exc)
+                    self.log.error("console reading failed (a bug)", exc_info=exc)
                 self.hub.message(f"Error: {_reason(exc)}")
         done.set()
         if self._console_scope is scope:
@@ -687,8 +693,10 @@ class ContainerSupervisor:
         if crashed:
             why = " (out of memory)" if (oom or self._oom) else ""
             self.hub.message(f"Container crashed (exit code {exit_code}){why}")
+            self.log.warning("crashed (exit code %d)%s", exit_code, why)
         else:
             self.hub.message("Container stopped")
+            self.log.info("stopped (exit code %d)", exit_code)
         self.state = "offline"
         self._exited.set()
         await self.host.notify(self.internal_id, "offline")
@@ -704,9 +712,20 @@ class ContainerSupervisor:
             self._crashes.popleft()
         if len(self._crashes) >= policy.max_restarts:
             self.hub.message("Crash restart limit reached; not restarting")
+            self.log.warning(
+                "crash restart limit reached (%d in %.0fs); not restarting",
+                policy.max_restarts,
+                policy.window,
+            )
             return
         self._crashes.append(now)
         self.hub.message("Restarting after crash")
+        self.log.info(
+            "restarting after crash (%d of %d in %.0fs)",
+            len(self._crashes),
+            policy.max_restarts,
+            policy.window,
+        )
         self._queue.append(Action("start"))
         self._wake.set()
 
@@ -765,7 +784,7 @@ def _start_pattern(record: ContainerRecord) -> StartPattern | None:
     try:
         return StartPattern(record.start_pattern)
     except Exception as exc:  # a record stored before the pattern was checked this way
-        log.warning("%s: start_pattern ignored: %s", record.internal_id, exc)
+        container_logger(record.internal_id, log).warning("start_pattern ignored: %s", exc)
         return None
 
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "DockerError",
     "DockerNotFound",
     "EngineInfo",
+    "call_name",
     "container_states",
     "docker_url",
     "split_image",
@@ -156,9 +158,19 @@ class _ControlConnections:
 class DockerEngine:
     """The engine, as the agent uses it: one named async method per thing asked of it."""
 
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        observer: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.base_url = base_url
         self.timeout = timeout
+        #: Told of every control call the engine answered, ``long`` ones (wait, stop) left
+        #: out: ``observer(call, seconds)``, the call as ``"POST /containers/{id}/start"``
+        #: (the agent's metrics; this package knows nothing of them).
+        self.observer = observer
         self.probe_interval = PROBE_INTERVAL
         self.retry_max = RETRY_MAX
         #: Control calls in flight (a bound on connections and on the engine's load; high
@@ -436,6 +448,7 @@ class DockerEngine:
         # A caller cancelled while waiting for a slot has sent nothing: it may go.
         async with contextlib.nullcontext() if long else self.request_limiter:
             with trio.CancelScope(shield=not long):
+                started = time.perf_counter()
                 try:
                     response = await pool.request(
                         method.encode(), target, headers, content, {"timeout": timeout}
@@ -443,6 +456,8 @@ class DockerEngine:
                 except _TRANSPORT_ERRORS as exc:
                     self._lost(generation, exc)
                     raise DockerUnavailable() from None
+        if self.observer is not None and not long:  # (wait, stop: the container's time)
+            self.observer(call_name(method, path), time.perf_counter() - started)
         # 304: the engine's "already so" (start a running container, stop a stopped one).
         if not (200 <= response.status < 300 or response.status == 304):
             raise _refusal(response.status, response.content)
@@ -593,6 +608,26 @@ def container_states(base_url: str, labels: list[str], *, timeout: float = 5) ->
         for item in listed
         if (item.get("Labels") or {}).get("lightd.role") == "server"
     }
+
+
+#: Collections whose ``/<kind>/<name>…`` paths name one object (its id or name there).
+_OBJECTS = frozenset({"containers", "images", "networks", "volumes", "exec"})
+#: ``/<kind>/<word>`` paths that are collection calls, not an object's.
+_COLLECTION_CALLS = frozenset({"json", "create", "prune"})
+
+
+def call_name(method: str, path: str) -> str:
+    """A control call's name for metrics: ``method`` and ``path`` with the object's id or
+    name replaced (``POST /containers/{id}/start``), so the names are a small, fixed set.
+    An image name may hold slashes: everything between the kind and the last segment is
+    the name."""
+    parts = path.strip("/").split("/")
+    if parts[0] in _OBJECTS and len(parts) >= 2:
+        if len(parts) >= 3:
+            path = f"/{parts[0]}/{{id}}/{parts[-1]}"
+        elif parts[1] not in _COLLECTION_CALLS:
+            path = f"/{parts[0]}/{{id}}"
+    return f"{method} {path}"
 
 
 def _engine_info(raw: Mapping[str, Any]) -> EngineInfo:

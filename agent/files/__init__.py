@@ -41,8 +41,17 @@ from .errors import (
 )
 from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse, parse_owner
 from .resolve import openat2_available
-from .root import AtomicFile, DirEntry, Root
-from .tree import CHUNK, MAX_DEPTH, TEMP_PREFIX, Owner, WalkEntry, copy_data, merge_tree
+from .root import AtomicFile, DirEntry, Root, Usage
+from .tree import (
+    CHUNK,
+    MAX_DEPTH,
+    TEMP_PREFIX,
+    Owner,
+    ScanEntry,
+    WalkEntry,
+    copy_data,
+    merge_tree,
+)
 
 __all__ = [
     "API_STATUS",
@@ -67,6 +76,8 @@ __all__ = [
     "PathNotFound",
     "RelPath",
     "Root",
+    "ScanEntry",
+    "Usage",
     "VolumeNotFound",
     "WalkEntry",
     "api_status",

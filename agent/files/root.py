@@ -36,7 +36,7 @@ from .errors import (
     VolumeNotFound,
     from_os_error,
 )
-from .paths import RelPath
+from .paths import ROOT, RelPath
 from .resolve import (
     DIR,
     DIR_PATH,
@@ -45,12 +45,14 @@ from .resolve import (
     lstat_at,
     open_beneath,
     open_regular,
+    open_regular_at,
     rename_noreplace,
 )
 from .tree import (
     CHUNK,
     TEMP_PREFIX,
     Owner,
+    ScanEntry,
     WalkEntry,
     chown_at,
     chown_fd,
@@ -61,10 +63,11 @@ from .tree import (
     noop,
     open_entry,
     remove_at,
+    scan_below,
     walk_below,
 )
 
-__all__ = ["AtomicFile", "DirEntry", "Root"]
+__all__ = ["AtomicFile", "DirEntry", "Root", "Usage"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,15 @@ class DirEntry:
     size: int
     modified: int
     mode: int
+
+
+@attrs.frozen
+class Usage:
+    """What a tree holds: ``bytes`` of its regular files and how many ``files`` (every
+    entry that is not a folder: files, links, others)."""
+
+    bytes: int
+    files: int
 
 
 class AtomicFile:
@@ -258,6 +270,15 @@ class Root:
         except BaseException:
             os.close(fd)
             raise
+
+    def open_read_fd(self, rel: RelPath) -> int:
+        """``open_file`` as a raw blocking descriptor (for streaming with ``os.pread``):
+        a regular file only, in-volume links followed, ``NotAFile`` for anything else."""
+        with self._errors(rel):
+            fd = open_regular(self.fd, rel.parts, no_links=self.no_links)
+        if fd is None:
+            raise NotAFile(rel.text)
+        return fd
 
     def read_bytes(self, rel: RelPath) -> bytes:
         with self.open_file(rel) as fh:
@@ -524,13 +545,16 @@ class Root:
         finally:
             os.close(parent_fd)
 
-    def chmod(self, rel: RelPath, mode: int) -> None:
+    def chmod(self, rel: RelPath, mode: int, *, follow: bool = True) -> None:
         """Change permission bits of the file or folder at ``rel``. In-volume links are
-        followed; the object changed is the one opened, so a link swapped in cannot
+        followed (``follow=False``: a link at ``rel``, or a FIFO, device or socket, is
+        ``NotAFile``); the object changed is the one opened, so a link swapped in cannot
         redirect the change (``fchmod`` on a descriptor, never ``chmod`` on a name)."""
         with self._errors(rel):
-            fd = self.open_fd(rel.parts, os.O_PATH)
+            fd = self.open_fd(rel.parts, os.O_PATH, follow_last=follow)
             try:
+                if not follow and kind_of(os.fstat(fd).st_mode) not in ("file", "directory"):
+                    raise NotAFile(rel.text)
                 # an O_PATH descriptor cannot be fchmod-ed; its /proc entry names exactly
                 # the object we opened (what glibc's fchmodat fallback does)
                 os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
@@ -644,6 +668,31 @@ class Root:
         finally:
             os.close(parent_fd)
 
+    def scan(self, rel: RelPath, *, checkpoint: Callable[[], None] = noop) -> Iterator[ScanEntry]:
+        """Every entry below the folder at ``rel`` (in-volume links to it followed, as
+        ``list_dir`` does), parents before children, names sorted, with no ``stat`` per
+        entry (see ``tree.scan_below``). Links inside are reported, never followed.
+        ``NotAFolder`` when ``rel`` is not a folder."""
+        fd = self.open_dir(rel)
+        yield from scan_below(
+            fd, "/".join(rel.parts), checkpoint=checkpoint, error=self._error_for(rel)
+        )
+
+    def usage(self, *, checkpoint: Callable[[], None] = noop) -> Usage:
+        """What the whole root holds (``Usage``), counted by a scan that follows no link:
+        a link counts as one file of no bytes, whatever it points to."""
+        total = files = 0
+        for entry in self.scan(ROOT, checkpoint=checkpoint):
+            kind = entry.kind
+            if kind == "directory":
+                continue
+            files += 1
+            if kind == "file":
+                st = entry.stat()
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+        return Usage(total, files)
+
     def _error_for(self, rel: RelPath) -> Callable[[OSError], FileError]:
         return partial(self._error, rel=rel)
 
@@ -651,6 +700,13 @@ class Root:
     def open_entry(entry: WalkEntry) -> BinaryIO | None:
         """Open a walked regular file for reading (``None`` if it is no longer one)."""
         fd = open_entry(entry)
+        return None if fd is None else os.fdopen(fd, "rb", buffering=0)
+
+    @staticmethod
+    def open_regular_in(dir_fd: int, name: str) -> BinaryIO | None:
+        """Open the regular file ``name`` of a walked or scanned folder for reading, no
+        link followed (``None`` if it is gone or is anything else: never opened)."""
+        fd = open_regular_at(dir_fd, name)
         return None if fd is None else os.fdopen(fd, "rb", buffering=0)
 
     @staticmethod

@@ -82,6 +82,10 @@ def _normal_ip(text: str) -> str | None:
     return address.compressed
 
 
+#: What an ``Invalid port`` answer adds in ``details`` (contract §1 [ext]).
+PORT_DETAIL = "port must be an integer from 1 to 65535"
+
+
 def parse_port(value: object, field: str = "port") -> int:
     """A port 1 to 65535 from a JSON integer. Any other JSON type (``"80"``, ``80.0``,
     ``true``, ``null``, ``[1]``) is the §1 field form ``<field>: must be an integer``; an
@@ -90,14 +94,14 @@ def parse_port(value: object, field: str = "port") -> int:
         raise ValidationError(f"{field}: must be an integer")
     if 1 <= value <= 65535:
         return value
-    raise BadRequest(f"Invalid port: {echo(value)}", code="invalid_port")
+    raise BadRequest(f"Invalid port: {echo(value)}", code="invalid_port", details=[PORT_DETAIL])
 
 
 def parse_path_port(text: str) -> int:
     """A port from a URL segment: ASCII digits only, then as ``parse_port``."""
     if text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535:
         return int(text)
-    raise BadRequest(f"Invalid port: {echo(text)}", code="invalid_port")
+    raise BadRequest(f"Invalid port: {echo(text)}", code="invalid_port", details=[PORT_DETAIL])
 
 
 def parse_protocol(value: object) -> str:
@@ -105,7 +109,11 @@ def parse_protocol(value: object) -> str:
     ``BadRequest("Invalid protocol: <value>")``."""
     if isinstance(value, str) and value in PROTOCOLS:
         return value
-    raise BadRequest(f"Invalid protocol: {echo(value)}", code="invalid_protocol")
+    raise BadRequest(
+        f"Invalid protocol: {echo(value)}",
+        code="invalid_protocol",
+        details=["protocol must be tcp, udp or both"],
+    )
 
 
 def covers(entry: str, wanted: str) -> bool:

@@ -9,15 +9,15 @@ request changes nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import attrs
 from lightd import BadRequest, ValidationError
-from lightd.api import read_json
+from lightd.api import describe, read_json
 from quart import Blueprint, request
 
 from .model import echo, parse_ip, parse_path_port, parse_port, parse_protocol
-from .pool import PortPool
+from .pool import Entry, PortPool
 
 __all__ = ["make_blueprint"]
 
@@ -55,6 +55,96 @@ class BulkAddBody:
     start: Any = None
     end: Any = None
     protocol: Any = None
+
+
+# --- answers (their types are the OpenAPI document's schemas) ----------------------------
+
+Protocol = Literal["tcp", "udp", "both"]
+
+
+class PortAdded(TypedDict):
+    message: str
+    ip: str
+    port: int
+    protocol: str
+
+
+class PortEntry(TypedDict):
+    """A pool entry; ``container`` [ext] is the ``internal_id`` holding it, or ``null``."""
+
+    ip: str
+    port: int
+    protocol: str
+    in_use: bool
+    container: str | None
+
+
+class PortList(TypedDict):
+    """The pool, sorted by address then port."""
+
+    ports: list[PortEntry]
+
+
+class FreePort(TypedDict):
+    """A free entry chosen at random; it is not reserved."""
+
+    ip: str
+    port: int
+    protocol: str
+    in_use: bool
+
+
+class PortUsage(TypedDict):
+    message: str
+    ip: str
+    port: int
+    in_use: bool
+
+
+class PortMessage(TypedDict):
+    message: str
+
+
+class SkippedPort(TypedDict):
+    ip: str
+    port: int
+    container: str | None
+
+
+class BulkDeleted(TypedDict):
+    """``skipped`` [ext]: the ports a container holds, left in the pool."""
+
+    message: str
+    deleted_count: int
+    skipped: list[SkippedPort]
+
+
+class BulkAdded(TypedDict):
+    """``skipped_count`` [ext]: ports already in the pool (left as they were)."""
+
+    message: str
+    added_count: int
+    skipped_count: int
+
+
+class PortListQuery(TypedDict, total=False):
+    #: Only used (``true``) or only free (``false``) entries [ext].
+    in_use: bool
+
+
+class RandomQuery(TypedDict, total=False):
+    #: Only entries serving this protocol (``both`` serves either).
+    protocol: Protocol
+
+
+def _entry_json(entry: Entry) -> PortEntry:
+    return {
+        "ip": entry.ip,
+        "port": entry.port,
+        "protocol": entry.protocol,
+        "in_use": entry.in_use,
+        "container": entry.owner,
+    }
 
 
 def _protocol(value: object, default: str = "tcp") -> str:
@@ -102,30 +192,61 @@ def make_blueprint(pool: PortPool) -> Blueprint:
     bp = Blueprint("port_pool", __name__)
 
     @bp.post("/network/ports")
-    async def add_port() -> dict[str, Any]:
+    @describe(
+        "Add a port to the pool",
+        description="`protocol`: `tcp` (default), `udp` or [ext] `both`. 409 when "
+        "`(ip, port)` is in the pool already.",
+        body=AddBody,
+        errors=(409,),
+        examples={"body": {"ip": "0.0.0.0", "port": 25565, "protocol": "tcp"}},
+        tags=("network",),
+    )
+    async def add_port() -> PortAdded:
         body = await read_json(AddBody)
         ip, port, protocol = parse_ip(body.ip), parse_port(body.port), _protocol(body.protocol)
         await pool.add(ip, port, protocol)
         return {"message": "Port added to pool", "ip": ip, "port": port, "protocol": protocol}
 
     @bp.get("/network/ports")
-    async def list_ports() -> dict[str, Any]:
+    @describe("List the pool", query=PortListQuery, tags=("network",))
+    async def list_ports() -> PortList:
         entries = await pool.entries(in_use=_flag("in_use"))
-        return {"ports": [entry.to_json() for entry in entries]}
+        return {"ports": [_entry_json(entry) for entry in entries]}
 
     @bp.get("/network/ports/random")
-    async def random_port() -> dict[str, Any]:
+    @describe(
+        "Pick a free port",
+        description="A free entry at random, not reserved. 404 when none is free.",
+        query=RandomQuery,
+        errors=(404,),
+        tags=("network",),
+    )
+    async def random_port() -> FreePort:
         wanted = request.args.get("protocol")
         entry = await pool.random_free(None if wanted is None else parse_protocol(wanted))
         return {"ip": entry.ip, "port": entry.port, "protocol": entry.protocol, "in_use": False}
 
     @bp.get("/network/ports/<ip>/<port>")
-    async def get_port(ip: str, port: str) -> dict[str, Any]:
+    @describe(
+        "Read a pool entry",
+        description="400 when `ip` is not an IP address or `port` not 1-65535.",
+        errors=(400,),
+        tags=("network",),
+    )
+    async def get_port(ip: str, port: str) -> PortEntry:
         entry = await pool.get(parse_ip(ip), parse_path_port(port))
-        return entry.to_json()
+        return _entry_json(entry)
 
     @bp.put("/network/ports/<ip>/<port>/use")
-    async def use_port(ip: str, port: str) -> dict[str, Any]:
+    @describe(
+        "Mark a port used or free",
+        description="409 when freeing a port a container holds.",
+        body=UseBody,
+        errors=(400, 409),
+        examples={"body": {"in_use": True}},
+        tags=("network",),
+    )
+    async def use_port(ip: str, port: str) -> PortUsage:
         address, number = parse_ip(ip), parse_path_port(port)
         body = await read_json(UseBody)
         entry = await pool.set_in_use(address, number, body.in_use)
@@ -137,12 +258,26 @@ def make_blueprint(pool: PortPool) -> Blueprint:
         }
 
     @bp.delete("/network/ports/<ip>/<port>")
-    async def delete_port(ip: str, port: str) -> dict[str, Any]:
+    @describe(
+        "Delete a port from the pool",
+        description="400 when `ip` is not an IP address or `port` not 1-65535; 409 when a "
+        "container holds it.",
+        errors=(400, 409),
+        tags=("network",),
+    )
+    async def delete_port(ip: str, port: str) -> PortMessage:
         await pool.delete(parse_ip(ip), parse_path_port(port))
         return {"message": "Port deleted from pool"}
 
     @bp.post("/network/ports/bulk-delete")
-    async def bulk_delete() -> dict[str, Any]:
+    @describe(
+        "Delete many ports",
+        description="Ports a container holds are skipped and listed in `skipped` [ext].",
+        body=BulkDeleteBody,
+        examples={"body": {"ports": [{"ip": "0.0.0.0", "port": 25565}]}},
+        tags=("network",),
+    )
+    async def bulk_delete() -> BulkDeleted:
         body = await read_json(BulkDeleteBody)
         keys = [
             (parse_ip(ref.ip), parse_port(ref.port, f"ports[{i}].port"))
@@ -158,7 +293,16 @@ def make_blueprint(pool: PortPool) -> Blueprint:
         }
 
     @bp.post("/network/ports/bulk")
-    async def bulk_add() -> dict[str, Any]:
+    @describe(
+        "Add many ports [ext]",
+        description='A list `{"ports": [{"ip", "port", "protocol"?}]}` or a range '
+        '`{"ip", "start", "end", "protocol"?}`; ports already in the pool are '
+        "skipped.",
+        body=BulkAddBody,
+        examples={"body": {"ip": "0.0.0.0", "start": 25565, "end": 25575, "protocol": "tcp"}},
+        tags=("network",),
+    )
+    async def bulk_add() -> BulkAdded:
         body = await read_json(BulkAddBody)
         entries = _bulk_entries(body)
         unique = len({(ip, port) for ip, port, _ in entries})

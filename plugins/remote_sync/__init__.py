@@ -32,16 +32,16 @@ dead panel never holds up the agent's start.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any
 
 from lightd import Agent, Config, Migration, Service, hookimpl
+from lightd.api import describe
 from quart import Blueprint
 
 from .config import RemoteConfig
-from .outbox import MIGRATIONS
-from .sync import REMOTE_SYNC, RemoteSync
+from .outbox import MIGRATIONS, register_metrics
+from .sync import REMOTE_SYNC, RemoteStatus, RemoteSync
 
-__all__ = ["REMOTE_SYNC", "RemoteConfig", "RemoteSync"]
+__all__ = ["REMOTE_SYNC", "RemoteConfig", "RemoteStatus", "RemoteSync"]
 
 
 @hookimpl
@@ -56,7 +56,8 @@ def lightd_add_migrations() -> list[Migration]:
 
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
-    agent.stash[REMOTE_SYNC] = RemoteSync(agent)
+    sync = agent.stash[REMOTE_SYNC] = RemoteSync(agent)
+    register_metrics(agent.metrics, sync)
 
 
 @hookimpl
@@ -74,7 +75,13 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     bp = Blueprint("remote_sync", __name__)
 
     @bp.get("/remote/status")
-    async def remote_status() -> dict[str, Any]:
+    @describe(
+        "The link to the panel [ext]",
+        description="Heartbeat health, the last success and error, and the updates "
+        "waiting in the durable outbox.",
+        tags=("remote",),
+    )
+    async def remote_status() -> RemoteStatus:
         return await sync.describe()
 
     return [bp]

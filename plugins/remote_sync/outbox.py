@@ -11,17 +11,24 @@ the same update with the same ``event_id``.
 Every call goes through ``Store`` (one SQLite connection in a worker thread); ``put`` runs
 in one immediate transaction, so when it returns the update is committed and survives a
 crash of the agent.
+
+Metrics (``register_metrics``): the outbox's depth and the updates' outcomes, read from
+the sync state when scraped, so sending costs nothing more.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
-from lightd import Migration, Store
+from lightd import Metrics, Migration, Store
 
-__all__ = ["MIGRATIONS", "Outbox", "QueuedUpdate"]
+if TYPE_CHECKING:
+    from .sync import RemoteSync
+
+__all__ = ["MIGRATIONS", "Outbox", "QueuedUpdate", "register_metrics"]
 
 TABLE = "remote_sync_outbox"
 
@@ -151,3 +158,28 @@ def _put(
         (excess,),
     )
     return PutResult(seq, excess)
+
+
+def register_metrics(metrics: Metrics, sync: RemoteSync) -> None:
+    """The outbox's series on the agent's registry, read from ``sync`` at scrape time."""
+    metrics.gauge_from(
+        "lightd_remote_outbox_depth",
+        "Updates waiting in the outbox for the panel (absent until the sender has counted).",
+        lambda: sync.pending if sync.pending is None else max(0, sync.pending),
+    )
+
+    def outcomes() -> dict[tuple[str, ...], float]:
+        status = sync.status
+        return {
+            ("delivered",): status.delivered,
+            ("rejected",): status.rejected,
+            ("dropped",): status.dropped,
+        }
+
+    metrics.counter_from(
+        "lightd_remote_updates",
+        "Updates by outcome: delivered to the panel, rejected by it (4xx), or dropped"
+        " because the outbox was full.",
+        outcomes,
+        ("outcome",),
+    )

@@ -30,7 +30,7 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
 import attrs
 import httpx
@@ -212,6 +212,25 @@ class LinkStatus:
     retry_at: float | None = None
 
 
+class RemoteStatus(TypedDict):
+    """``GET /remote/status`` [ext]: the link to the panel. Times are unix seconds;
+    ``retry_in`` is the seconds until the next delivery attempt while backing off."""
+
+    healthy: bool
+    last_ok: int | None
+    last_error: str | None
+    pending_updates: int
+    enabled: bool
+    url: str
+    report_power_state: bool
+    last_error_at: int | None
+    last_heartbeat: int | None
+    delivered: int
+    rejected: int
+    dropped: int
+    retry_in: float | None
+
+
 REMOTE_SYNC: StashKey[RemoteSync] = StashKey("remote_sync")
 
 
@@ -236,6 +255,9 @@ class RemoteSync:
         self._generation = 0  # bumped by every reload that changes the remote section
         self._last_state: dict[str, tuple[str, str | None]] = {}
         self._outage_warned_at: float | None = None
+        #: The link state last logged (``None``: none yet): up/down is logged once per
+        #: transition, not per retry.
+        self._link_logged: bool | None = None
 
     @property
     def config(self) -> RemoteConfig:
@@ -263,10 +285,20 @@ class RemoteSync:
             if not config.report_power_state:
                 return None
         elif state not in INSTALL_STATES:
-            log.debug("not reporting unknown state %r of %s", state, internal_id)
+            log.debug(
+                "not reporting unknown state %r of %s",
+                state,
+                internal_id,
+                extra={"internal_id": internal_id},
+            )
             return None
         if previous == (state, error):
-            log.debug("not reporting %s of %s twice in a row", state, internal_id)
+            log.debug(
+                "not reporting %s of %s twice in a row",
+                state,
+                internal_id,
+                extra={"internal_id": internal_id},
+            )
             return None
         return self._enqueue(internal_id, state, error)
 
@@ -285,7 +317,13 @@ class RemoteSync:
             )
         except (sqlite3.Error, StoreError) as exc:
             # Failing the caller (a container's state change) would not save the update.
-            log.error("could not queue the %s update about %s: %s", state, internal_id, exc)
+            log.error(
+                "could not queue the %s update about %s: %s",
+                state,
+                internal_id,
+                exc,
+                extra={"internal_id": internal_id},
+            )
             return
         if self.pending is not None:
             self.pending += 1 - result.dropped
@@ -328,6 +366,7 @@ class RemoteSync:
             if changes & {"enabled", "url", "token"}:
                 self.status.healthy = False
                 self._outage_warned_at = None
+                self._link_logged = None  # another panel, or none: its link is news
             self.backoff.reset()
             self._kick.set()
             self._beat.set()
@@ -390,15 +429,24 @@ class RemoteSync:
         self.status.last_ok = int(self.agent.clock())
         if not self.status.healthy:
             self.status.healthy = True
-            again = " again" if self._outage_warned_at is not None else ""
-            log.info("panel at %s is reachable%s", self.config.url, again)
+        if self._link_logged is not True:
+            again = " again" if self._link_logged is False else ""
+            log.info("remote link up: panel at %s is reachable%s", self.config.url, again)
+            self._link_logged = True
         self._outage_warned_at = None
 
-    def _failed(self, detail: str, *, link_down: bool = True) -> None:
+    def _failed(self, detail: str, *, link_down: bool = True, during: str = "delivery") -> None:
         self.status.last_error = detail
         self.status.last_error_at = int(self.agent.clock())
         if link_down:
             self.status.healthy = False
+            if self._link_logged is not False:
+                log.warning(
+                    "remote link down: %s: panel at %s: %s", during, self.config.url, detail
+                )
+                self._link_logged = False
+                # the next reminder comes after WARN_EVERY, not on the next retry
+                self._outage_warned_at = trio.current_time()
 
     def _should_warn(self) -> bool:
         """Warn once when the panel becomes unreachable, then every ``WARN_EVERY`` s."""
@@ -428,9 +476,9 @@ class RemoteSync:
             self._ok()
             self._kick.set()
             return True
+        self._failed(detail, during="heartbeat")
         level = logging.WARNING if self._should_warn() else logging.DEBUG
         log.log(level, "heartbeat: panel at %s: %s", self.config.url, detail)
-        self._failed(detail)
         return False
 
     async def send(self, client: httpx.AsyncClient, update: QueuedUpdate) -> Attempt:
@@ -510,13 +558,24 @@ class RemoteSync:
         self._ok()
         if attempt.outcome is Outcome.DELIVERED:
             self.status.delivered += 1
-            log.debug("delivered update %s about %s", update.event_id, update.server)
+            log.debug(
+                "delivered update %s about %s",
+                update.event_id,
+                update.server,
+                extra={"internal_id": update.server},
+            )
             return
         self.status.rejected += 1
         hint = "; check remote.token" if attempt.status in (401, 403) else ""
         detail = f"update {update.event_id} about {update.server} rejected ({attempt.detail}{hint})"
         self._failed(detail, link_down=False)
-        log.error("panel at %s %s; dropped it: %s", self.config.url, detail, update.body)
+        log.error(
+            "panel at %s %s; dropped it: %s",
+            self.config.url,
+            detail,
+            update.body,
+            extra={"internal_id": update.server},
+        )
 
     async def _back_off(self, update: QueuedUpdate, attempt: Attempt) -> None:
         if attempt.superseded:
@@ -524,7 +583,7 @@ class RemoteSync:
         delay = self.backoff.next_delay()
         if attempt.retry_after is not None:
             delay = min(BACKOFF_CAP, max(delay, attempt.retry_after))
-        self._failed(attempt.detail)
+        self._failed(attempt.detail, during=f"update about {update.server}")
         self.status.retry_at = trio.current_time() + delay
         level = logging.DEBUG
         if attempt.status is not None and 300 <= attempt.status < 400:
@@ -542,9 +601,16 @@ class RemoteSync:
                 attempt.detail,
                 pending,
                 delay,
+                extra={"internal_id": update.server},
             )
         else:
-            log.debug("retrying update about %s in %.1fs: %s", update.server, delay, attempt.detail)
+            log.debug(
+                "retrying update about %s in %.1fs: %s",
+                update.server,
+                delay,
+                attempt.detail,
+                extra={"internal_id": update.server},
+            )
         self._kick.clear()
         with trio.move_on_after(delay):
             await self._kick.wait()
@@ -563,7 +629,7 @@ class RemoteSync:
             return await self.outbox.count(self.cursor)
         return max(0, self.pending)
 
-    async def describe(self) -> dict[str, Any]:
+    async def describe(self) -> RemoteStatus:
         """The body of ``GET /remote/status``."""
         config = self.config
         status = self.status

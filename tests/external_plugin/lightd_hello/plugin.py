@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NoReturn, TypedDict
+
 import attrs
 import trio
 from lightd import Agent, Migration, Service, StashKey, hookimpl
-from lightd.api import current_auth
+from lightd.api import current_auth, describe
 from quart import Blueprint, websocket
 
 
@@ -20,6 +22,24 @@ class HelloState:
     events: list[tuple[str, str, str | None]] = attrs.Factory(list)
     deleted: list[str] = attrs.Factory(list)
     ticks: int = 0
+
+
+class Hello(TypedDict):
+    hello: str
+    calls: list[str]
+    ticks: int
+
+
+class Events(TypedDict):
+    """``events``: ``[internal_id, state, error]`` triples, in order."""
+
+    events: list[list[str | None]]
+    deleted: list[str]
+
+
+class HelloContainer(TypedDict):
+    internal_id: str
+    auth: str
 
 
 STATE: StashKey[HelloState] = StashKey("hello")
@@ -65,23 +85,33 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     bp = Blueprint("hello", __name__)
 
     @bp.get("/hello")
-    async def hello() -> dict[str, object]:
+    @describe("Greet, with the hooks called so far", tags=("hello",))
+    async def hello() -> Hello:
         section: HelloConfig = agent.config.section(HelloConfig)
         return {"hello": section.greeting, "calls": state.calls, "ticks": state.ticks}
 
     @bp.get("/hello/events")
-    async def events() -> dict[str, object]:
+    @describe("The container notifications received", tags=("hello",))
+    async def events() -> Events:
         return {"events": [list(e) for e in state.events], "deleted": state.deleted}
 
     @bp.get("/hello/boom")
-    async def boom() -> dict[str, object]:
+    @describe(
+        "Always fail",
+        description="Raises, to show that an internal error answers a bare 500.",
+        errors=(500,),
+        tags=("hello",),
+    )
+    async def boom() -> NoReturn:
         raise RuntimeError("secret detail /etc/shadow lightd_leaked_token_value")
 
     @bp.get("/hello/containers/<internal_id>")
-    async def container(internal_id: str) -> dict[str, object]:
+    @describe("Echo a container id and the caller's kind of auth", tags=("hello",))
+    async def container(internal_id: str) -> HelloContainer:
         return {"internal_id": internal_id, "auth": current_auth().kind}
 
     @bp.websocket("/hello/ws/<internal_id>")
+    @describe("Echo text frames, prefixed with the container id", tags=("hello",))
     async def echo(internal_id: str) -> None:
         await websocket.accept()
         while True:
