@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -461,3 +463,34 @@ async def wait_for(
             await trio.sleep(0.05)
         return
     pytest.fail(f"timed out after {within}s waiting for {what or predicate}")
+
+
+class Trouble(logging.Handler):
+    """Keeps every record at ERROR or above, or with a traceback, from any logger: a crashed
+    service or an unhandled exception in a view logs one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            text = f"{record.name} {record.levelname}: {record.getMessage()}"
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            self.records.append(text)
+
+    def take(self) -> list[str]:
+        taken, self.records = self.records, []
+        return taken
+
+
+@pytest.fixture
+def trouble() -> Iterator[Trouble]:
+    handler = Trouble()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)

@@ -28,12 +28,10 @@ To look closer: ``LIGHTD_FUZZ_OPERATIONS=<regex>`` runs only the operations whos
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
-import traceback
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,16 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from .conftest import MADE, MASTER, TEST_IMAGE, VENDOR, RunningAgent, StartAgent, wait_for
+from .conftest import (
+    MADE,
+    MASTER,
+    TEST_IMAGE,
+    VENDOR,
+    RunningAgent,
+    StartAgent,
+    Trouble,
+    wait_for,
+)
 
 EXAMPLES = int(os.environ.get("LIGHTD_FUZZ_EXAMPLES", "40"))
 CHECKS = [
@@ -99,40 +106,6 @@ class Target:
             "ip": self.ip,
             "port": str(self.port),
         }
-
-
-# --- the agent's log ----------------------------------------------------------------------
-
-
-class Trouble(logging.Handler):
-    """Keeps every record at ERROR or above, or with a traceback, from any logger: a crashed
-    service or an unhandled exception in a view logs one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or record.levelno >= logging.ERROR:
-            text = f"{record.name} {record.levelname}: {record.getMessage()}"
-            if record.exc_info:
-                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            self.records.append(text)
-
-    def take(self) -> list[str]:
-        taken, self.records = self.records, []
-        return taken
-
-
-@pytest.fixture
-def trouble() -> Iterator[Trouble]:
-    handler = Trouble()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
 
 
 # --- the target agent ---------------------------------------------------------------------

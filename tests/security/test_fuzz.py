@@ -21,11 +21,9 @@ To look closer: ``LIGHTD_FUZZ_ROUTES=<part of a rule>`` fuzzes only the matching
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -38,7 +36,16 @@ import trio
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from ..conftest import MADE, MASTER, TEST_IMAGE, VENDOR, RunningAgent, StartAgent, wait_for
+from ..conftest import (
+    MADE,
+    MASTER,
+    TEST_IMAGE,
+    VENDOR,
+    RunningAgent,
+    StartAgent,
+    Trouble,
+    wait_for,
+)
 
 JSON_METHODS = {"POST", "PUT", "PATCH"}
 EXAMPLES_PER_ROUTE = 14
@@ -261,39 +268,6 @@ def fill(rule: str, args: dict[str, str]) -> str:
         encoded = quote(value.encode("utf-8", "surrogatepass"), safe="")
         path = path.replace(f"<{name}>", encoded).replace(f"<int:{name}>", encoded)
     return path
-
-
-# --- the agent's log ----------------------------------------------------------------------
-
-
-class Trouble(logging.Handler):
-    """Keeps every record with a traceback or at ERROR and above, from any logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or record.levelno >= logging.ERROR:
-            text = f"{record.name} {record.levelname}: {record.getMessage()}"
-            if record.exc_info:
-                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            self.records.append(text)
-
-    def take(self) -> list[str]:
-        taken, self.records = self.records, []
-        return taken
-
-
-@pytest.fixture
-def trouble() -> Iterator[Trouble]:
-    handler = Trouble()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
 
 
 # --- the target agent -----------------------------------------------------------------
