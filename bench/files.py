@@ -12,8 +12,20 @@ Prints, each next to its baseline and the ratio:
   4. the agent's RSS growth during each (target < 30 MB).
 
 The agent runs as a subprocess (``python -m lightd``); every HTTP transfer, agent's and
-bare app's alike, is made by ``curl`` (so the client costs the same on both sides). Each
-figure is the best of ``--repeat`` runs; the load average before and after is printed.
+bare app's alike, is made by ``curl`` (so the client costs the same on both sides), the
+agent's and the bare app's runs taking turns (which goes first alternates, and every
+upload starts after a ``sync``), so a burst of load or the write-back of the previous
+upload falls on both alike. Each figure is the best of ``--repeat`` runs; the server's
+CPU seconds (user + system, median of the runs) are printed beside it, a steadier figure
+than the wall time on a busy machine, and so is the load average before and after.
+
+The bare app reads and writes in its event loop (blocking, the simplest and fastest
+thing); the agent may not: it reads what the page cache holds without waiting for the
+disk (``RWF_NOWAIT``) and everything else, and all writes, in worker threads. Both read
+``CHUNK`` (the agent's ``READ_SIZE``) at a time and get the body as hypercorn delivers it
+(64 KiB reads). As a reference for the ``cat`` target, what a server doing no work per
+chunk gets through to this client is printed too: a plain socket server (no HTTP
+framework, no Python per chunk) answering with ``os.sendfile``.
 
 Run::
 
@@ -28,6 +40,8 @@ import json
 import os
 import random
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,8 +166,8 @@ def make_texts(root: Path, count: int) -> int:
 
 def serve_bare(port: int, root: str) -> None:
     """A bare ASGI app on hypercorn's trio worker, set up as the agent's: ``GET /<name>``
-    streams the file in 1 MiB chunks, ``PUT /<name>`` writes the body into it
-    (``python -m bench.files --serve-bare PORT ROOT``)."""
+    streams the file in ``CHUNK`` reads, ``PUT /<name>`` writes the body into it as it
+    comes (``python -m bench.files --serve-bare PORT ROOT``)."""
     import hypercorn.trio
     import trio
 
@@ -216,7 +230,66 @@ def bare_server(root: Path) -> Iterator[tuple[str, int]]:
         proc.wait()
 
 
+@contextmanager
+def sendfile_server(path: Path) -> Iterator[str]:
+    """The reference for the ``cat`` target: a plain socket server in a thread answering
+    every request with ``path`` by ``os.sendfile`` (zero copy, no HTTP framework)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    size = path.stat().st_size
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed
+            with conn, path.open("rb") as fh:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % size
+                )
+                sent = 0
+                while sent < size:
+                    sent += os.sendfile(conn.fileno(), fh.fileno(), sent, size - sent)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
 # --- measurements ------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def taking_turns(
+    repeat: int, runs: dict[str, tuple[int, list[str]]], *, before: Callable[[], object]
+) -> dict[str, tuple[float, float]]:
+    """Each of ``runs`` (name: server pid, curl command) ``repeat`` times, in turns (the
+    first of a turn alternates), ``before`` each: name -> (best wall time, median server
+    CPU seconds)."""
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for turn in range(repeat):
+        for name in names[turn % 2 :] + names[: turn % 2]:
+            pid, cmd = runs[name]
+            before()
+            cpu = cpu_seconds(pid)
+            start = time.perf_counter()
+            run_ok(cmd)
+            walls[name].append(time.perf_counter() - start)
+            cpus[name].append(cpu_seconds(pid) - cpu)
+    return {name: (min(walls[name]), statistics.median(cpus[name])) for name in runs}
 
 
 def transfers(agent: Agent, volume_id: str, volume: Path, base: Path, args: Any) -> dict[str, Any]:
@@ -227,29 +300,40 @@ def transfers(agent: Agent, volume_id: str, volume: Path, base: Path, args: Any)
     url = f"http://127.0.0.1:{agent.port}/volumes/{volume_id}/files/content?path="
     out: dict[str, Any] = {"size_mb": args.size_mb}
     out["cat_s"] = best(args.repeat, lambda: run_ok(["sh", "-c", f"cat '{big}' > /dev/null"]))
-    with peak_rss(agent.proc.pid) as grown:
-        out["agent_download_s"] = best(
-            args.repeat, lambda: run_ok(curl(url + "big.bin", token=agent.token))
-        )
-    out["agent_download_rss_growth"] = grown["growth"]
-    upload_cmd = curl(url + "up.bin", "-T", str(big), token=agent.token)
-    with peak_rss(agent.proc.pid) as grown:
-        out["agent_upload_s"] = best(args.repeat, lambda: run_ok(upload_cmd))
-    out["agent_upload_rss_growth"] = grown["growth"]
-    assert (volume / "up.bin").stat().st_size == size
-    (volume / "up.bin").unlink()
+    with sendfile_server(big) as plain:
+        out["sendfile_s"] = best(args.repeat, lambda: run_ok(curl(plain)))
     bare_root = base / "bare"
     bare_root.mkdir()
     os.link(big, bare_root / "big.bin")
-    with bare_server(bare_root) as (bare, pid):
-        with peak_rss(pid) as grown:
-            out["bare_download_s"] = best(args.repeat, lambda: run_ok(curl(f"{bare}/big.bin")))
-        out["bare_download_rss_growth"] = grown["growth"]
-        with peak_rss(pid) as grown:
-            out["bare_upload_s"] = best(
-                args.repeat, lambda: run_ok(curl(f"{bare}/up.bin", "-T", str(big)))
+    pid = agent.proc.pid
+    with bare_server(bare_root) as (bare, bare_pid):
+        with peak_rss(pid) as grown_down:
+            down = taking_turns(
+                args.repeat,
+                {
+                    "agent": (pid, curl(url + "big.bin", token=agent.token)),
+                    "bare": (bare_pid, curl(f"{bare}/big.bin")),
+                },
+                before=lambda: None,
             )
-        out["bare_upload_rss_growth"] = grown["growth"]
+        with peak_rss(pid) as grown_up:
+            up = taking_turns(
+                args.repeat,
+                {
+                    "agent": (pid, curl(url + "up.bin", "-T", str(big), token=agent.token)),
+                    "bare": (bare_pid, curl(f"{bare}/up.bin", "-T", str(big))),
+                },
+                before=lambda: run_ok(["sync"]),  # the last upload's write-back is not theirs
+            )
+    out["agent_download_rss_growth"] = grown_down["growth"]
+    out["agent_upload_rss_growth"] = grown_up["growth"]
+    for name, (wall, cpu) in down.items():
+        out[f"{name}_download_s"], out[f"{name}_download_cpu_s"] = wall, cpu
+    for name, (wall, cpu) in up.items():
+        out[f"{name}_upload_s"], out[f"{name}_upload_cpu_s"] = wall, cpu
+    assert (volume / "up.bin").stat().st_size == size
+    assert (bare_root / "up.bin").stat().st_size == size
+    (volume / "up.bin").unlink()
     shutil.rmtree(bare_root)
     big.unlink()
     return out
@@ -368,7 +452,14 @@ def print_report(r: dict[str, Any]) -> None:
         print(
             f"  (MB/s: agent down {mb / t['agent_download_s']:.0f}, up "
             f"{mb / t['agent_upload_s']:.0f}; bare down {mb / t['bare_download_s']:.0f}, up "
-            f"{mb / t['bare_upload_s']:.0f}; cat {mb / t['cat_s']:.0f})"
+            f"{mb / t['bare_upload_s']:.0f}; cat {mb / t['cat_s']:.0f}; reference: a plain "
+            f"sendfile server {mb / t['sendfile_s']:.0f}, i.e. {t['cat_s'] / t['sendfile_s']:.2f}"
+            " of cat at best over HTTP to curl here)"
+        )
+        print(
+            f"  (server CPU s, median: agent down {t['agent_download_cpu_s']:.2f}, up "
+            f"{t['agent_upload_cpu_s']:.2f}; bare down {t['bare_download_cpu_s']:.2f}, up "
+            f"{t['bare_upload_cpu_s']:.2f})"
         )
         _rss("download", t["agent_download_rss_growth"])
         _rss("upload", t["agent_upload_rss_growth"])

@@ -25,7 +25,13 @@ may hold, ``max_entries`` (100 000) entries one archive may hold, ``workers`` (2
 archives processed at once (others wait their turn).
 
 Routes: ``POST /volumes/:id/compress``, ``POST /volumes/:id/decompress`` (and its [alias]
-body ``{"root","file"}``).
+body ``{"root","file"}``). With ``"async": true`` in the body either runs as a job (contract
+§14; kinds ``volume.compress`` and ``volume.decompress``, cancelled with the ``files``
+permission): the answer is ``202 {"message","job_id"}`` once the request is checked, the
+job reports bytes (of the sources read, of the archive read), its ``result`` is the body
+the synchronous 200 would have had, and it fails with the same messages. Its staging name
+(the archive's temporary file, the extraction's private folder) comes from
+``job.temp_path``, so even a crash leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -48,16 +54,18 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, TypedDict, TypeVar
+from typing import Any, BinaryIO, NotRequired, TypedDict, TypeVar
 
 import attrs
 import trio
 from lightd import (
+    JOBS,
     VOLUMES,
     Agent,
     BadRequest,
     ContainersSettings,
     FieldError,
+    JobContext,
     NotFound,
     StashKey,
     field_check,
@@ -84,7 +92,15 @@ from lightd.files import (
 )
 from quart import Blueprint
 
-__all__ = ["FORMATS", "ArchivesConfig", "InvalidArchive", "compress", "decompress", "detect"]
+__all__ = [
+    "FORMATS",
+    "ArchivesConfig",
+    "InvalidArchive",
+    "Meter",
+    "compress",
+    "decompress",
+    "detect",
+]
 
 T = TypeVar("T")
 
@@ -121,10 +137,28 @@ _UTF8_FLAG = 0x800
 MAX_HEADER_BYTES = 1 << 20
 MAX_LINK_TARGET = 4095
 GZIP_LEVEL = 6  # what gzip(1) and zip(1) use by default; tarfile's own default is 9
+#: Seconds between two looks of a job at its worker thread's progress.
+REPORT_INTERVAL = 0.25
 
 
 def _positive(value: int) -> bool:
     return value > 0
+
+
+@attrs.define
+class Meter:
+    """Progress of work in a worker thread, in bytes: the thread writes, the job reads
+    (plain attribute stores, so no lock and no call back into trio per chunk)."""
+
+    done: int = 0
+    total: int | None = None
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+
+def _noop() -> None:
+    pass
 
 
 @attrs.frozen
@@ -267,6 +301,8 @@ class _Extractor:
     max_total: int
     max_entries: int
     checkpoint: Callable[[], None]
+    #: Called after each piece of file data written (a job's progress).
+    tick: Callable[[], None] = _noop
     count: int = 0
     total: int = 0
     dirs: dict[tuple[str, ...], tuple[int, float]] = attrs.Factory(dict)
@@ -326,6 +362,7 @@ class _Extractor:
                 if written > size:  # more data than the header declared: a lie
                     raise InvalidArchive("too large")
                 _write_all(fd, chunk)
+                self.tick()
             os.fchmod(fd, mode & 0o777)
             os.utime(fd, (mtime, mtime))
         except OSError as exc:
@@ -646,18 +683,38 @@ def decompress(
     *,
     checkpoint: Callable[[], None],
     owner: Owner | None = None,
+    meter: Meter | None = None,
+    work_name: str | None = None,
 ) -> None:
     """Extract ``archive`` into ``destination`` (both in the volume at ``folder``); what
-    it creates belongs to ``owner`` (config ``containers.user``)."""
+    it creates belongs to ``owner`` (config ``containers.user``). ``meter`` counts the
+    bytes of the archive read; ``work_name`` names the private folder (a job's recorded
+    temporary name)."""
     with Root.open_volume(folder, owner=owner) as root, root.open_file(archive) as fh:
         head = _reading(lambda: fh.read(512))
         fh.seek(0)
         fmt = detect(archive.name or "", head)
         if fmt is None:
             raise InvalidArchive("unsupported or unrecognised format")
+        tick: Callable[[], None] = _noop
+        if meter is not None:
+            size = meter.total = os.fstat(fh.fileno()).st_size
+            gauge = meter
+
+            def read_so_far() -> None:
+                # where the archive is being read (not moved by the headers-only checks,
+                # which do not tick); never backwards
+                gauge.done = max(gauge.done, min(fh.tell(), size))
+
+            tick = read_so_far
+
         created = root.make_dirs(destination)
         try:
-            _extract(root, fh, fmt, destination, max_total, max_entries, checkpoint)
+            _extract(
+                root, fh, fmt, destination, max_total, max_entries, checkpoint, tick, work_name
+            )
+            if meter is not None:
+                meter.done = meter.total or meter.done
         except BaseException:
             root.remove_created(created)  # a refused archive leaves not even its folder
             raise
@@ -671,10 +728,12 @@ def _extract(
     max_total: int,
     max_entries: int,
     checkpoint: Callable[[], None],
+    tick: Callable[[], None] = _noop,
+    work_name: str | None = None,
 ) -> None:
     """Extract into a private folder inside the destination, then move into place."""
     dest_fd = root.open_dir(destination)
-    work = f"{TEMP_PREFIX}extract-{secrets.token_hex(6)}"
+    work = work_name or f"{TEMP_PREFIX}extract-{secrets.token_hex(6)}"
     try:
         os.mkdir(work, 0o700, dir_fd=dest_fd)
         with Root.open_at(dest_fd, work) as scratch:
@@ -684,7 +743,7 @@ def _extract(
                 Root.open_at(scratch.fd, "tree", no_links=True, owner=root.owner) as tree,
                 Root.open_at(scratch.fd, "backup") as backup,
             ):
-                extractor = _Extractor(tree, max_total, max_entries, checkpoint)
+                extractor = _Extractor(tree, max_total, max_entries, checkpoint, tick)
                 if fmt == "zip":
                     extractor.from_zip(fh)
                 else:
@@ -718,10 +777,13 @@ class _ExactReader:
     """Reads exactly ``size`` bytes of a file that may change while we archive it: a
     file that shrank is padded with zeros (tar needs the declared size), growth ignored."""
 
-    def __init__(self, fh: BinaryIO, size: int, checkpoint: Callable[[], None]) -> None:
+    def __init__(
+        self, fh: BinaryIO, size: int, checkpoint: Callable[[], None], meter: Meter
+    ) -> None:
         self.fh = fh
         self.left = size
         self.checkpoint = checkpoint
+        self.meter = meter
 
     def read(self, n: int = -1) -> bytes:
         self.checkpoint()
@@ -730,6 +792,7 @@ class _ExactReader:
         if len(data) < n:
             data += bytes(n - len(data))
         self.left -= len(data)
+        self.meter.add(len(data))
         return data
 
 
@@ -765,25 +828,42 @@ def compress(
     *,
     checkpoint: Callable[[], None],
     owner: Owner | None = None,
+    meter: Meter | None = None,
+    temp_name: str | None = None,
 ) -> int:
     """Write the archive ``output`` of ``sources`` (default: the whole volume); its size.
-    The archive (and folders made for it) belong to ``owner``."""
+    The archive (and folders made for it) belong to ``owner``. ``meter`` gets the bytes
+    of the sources (a first walk, stat only) and counts those read; ``temp_name`` is the
+    archive's name while written (a job's recorded temporary name)."""
     with Root.open_volume(folder, owner=owner) as root:
         chosen = _sources(root, sources)
-        with root.atomic(output, replace=False, keep_mode=False) as out:
+        if meter is not None:
+            meter.total = sum(
+                entry.stat.st_size
+                for entry in _entries(root, chosen, (-1, -1), checkpoint)
+                if entry.kind == "file"
+            )
+        gauge = meter if meter is not None else Meter()
+        with root.atomic(output, replace=False, keep_mode=False, temp_name=temp_name) as out:
             entries = _entries(root, chosen, out.identity, checkpoint)
             try:
                 if fmt == "zip":
-                    _write_zip(out.file, entries, checkpoint)
+                    _write_zip(out.file, entries, checkpoint, gauge)
                 else:
-                    _write_tar(out.file, fmt, entries, checkpoint)
+                    _write_tar(out.file, fmt, entries, checkpoint, gauge)
+                # all read (a repeated hard link is stored, not read, in a tar)
+                gauge.done = gauge.total or gauge.done
             except OSError as exc:
                 raise _disk_error(exc) from exc
         return out.size
 
 
 def _write_tar(
-    out: BinaryIO, fmt: str, entries: Iterator[WalkEntry], checkpoint: Callable[[], None]
+    out: BinaryIO,
+    fmt: str,
+    entries: Iterator[WalkEntry],
+    checkpoint: Callable[[], None],
+    meter: Meter,
 ) -> None:
     options: dict[str, Any] = {}
     if fmt == "tar.gz":
@@ -817,13 +897,15 @@ def _write_tar(
                     continue
                 with fh:
                     info.size = os.fstat(fh.fileno()).st_size
-                    tf.addfile(info, _ExactReader(fh, info.size, checkpoint))
+                    tf.addfile(info, _ExactReader(fh, info.size, checkpoint, meter))
                 if st.st_nlink > 1:
                     hardlinks[key] = entry.path
             # sockets, FIFOs, device nodes: not data, not archived
 
 
-def _write_zip(out: BinaryIO, entries: Iterator[WalkEntry], checkpoint: Callable[[], None]) -> None:
+def _write_zip(
+    out: BinaryIO, entries: Iterator[WalkEntry], checkpoint: Callable[[], None], meter: Meter
+) -> None:
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         for entry in entries:
             st = entry.stat
@@ -864,6 +946,7 @@ def _write_zip(out: BinaryIO, entries: Iterator[WalkEntry], checkpoint: Callable
                         while chunk := fh.read(CHUNK):
                             checkpoint()
                             sink.write(chunk)
+                            meter.add(len(chunk))
 
 
 # --- plugin ----------------------------------------------------------------------------------
@@ -920,6 +1003,60 @@ def output_path(name: str, fmt: str) -> RelPath:
     return parse(name if name.lower().endswith(extension) else name + extension)
 
 
+#: What the compress route's body may hold (the OpenAPI document's schema): the fields of
+#: ``CompressBody`` and ``async``, a Python keyword, read apart by ``_wants_job``.
+CompressRequest = TypedDict(
+    "CompressRequest",
+    {
+        "format": str,
+        "output_name": NotRequired[Any],
+        "output": NotRequired[Any],
+        "sources": NotRequired[Any],
+        "async": NotRequired[bool],
+    },
+)
+#: What the decompress route's body may hold: ``DecompressBody`` and ``async``.
+DecompressRequest = TypedDict(
+    "DecompressRequest",
+    {
+        "archive_path": NotRequired[Any],
+        "destination": NotRequired[Any],
+        "root": NotRequired[Any],
+        "file": NotRequired[Any],
+        "async": NotRequired[bool],
+    },
+)
+
+
+class JobStarted(TypedDict):
+    """``"async": true``: the work runs as the job ``job_id`` (``GET /jobs/{job_id}``);
+    its ``result`` is the synchronous answer."""
+
+    message: str
+    job_id: str
+
+
+async def _wants_job() -> bool:
+    """The body's ``async`` flag (read after the body class accepted the body)."""
+    data = await read_json()
+    value = data.get("async", False) if isinstance(data, dict) else False
+    if not isinstance(value, bool):
+        raise BadRequest("async: must be a boolean", code="invalid_field")
+    return value
+
+
+async def _report(job: JobContext, meter: Meter) -> None:
+    """Hand the worker thread's counts to the job until cancelled (the runner throttles
+    what it publishes)."""
+    last: tuple[int, int | None] | None = None
+    while True:
+        now = (meter.done, meter.total)
+        if now != last:
+            job.progress(*now)
+            last = now
+        await trio.sleep(REPORT_INTERVAL)
+
+
 class Compressed(TypedDict):
     """``archive_path``: the archive's volume-relative path; ``size``: its bytes."""
 
@@ -946,6 +1083,9 @@ def lightd_configure(agent: Agent) -> None:
     agent.stash[ARCHIVE_WORKERS] = trio.CapacityLimiter(
         agent.config.section(ArchivesConfig).workers
     )
+    jobs = agent.stash[JOBS]
+    jobs.register_kind("volume.compress", permission="files")
+    jobs.register_kind("volume.decompress", permission="files")
 
 
 @hookimpl
@@ -970,14 +1110,40 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             limiter=limiter,
         )
 
+    async def in_job(job: JobContext, work: Callable[..., T]) -> T:
+        """``work(checkpoint=…, owner=…, meter=…)`` in a worker thread for ``job``: its
+        meter is reported as the job's progress, and cancelling the job stops the thread
+        at its next checkpoint, which undoes what it did."""
+        owner = agent.config.section_or_default(ContainersSettings).owner
+        meter = Meter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report, job, meter)
+            result = await trio.to_thread.run_sync(
+                partial(
+                    work, checkpoint=trio.from_thread.check_cancelled, owner=owner, meter=meter
+                ),
+                limiter=limiter,
+            )
+            nursery.cancel_scope.cancel()
+        job.progress(meter.done, meter.total)
+        return result
+
+    async def start(kind: str, volume_id: str, run: Callable[[JobContext], Any]) -> str:
+        view = await agent.stash[JOBS].submit(kind, run, volume_id=volume_id, unit="bytes")
+        return view.id
+
     @bp.post("/volumes/<volume_id>/compress")
     @describe(
         "Compress into an archive",
         description="`format`: `zip`, `tar`, `tar.gz`, `tar.bz2` or [ext] `tar.xz`. "
         "`output_name` is a path inside the volume; the format's extension is appended "
         "unless already there. `sources` [ext] defaults to everything in the volume root. "
-        "404 when a source is missing, 409 when something exists at the archive's path.",
-        body=CompressBody,
+        "404 when a source is missing, 409 when something exists at the archive's path. "
+        '[ext] `"async": true`: `202 {"message","job_id"}` and the work runs as a job '
+        "(`volume.compress`, progress in bytes of the sources; its `result` is the 200 "
+        "answer, its `error` the message of a 404 or 409).",
+        body=CompressRequest,
+        responses={200: Compressed, 202: JobStarted},
         errors=(409,),
         examples={
             "body": {"format": "tar.gz", "output_name": "backups/world", "sources": ["world"]}
@@ -985,9 +1151,10 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         tags=("volumes",),
     )
     @requires("files")
-    async def compress_view(volume_id: str) -> Compressed:
+    async def compress_view(volume_id: str) -> Compressed | tuple[JobStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(CompressBody)
+        wants_job = await _wants_job()
         if body.format not in FORMATS:
             raise BadRequest(f"Unsupported format: {body.format}", code="unsupported_format")
         name = body.output_name if body.output_name is not None else body.output
@@ -997,7 +1164,21 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         sources = None if body.sources is None else [parse(s) for s in body.sources]
         if sources == []:
             raise BadRequest("sources: must not be empty", code="invalid_field")
-        size = await run(compress, folder, sources, output, body.format)
+        fmt = body.format
+        if wants_job:
+
+            async def compress_job(job: JobContext) -> None:
+                temp = await job.temp_path(output.parent)
+                work = partial(compress, folder, sources, output, fmt, temp_name=temp.name)
+                size = await in_job(job, work)
+                job.result = compressed(output, size)
+
+            job_id = await start("volume.compress", volume_id, compress_job)
+            return {"message": "Compression started", "job_id": job_id}, 202
+        size = await run(compress, folder, sources, output, fmt)
+        return compressed(output, size)
+
+    def compressed(output: RelPath, size: int) -> Compressed:
         return {"message": "Compression successful", "archive_path": str(output), "size": size}
 
     @bp.post("/volumes/<volume_id>/decompress")
@@ -1007,16 +1188,21 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         "a link leaving the destination, or an archive over the size or entry limits is "
         "`400 Invalid archive: <reason>` and nothing is left. `destination` defaults to "
         'the archive\'s folder. [alias] body `{"root", "file"}`. 404 when the archive '
-        "is missing, 409 when a file and a folder collide.",
-        body=DecompressBody,
+        "is missing, 409 when a file and a folder collide. "
+        '[ext] `"async": true`: `202 {"message","job_id"}` and the extraction runs as a job '
+        "(`volume.decompress`, progress in bytes of the archive read; its `result` is the "
+        "200 answer, its `error` the message of a 400, 404 or 409).",
+        body=DecompressRequest,
+        responses={200: Decompressed, 202: JobStarted},
         errors=(409,),
         examples={"body": {"archive_path": "backups/world.tar.gz", "destination": "restore"}},
         tags=("volumes",),
     )
     @requires("files")
-    async def decompress_view(volume_id: str) -> Decompressed:
+    async def decompress_view(volume_id: str) -> Decompressed | tuple[JobStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(DecompressBody)
+        wants_job = await _wants_job()
         if body.archive_path is not None:
             archive = parse(body.archive_path)
             destination = archive.parent if body.destination is None else parse(body.destination)
@@ -1029,9 +1215,21 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         if not archive.parts:
             raise InvalidArchive("not a file")
         config: ArchivesConfig = agent.config.section(ArchivesConfig)
-        await run(
-            decompress, folder, archive, destination, config.max_total_bytes, config.max_entries
-        )
-        return {"message": "Decompression successful", "destination": str(destination)}
+        answer: Decompressed = {
+            "message": "Decompression successful",
+            "destination": str(destination),
+        }
+        args = (folder, archive, destination, config.max_total_bytes, config.max_entries)
+        if wants_job:
+
+            async def decompress_job(job: JobContext) -> None:
+                temp = await job.temp_path(destination)
+                await in_job(job, partial(decompress, *args, work_name=temp.name))
+                job.result = answer
+
+            job_id = await start("volume.decompress", volume_id, decompress_job)
+            return {"message": "Decompression started", "job_id": job_id}, 202
+        await run(decompress, *args)
+        return answer
 
     return [bp]

@@ -23,7 +23,11 @@ Routes:
     while ``lightd_volume_in_use`` names a container), ``POST /volumes/:id/files``
     (``encoding: base64`` [ext]), ``POST /volumes/:id/folders``, ``POST /volumes/:id/copy``,
     ``GET /volumes/:id/files?path=``; [alias] ``POST /volumes/:id/write`` and
-    ``POST /volumes/:id/create-folder``.
+    ``POST /volumes/:id/create-folder``. A copy whose body has ``"async": true`` runs as
+    a job (contract §14, kind ``volume.copy``, cancelled with the ``files`` permission):
+    ``202 {"message","job_id"}``, progress in bytes copied, the 200 answer as its
+    ``result``, the same messages as its ``error``; the copy is staged under the job's
+    recorded temporary name and a failed or cancelled one leaves the volume as it was.
 
 The registry lives in the state store and is cached in memory (loaded on first use);
 folders named like a volume id found under ``volumes_path`` without a row (volumes made
@@ -48,16 +52,18 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, NotRequired, TypedDict, TypeVar
 
 import attrs
 import trio
 from lightd import (
+    JOBS,
     VOLUMES,
     Agent,
     BadRequest,
     Conflict,
     ContainersSettings,
+    JobContext,
     Migration,
     NotFound,
     Service,
@@ -85,6 +91,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Seconds between two looks of a copy job at its worker thread's byte count.
+REPORT_INTERVAL = 0.25
 
 _VOLUME_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _TRASH_PREFIX = ".trash-"
@@ -423,6 +432,36 @@ class PathDone(TypedDict):
     path: str
 
 
+#: The copy route's body as documented: ``CopyBody``'s fields and ``async`` (a Python
+#: keyword, so read apart from the attrs body by ``_wants_job``).
+CopyRequest = TypedDict(
+    "CopyRequest",
+    {
+        "source": Any,
+        "destination": Any,
+        "is_folder": NotRequired[Any],
+        "async": NotRequired[bool],
+    },
+)
+
+
+class CopyStarted(TypedDict):
+    """``"async": true``: the copy runs as the job ``job_id`` (``GET /jobs/{job_id}``);
+    its ``result`` is the synchronous answer."""
+
+    message: str
+    job_id: str
+
+
+async def _wants_job() -> bool:
+    """The body's ``async`` flag (read after the body class accepted the body)."""
+    data = await read_json()
+    value = data.get("async", False) if isinstance(data, dict) else False
+    if not isinstance(value, bool):
+        raise BadRequest("async: must be a boolean", code="invalid_field")
+    return value
+
+
 class Copied(TypedDict):
     message: str
     source: str
@@ -487,6 +526,58 @@ def _copy(
         root.copy(source, destination, checkpoint=checkpoint)
 
 
+@attrs.define
+class _Meter:
+    """Bytes copied so far, written by the worker thread, read by the job."""
+
+    done: int = 0
+    total: int | None = None
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+
+def _copy_measured(
+    folder: Path,
+    source: RelPath,
+    destination: RelPath,
+    owner: Owner | None,
+    temp_name: str | None,
+    meter: _Meter,
+    *,
+    checkpoint: Callable[[], None],
+) -> None:
+    """A copy for a job: the bytes to copy measured first (a walk, stat only), those
+    copied counted, the copy built under ``temp_name``; on any failure or cancellation
+    the folders made for the destination go too, so the volume is as it was."""
+    with Root.open_volume(folder, owner=owner) as root:
+        meter.total = sum(
+            entry.stat.st_size
+            for entry in root.walk(source, checkpoint=checkpoint)
+            if entry.kind == "file"
+        )
+        created = root.make_dirs(destination.parent, report=destination)
+        try:
+            root.copy(
+                source, destination, checkpoint=checkpoint, progress=meter.add, temp_name=temp_name
+            )
+        except BaseException:
+            root.remove_created(created)
+            raise
+    meter.done = meter.total
+
+
+async def _report(job: JobContext, meter: _Meter) -> None:
+    """Hand the worker thread's count to the job until cancelled."""
+    last: tuple[int, int | None] | None = None
+    while True:
+        now = (meter.done, meter.total)
+        if now != last:
+            job.progress(*now)
+            last = now
+        await trio.sleep(REPORT_INTERVAL)
+
+
 def _list(folder: Path, rel: RelPath, *, checkpoint: Callable[[], None]) -> list[FileEntry]:
     with Root.open_volume(folder) as root:
         return [
@@ -532,6 +623,7 @@ def lightd_configure(agent: Agent) -> None:
     agent.stash[REGISTRY] = registry
     agent.stash[VOLUMES] = registry
     agent.stash[FILE_WORKERS] = FileWorkers(config.workers, config.long_workers)
+    agent.stash[JOBS].register_kind("volume.copy", permission="files")
 
 
 @hookimpl
@@ -670,23 +762,55 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     @describe(
         "Copy a file or folder",
         description="Links inside a copied folder are copied as links. 404 when the "
-        "source is missing, 409 when the destination exists.",
-        body=CopyBody,
+        "source is missing, 409 when the destination exists. "
+        '[ext] `"async": true`: `202 {"message","job_id"}` and the copy runs as a job '
+        "(`volume.copy`, progress in bytes; its `result` is the 200 answer, its `error` "
+        "the message of a 404 or 409).",
+        body=CopyRequest,
+        responses={200: Copied, 202: CopyStarted},
         errors=(409,),
         examples={"body": {"source": "world", "destination": "world-copy"}},
         tags=("volumes",),
     )
     @requires("files")
-    async def copy(volume_id: str) -> Copied:
+    async def copy(volume_id: str) -> Copied | tuple[CopyStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(CopyBody)
+        wants_job = await _wants_job()
         source, destination = parse(body.source), parse(body.destination)
-        await workers.run(_copy, folder, source, destination, owner(), long=True)
-        return {
+        answer: Copied = {
             "message": "Copied successfully",
             "source": str(source),
             "destination": str(destination),
         }
+        if wants_job:
+            who = owner()
+
+            async def copy_job(job: JobContext) -> None:
+                temp = await job.temp_path(destination.parent)
+                meter = _Meter()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_report, job, meter)
+                    await workers.run(
+                        _copy_measured,
+                        folder,
+                        source,
+                        destination,
+                        who,
+                        temp.name,
+                        meter,
+                        long=True,
+                    )
+                    nursery.cancel_scope.cancel()
+                job.progress(meter.done, meter.total)
+                job.result = answer
+
+            view = await agent.stash[JOBS].submit(
+                "volume.copy", copy_job, volume_id=volume_id, unit="bytes"
+            )
+            return {"message": "Copy started", "job_id": view.id}, 202
+        await workers.run(_copy, folder, source, destination, owner(), long=True)
+        return answer
 
     @bp.get("/volumes/<volume_id>/files")
     @describe(

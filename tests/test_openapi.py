@@ -25,7 +25,7 @@ from .conftest import MASTER, RunningAgent, StartAgent, api_client, wait_for
 from .test_panel_mock_browser import open_chromium
 
 #: What reads a request body in a view's code (lightd's readers, or Quart's own).
-BODY_READERS = frozenset({"read_json", "body_chunks", "get_json", "get_data"})
+BODY_READERS = frozenset({"read_json", "body_chunks", "body_batches", "get_json", "get_data"})
 #: The return annotation of a view that always raises: it has no success answer.
 NEVER = (typing.NoReturn, typing.Never)
 

@@ -1,10 +1,11 @@
 """What plugin routes use: decorators that mark a view's access (``public``,
-``container_scoped``, ``requires`` a token permission) and document it (``describe``),
-body reading (whole, or streamed in chunks: ``streams_body``/``body_chunks``), and the
-fast read path (``FAST_READS``) for a plugin's hottest ``GET``."""
+``container_scoped``, ``requires`` a token permission, ``query_token`` for browser links)
+and document it (``describe``), body reading (whole, or streamed in chunks:
+``streams_body``/``body_chunks``/``body_batches``), and the fast read path (``FAST_READS``)
+for a plugin's hottest ``GET``."""
 
 from .fastpath import FAST_READS, Reader, json_body
-from .streaming import body_chunks, streams_body
+from .streaming import body_batches, body_chunks, streams_body
 from .views import (
     PERMISSIONS,
     AuthInfo,
@@ -14,6 +15,7 @@ from .views import (
     current_auth,
     describe,
     public,
+    query_token,
     read_json,
     requires,
 )
@@ -25,12 +27,14 @@ __all__ = [
     "Message",
     "Reader",
     "RouteDoc",
+    "body_batches",
     "body_chunks",
     "container_scoped",
     "current_auth",
     "describe",
     "json_body",
     "public",
+    "query_token",
     "read_json",
     "requires",
     "streams_body",

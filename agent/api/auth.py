@@ -10,6 +10,12 @@ token is claimed only once every other check has passed, so a request refused fo
 origin or its permission does not burn it. The master token, and disabled authorization,
 pass everything.
 
+Browser links (contract §13): a view marked ``query_token`` takes a temporary token from
+``?token=`` on a ``GET`` without an ``Authorization`` header, without the vendor header;
+the master token is refused there (a URL lands in browser history and proxy logs). The
+token is never echoed: the refusals are the usual messages, and the access log and the
+metrics never see the query string.
+
 The rules live here once: the fast read path (``lightd.api.fastpath``) calls the same
 ``has_vendor_type``, ``bearer_token`` and ``is_master`` on the raw headers.
 """
@@ -30,7 +36,7 @@ from ..containers import CONTAINERS
 from ..errors import Forbidden, Unauthorized
 from ..runtime import Agent
 from .tokens import TOKENS, TemporaryToken
-from .views import CONTAINER_SCOPED_ATTR, PERMISSION_ATTR, AuthInfo
+from .views import CONTAINER_SCOPED_ATTR, PERMISSION_ATTR, QUERY_TOKEN_ATTR, AuthInfo
 
 __all__ = [
     "VENDOR_MEDIA_TYPE",
@@ -134,8 +140,11 @@ async def authenticate(
     token: str | None,
     view: Callable[..., Any] | None,
     conn: BaseRequestWebsocket,
+    *,
+    temporary_only: bool = False,
 ) -> AuthInfo:
-    """Check ``token`` and the origin of ``conn`` (request or websocket); who is it?"""
+    """Check ``token`` and the origin of ``conn`` (request or websocket); who is it?
+    ``temporary_only``: the master token is refused (a token from a browser link)."""
     if not agent.config.authorization.enabled:
         log.warning("authorization disabled: %s accepted without a token", conn.path)
         _check_origin(agent, conn)
@@ -143,6 +152,9 @@ async def authenticate(
     if token is None or not token.startswith("lightd_") or len(token) < 20:
         raise Unauthorized(INVALID_TOKEN)
     if is_master(agent.config.authorization, token):
+        if temporary_only:
+            log.warning("the master token was refused in a link's query string: %s", conn.path)
+            raise Unauthorized(INVALID_TOKEN)
         _check_origin(agent, conn)
         return AuthInfo("master")
     registry = agent.stash[TOKENS]
@@ -171,7 +183,22 @@ async def authenticate(
     )
 
 
+def link_token(view: Callable[..., Any] | None) -> str | None:
+    """The ``?token=`` of a browser link, when this request is one: a ``GET`` of a view
+    marked ``query_token``, without an ``Authorization`` header."""
+    if (
+        request.method != "GET"
+        or not getattr(view, QUERY_TOKEN_ATTR, False)
+        or "Authorization" in request.headers
+    ):
+        return None
+    return request.args.get("token")
+
+
 async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> AuthInfo:
+    link = link_token(view)
+    if link is not None:
+        return await authenticate(agent, link, view, request_ctx.request, temporary_only=True)
     if not has_vendor_type(request.headers.get("Accept", "")):
         raise Forbidden("Invalid vendor header", code="invalid_vendor", details=[VENDOR_DETAIL])
     token = bearer_token(request.headers.get("Authorization", ""))

@@ -8,6 +8,13 @@ Also the container WebSocket of §8 (``lightd.api.ws``) and its config sections
 ``websocket``, ``console`` and ``stats``; a config reload applies the console settings.
 Puts the manager on the stash twice: as ``CONTAINERS`` (the core's, typed
 ``Containers``) and as ``interfaces.CONTAINER_SERVICE`` (what plugins may use).
+
+Job frames (contract §14): ``lightd_job_changed`` and ``lightd_job_done`` publish
+``{"event":"job","data":<job>}`` on the hub of the job's container (``internal_id``), or,
+for a job of a volume only, of every container using that volume. The hub queues it per
+socket without waiting (a slow client never holds the runner), and only sockets whose
+token may ``read`` are subscribed to the hub's frames. The runner already sends changes
+at most twice a second per job.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from quart import Blueprint
 
 from ..config import Config
 from ..containers import CONTAINERS, ContainerSupervisor
-from ..containers.console import ConsoleSettings
+from ..containers.console import ConsoleSettings, Frame
 from ..containers.manager import MIGRATIONS, Containers
 from ..containers.models import (
     CreateRequest,
@@ -37,6 +44,7 @@ from ..converter import json_body, structure
 from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable
 from ..hookspecs import hookimpl
 from ..interfaces import CONTAINER_SERVICE
+from ..jobs import JobView
 from ..runtime import Agent, Service
 from ..store import Migration
 from .fastpath import FAST_READS
@@ -182,6 +190,38 @@ async def lightd_shutdown(agent: Agent) -> None:
 @hookimpl
 def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
     return agent.stash[CONTAINERS].using_volume(volume_id)
+
+
+def _job_audience(containers: Containers, job: JobView) -> list[ContainerSupervisor]:
+    """The containers a job concerns: its own, else those using its volume."""
+    if job.internal_id is not None:
+        supervisor = containers.find(job.internal_id)
+        return [] if supervisor is None else [supervisor]
+    if job.volume_id is None:
+        return []
+    volume_id = job.volume_id.lower()
+    return [s for s in containers.all() if s.record.volume_id.lower() == volume_id]
+
+
+def _publish_job(agent: Agent, job: JobView) -> None:
+    containers = agent.stash.get(CONTAINERS)
+    if containers is None:
+        return
+    audience = _job_audience(containers, job)
+    if audience:
+        frame = Frame(event="job", data=job.to_json())
+        for supervisor in audience:
+            supervisor.hub.publish(frame)
+
+
+@hookimpl
+def lightd_job_changed(agent: Agent, job: JobView) -> None:
+    _publish_job(agent, job)
+
+
+@hookimpl
+def lightd_job_done(agent: Agent, job: JobView) -> None:
+    _publish_job(agent, job)
 
 
 def _summary(supervisor: ContainerSupervisor) -> ContainerSummary:

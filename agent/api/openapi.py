@@ -35,7 +35,7 @@ from ..errors import NotFound
 from ..hookspecs import hookimpl
 from ..runtime import Agent
 from .streaming import STREAMS_ATTR
-from .views import DOC_ATTR, PUBLIC_ATTR, RouteDoc, describe, public
+from .views import DOC_ATTR, PUBLIC_ATTR, QUERY_TOKEN_ATTR, RouteDoc, describe, public
 
 __all__ = ["DOCS_ASSETS", "VENDOR_MEDIA_TYPE", "build_document", "operations"]
 
@@ -114,6 +114,14 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "in": "query",
         "name": "token",
         "description": "WebSocket upgrades carry the token in the query string (contract §8).",
+    },
+    "linkToken": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "token",
+        "description": "Browser links (contract §13): a temporary token (never the master "
+        "token) in the query string, instead of the vendor header and the bearer token, "
+        "on the download routes that say so; a `remove_on_use` token works once.",
     },
 }
 
@@ -396,6 +404,8 @@ def _operation(op: Operation, schemas: _Schemas) -> Callable[[], dict[str, Any]]
             result["security"] = [{"wsToken": []}]
         elif op.public:
             result["security"] = []
+        elif getattr(op.view, QUERY_TOKEN_ATTR, False) and op.method == "get":
+            result["security"] = [{"bearer": [], "vendor": []}, {"linkToken": []}]
         if problems:
             result["x-undocumented"] = True
             result["x-problems"] = problems

@@ -22,6 +22,7 @@ __all__ = [
     "current_auth",
     "describe",
     "public",
+    "query_token",
     "read_json",
     "requires",
 ]
@@ -32,6 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 PUBLIC_ATTR = "_lightd_public"
 CONTAINER_SCOPED_ATTR = "_lightd_container_scoped"
 PERMISSION_ATTR = "_lightd_permission"
+QUERY_TOKEN_ATTR = "_lightd_query_token"
 DOC_ATTR = "_lightd_doc"
 
 #: What a temporary token may be allowed to do (contract §12), in canonical order.
@@ -51,6 +53,21 @@ def container_scoped(view: F) -> F:
     views such as ``GET /containers`` that must list only what ``current_auth()`` allows.
     """
     setattr(view, CONTAINER_SCOPED_ATTR, True)
+    return view
+
+
+def query_token(view: F) -> F:
+    """Let a browser link reach this ``GET`` view (contract §13 "Browser links"): a
+    temporary token in ``?token=`` stands for the vendor header and the bearer token,
+    which a browser following a link cannot send (as for the WebSocket, §8).
+
+    Only when the request has no ``Authorization`` header (the header form keeps working
+    as everywhere) and only for ``GET`` (a ``HEAD`` does not spend a single-use token).
+    The token needs the view's permission and scope like any temporary token; a
+    ``remove_on_use`` token makes a one-click link. The master token is refused there:
+    a URL ends up in browser history, proxy logs and ``Referer`` headers.
+    """
+    setattr(view, QUERY_TOKEN_ATTR, True)
     return view
 
 

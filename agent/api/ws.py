@@ -313,7 +313,8 @@ def websocket_blueprint(agent: Agent, containers: Containers) -> Blueprint:
             '``{"event":"send_command","command":"..."}`` (console), '
             '``{"event":"power","action":"start|stop|restart|kill"}`` (power), '
             '``{"event":"request_logs","lines":100}`` (read). Frames out: ``status``, '
-            "``console``, ``stats``, ``event``, ``daemon_message``, ``logs`` (contract §8). "
+            "``console``, ``stats``, ``event``, ``daemon_message``, ``logs`` (contract §8), "
+            "[ext] ``job`` (a job of the container or of its volume, contract §14). "
             "Close 4001: token expired or revoked; 4429: too many connections; 1009: frame "
             "too big."
         ),

@@ -342,6 +342,7 @@ class Root:
         mode: int = 0o644,
         keep_mode: bool = True,
         fsync: bool = False,
+        temp_name: str | None = None,
     ) -> Iterator[AtomicFile]:
         """Create the file at ``rel`` through a temporary name in the same folder; it
         appears, complete, when the block ends without error, else it never appears.
@@ -349,7 +350,8 @@ class Root:
         ``replace=True`` (a write) follows an in-volume link at ``rel`` and replaces the
         file it names, keeping that file's mode when ``keep_mode``. ``replace=False``
         (a new archive) refuses anything already at ``rel``, even a dangling link
-        (``FileExists``), checked again atomically at the rename.
+        (``FileExists``), checked again atomically at the rename. ``temp_name`` (a
+        ``TEMP_PREFIX`` name) is the temporary name to use (a job records it beforehand).
         """
         if not rel.parts:
             raise FolderExists(rel.text)
@@ -384,7 +386,7 @@ class Root:
             else:
                 parent = os.fstat(parent_fd)
                 uid, gid = parent.st_uid, parent.st_gid
-            tmp = TEMP_PREFIX + secrets.token_hex(8)
+            tmp = temp_name or TEMP_PREFIX + secrets.token_hex(8)
             with self._errors(rel):
                 fd = os.open(
                     tmp,
@@ -435,13 +437,21 @@ class Root:
             out.file.write(data)
 
     def copy(
-        self, source: RelPath, destination: RelPath, *, checkpoint: Callable[[], None] = noop
+        self,
+        source: RelPath,
+        destination: RelPath,
+        *,
+        checkpoint: Callable[[], None] = noop,
+        progress: Callable[[int], None] | None = None,
+        temp_name: str | None = None,
     ) -> None:
         """Copy a file, link or folder tree to a new path; links are copied as links.
 
         The copy is built under a temporary name beside the destination and renamed into
         place, so it appears whole or not at all. A destination inside the source is fine:
         the copy being built is skipped by identity, so it never copies itself.
+        ``progress(n)`` is told of the bytes copied; ``temp_name`` (a ``TEMP_PREFIX`` name)
+        is the temporary name to use, for a job that recorded it to remove after a crash.
         """
         with self._errors(source):
             src_dir, src_name = self._locate(source.parts, follow_last=False)
@@ -461,7 +471,7 @@ class Root:
             try:
                 if dst_name is None or lstat_at(dst_dir, dst_name) is not None:
                     raise FileExists(destination.text)
-                tmp = TEMP_PREFIX + secrets.token_hex(8)
+                tmp = temp_name or TEMP_PREFIX + secrets.token_hex(8)
                 try:
                     with self._errors(source):
                         copy_entry(
@@ -474,6 +484,7 @@ class Root:
                             0,
                             checkpoint,
                             owner=self.owner,
+                            progress=progress,
                         )
                     with self._errors(destination):
                         try:

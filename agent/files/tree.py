@@ -292,8 +292,14 @@ def open_entry(entry: WalkEntry) -> int | None:
 # --- copying -----------------------------------------------------------------------------
 
 
-def copy_data(src: int, dst: int, checkpoint: Callable[[], None] = noop) -> int:
-    """Copy a whole file between descriptors (``copy_file_range``, else read/write)."""
+def copy_data(
+    src: int,
+    dst: int,
+    checkpoint: Callable[[], None] = noop,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Copy a whole file between descriptors (``copy_file_range``, else read/write);
+    ``progress(n)`` is told of each piece copied (a job's byte count)."""
     total = 0
     use_range = True
     while True:
@@ -315,6 +321,8 @@ def copy_data(src: int, dst: int, checkpoint: Callable[[], None] = noop) -> int:
         if n == 0:
             return total
         total += n
+        if progress is not None:
+            progress(n)
 
 
 def copy_entry(
@@ -328,6 +336,7 @@ def copy_entry(
     checkpoint: Callable[[], None],
     *,
     owner: Owner | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Copy one entry (recursively for folders) between two folder descriptors; folders
     whose ``(st_dev, st_ino)`` is in ``skip`` are not entered (the copy being built is
@@ -356,7 +365,7 @@ def copy_entry(
             try:
                 if owner is not None:
                     chown_fd(dst, owner)
-                copy_data(src, dst, checkpoint)
+                copy_data(src, dst, checkpoint, progress)
                 os.fchmod(dst, stat.S_IMODE(mode) & 0o777)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
@@ -396,6 +405,7 @@ def copy_entry(
                             depth + 1,
                             checkpoint,
                             owner=owner,
+                            progress=progress,
                         )
                 os.fchmod(dst, stat.S_IMODE(mode) & 0o777)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))

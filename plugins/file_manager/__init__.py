@@ -6,22 +6,29 @@ beneath a descriptor of the volume root, never following a link out of it; see `
 volumes are reached only through ``agent.stash[VOLUMES]``.
 
 Streaming both ways, with memory that does not grow with the file: a download is read
-``CHUNK`` bytes at a time with ``pread`` in a worker thread and sent as it is read (the
-server's send waits for the socket); an upload is read with ``lightd.api.body_chunks``
-(back-pressure: the server stops reading the socket while the disk is behind) into a
-temporary file beside the target, renamed over it when the body is complete. A cut
-connection, a refusal or a failure removes the temporary file and leaves the old one.
+``READ_SIZE`` bytes at a time and sent as it is read (the server's send waits for the
+socket); what the page cache holds is read in the event loop with ``RWF_NOWAIT`` (never
+waiting for the disk), the rest in a worker thread (``FileStream``). An upload is read
+with ``lightd.api.body_batches`` (back-pressure: the server stops reading the socket while
+the disk is behind), each ~1 MiB batch written with one ``writev`` in a worker thread while
+the next one arrives, into a temporary file beside the target, renamed over it when the
+body is complete. A cut connection, a refusal or a failure removes the temporary file and
+leaves the old one.
 
 Hooks: ``lightd_add_config_sections`` (section ``files``), ``lightd_configure`` (the
 worker limiter), ``lightd_add_routes``.
 
 Config section ``files``: ``max_upload_bytes`` (10 GiB) the largest upload (413
 ``Upload too large``; uploads are not bound by ``server.max_body_bytes``), ``workers``
-(4) threads for file-manager work.
+(4) threads for file-manager work, ``pull_allowed_cidrs`` (none) and ``max_pull_bytes``
+(10 GiB) for ``POST /volumes/:id/files/pull`` (module ``pull``).
 
 Routes: ``GET /volumes/:id`` (token permission ``read``), and with permission ``files``:
 ``GET|PUT /volumes/:id/files/content?path=``, ``POST /volumes/:id/files/delete``,
-``/files/rename``, ``/files/chmod``, ``GET /volumes/:id/files/search``.
+``/files/rename``, ``/files/chmod``, ``GET /volumes/:id/files/search``,
+``GET /volumes/:id/files/archive`` (``archive``: a folder streamed as a zip or tar.gz).
+The two downloads also take a temporary token as ``?token=`` (``query_token``: browser
+links).
 """
 
 from __future__ import annotations
@@ -45,11 +52,11 @@ from lightd import (
     field_check,
     hookimpl,
 )
-from lightd.api import body_chunks, describe, read_json, requires, streams_body
+from lightd.api import body_batches, describe, query_token, read_json, requires, streams_body
 from lightd.files import CHUNK, RelPath, parse
 from quart import Blueprint, Response, jsonify, request
 
-from . import ops
+from . import archive, ops, pull
 
 __all__ = ["FilesConfig", "parse_range"]
 
@@ -70,13 +77,26 @@ class FilesConfig:
     )
     #: fsync each uploaded file and its folder before answering (slower; power-loss safe).
     fsync_uploads: bool = False
+    #: Networks a pull may reach besides public addresses (``["10.1.0.0/16"]``; see pull).
+    pull_allowed_cidrs: tuple[str, ...] = attrs.field(
+        default=(), validator=field_check(pull.valid_cidrs, "must be a list of CIDRs")
+    )
+    #: The largest pulled file, in bytes.
+    max_pull_bytes: int = attrs.field(
+        default=10 * _GIB, validator=field_check(lambda v: v > 0, "must be > 0")
+    )
+    #: Whether ``POST …/files/pull`` may fetch URLs at all (false: 403; a node that must
+    #: never reach out, or a test run that must stay on loopback).
+    pulls_enabled: bool = True
 
 
 WORKERS: StashKey[trio.CapacityLimiter] = StashKey("file_manager.workers")
 
-#: Bytes of a download read per worker-thread call: big enough that the thread hand-off
-#: is a small part of each, small enough that the agent's memory stays flat.
-READ_SIZE = 4 * CHUNK
+#: Bytes of a download read and sent at once: big enough that the per-chunk work (server,
+#: Quart, a thread hand-off when the disk is read) is a small part of each, small enough
+#: to stay in the CPU cache between the read and the send (bench/files.py: 512 KiB costs
+#: more CPU per byte, 4 MiB saves none); the bare app of the bench reads as much.
+READ_SIZE = CHUNK
 
 
 # --- ranges --------------------------------------------------------------------------------
@@ -110,15 +130,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 class FileStream:
-    """The body of a download: ``length`` bytes of ``fd`` from ``offset``, read a chunk
-    at a time in a worker thread; the descriptor is closed when the body ends, when the
-    client goes (``aclose``), or when the answer is dropped unsent."""
+    """The body of a download: ``length`` bytes of ``fd`` from ``offset``, a chunk at a
+    time. What the page cache holds is read right in the event loop without ever waiting
+    for the disk (``ops.read_cached``: no thread hand-off, and the bytes are still in the
+    CPU cache when they are sent); anything else is read in a worker thread. The
+    descriptor is closed when the body ends, when the client goes (``aclose``), or when the
+    answer is dropped unsent; never while a thread reads it (a worker-thread call cannot be
+    abandoned)."""
 
     def __init__(self, fd: int, offset: int, length: int, limiter: trio.CapacityLimiter) -> None:
         self._fd = fd
         self._offset = offset
         self._left = length
         self._limiter = limiter
+        self._buffer = memoryview(bytearray(min(READ_SIZE, length)))
 
     def __aiter__(self) -> FileStream:
         return self
@@ -127,13 +152,14 @@ class FileStream:
         if self._left <= 0 or self._fd < 0:
             self._close()
             raise StopAsyncIteration
-        data = await trio.to_thread.run_sync(
-            ops.read_chunk,
-            self._fd,
-            self._offset,
-            min(READ_SIZE, self._left),
-            limiter=self._limiter,
-        )
+        size = min(READ_SIZE, self._left)
+        got = ops.read_cached(self._fd, self._buffer[:size], self._offset)
+        if got is not None:
+            data = bytes(self._buffer[:got])
+        else:
+            data = await trio.to_thread.run_sync(
+                ops.read_chunk, self._fd, self._offset, size, limiter=self._limiter
+            )
         if not data:  # the file shrank meanwhile: the promised length cannot be sent
             self._close()
             raise OSError("file truncated while it was being sent")
@@ -316,6 +342,7 @@ def lightd_add_config_sections() -> dict[str, type]:
 @hookimpl
 def lightd_configure(agent: Agent) -> None:
     agent.stash[WORKERS] = trio.CapacityLimiter(agent.config.section(FilesConfig).workers)
+    pull.register(agent)
 
 
 @hookimpl
@@ -382,6 +409,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         tags=("files",),
     )
     @requires("files")
+    @query_token
     async def download(volume_id: str) -> Response:
         folder = await folder_of(volume_id)
         rel = parse(request.args.get("path", ""))
@@ -437,11 +465,11 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         finished = False  # committed (or its commit failed and cleaned up after itself)
         try:
             received = 0
-            async for chunk in body_chunks():  # ~1 MiB at a time
-                received += len(chunk)
+            async for batch in body_batches():  # ~1 MiB at a time, the next one arriving
+                received += sum(map(len, batch))  # meanwhile, up to HIGH_WATER ahead
                 if received > limit:
                     return _error(413, "Upload too large", "upload_too_large")
-                await blocking(upload.write, chunk)
+                await blocking(upload.write, batch)
             if expected is not None and received != expected:
                 raise BadRequest("Upload incomplete", code="upload_incomplete")
             finished = True
@@ -536,4 +564,6 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         results, truncated = await run(ops.search, folder, base, query, content, limit)
         return {"results": results, "truncated": truncated}
 
+    archive.add_routes(bp, limiter, folder_of)
+    pull.add_routes(bp, agent, folder_of, lambda: agent.config.section(FilesConfig))
     return [bp]

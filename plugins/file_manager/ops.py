@@ -9,6 +9,7 @@ raises once the request is cancelled (client gone, agent stopping).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -75,12 +76,38 @@ def read_chunk(fd: int, offset: int, size: int) -> bytes:
     return os.pread(fd, size, offset)
 
 
+#: ``preadv2`` flag: copy only what the page cache holds, never wait for the disk.
+_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
+def read_cached(fd: int, buffer: memoryview, offset: int) -> int | None:
+    """Read into ``buffer`` what the page cache already holds from ``offset`` (``preadv2``
+    with ``RWF_NOWAIT``: it never waits for the disk or a lock, so the event loop may call
+    it), the count read; ``None`` when nothing is cached there (or the file system cannot
+    tell): read in a worker thread instead."""
+    if not _NOWAIT:
+        return None
+    try:
+        got = os.preadv(fd, [buffer], offset, _NOWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None  # no RWF_NOWAIT for this file system
+        raise
+    return got or None  # 0: the end of the file (truncated), or nothing: the thread tells
+
+
 def usage(folder: Path, *, checkpoint: Callable[[], None]) -> Usage:
     with Root.open_volume(folder) as root:
         return root.usage(checkpoint=checkpoint)
 
 
 # --- uploading -----------------------------------------------------------------------------
+
+
+#: Buffers one ``writev`` takes at most.
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 class Upload:
@@ -99,11 +126,18 @@ class Upload:
         self._fd = self._out.file.fileno()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self.size += len(data)
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Append ``chunks``: one ``writev`` for a batch (more if the disk takes less)."""
+        pending: list[bytes | memoryview] = list(chunks)
+        first = 0
+        while first < len(pending):
+            written = os.writev(self._fd, pending[first : first + _IOV_MAX])
+            self.size += written
+            while first < len(pending) and written >= len(pending[first]):
+                written -= len(pending[first])
+                first += 1
+            if written:  # a chunk written in part: the rest of it next
+                pending[first] = memoryview(pending[first])[written:]
 
     def commit(self) -> int:
         try:

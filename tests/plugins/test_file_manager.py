@@ -339,6 +339,71 @@ async def test_upload_cut_mid_body_leaves_nothing(
     assert response.content == b"old"
 
 
+async def test_upload_chunked_body_cut_leaves_nothing(
+    running: RunningAgent, client: httpx.AsyncClient, volume: Volume
+) -> None:
+    """A chunked body (no length to check against) cut after 3 MiB: the agent sees the
+    client go before the end of the body, so the old file stays and no temporary file is
+    left."""
+    volume_id, folder = volume
+    (folder / "world.dat").write_bytes(b"old")
+    host, port = running.url.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"PUT /volumes/{volume_id}/files/content?path=world.dat HTTP/1.1\r\n"
+        f"Host: {host}\r\nAccept: {VENDOR}\r\nAuthorization: Bearer {MASTER}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    sock = trio.socket.socket()
+    await sock.connect((host, int(port)))
+    await sock.send(head)
+    chunk = b"10000\r\n" + b"n" * 65536 + b"\r\n"
+    for _ in range(48):
+        await sock.send(chunk)
+    deadline = time.monotonic() + 10
+    while not temp_files(folder):
+        assert time.monotonic() < deadline, "no temporary file appeared"
+        await trio.sleep(0.01)
+    sock.close()  # an orderly close, not the body's last chunk
+    deadline = time.monotonic() + 10
+    while temp_files(folder):
+        assert time.monotonic() < deadline, temp_files(folder)
+        await trio.sleep(0.01)
+    assert (folder / "world.dat").read_bytes() == b"old"
+    assert sorted(p.name for p in folder.iterdir()) == ["world.dat"]
+
+
+async def test_download_of_a_file_not_in_the_page_cache(
+    client: httpx.AsyncClient, volume: Volume
+) -> None:
+    """Bytes the page cache does not hold are read in a worker thread (the event loop
+    reads only cached ones): a file dropped from the cache, whole and in a range, still
+    comes back exact."""
+    volume_id, folder = volume
+    data = os.urandom(3 << 20) + b"tail"
+    path = folder / "cold.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    url = f"/volumes/{volume_id}/files/content"
+    response = await client.get(url, params={"path": "cold.bin"})
+    assert response.status_code == 200
+    assert response.content == data
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    response = await client.get(
+        url, params={"path": "cold.bin"}, headers={"Range": f"bytes={(1 << 20) + 5}-"}
+    )
+    assert response.status_code == 206
+    assert response.content == data[(1 << 20) + 5 :]
+
+
 async def test_upload_refused_before_reading_still_answers(
     client: httpx.AsyncClient,
 ) -> None:
