@@ -51,6 +51,7 @@ from .jobs import (
     JobKind,
     JobLimitReached,
     Jobs,
+    JobStarted,
     JobView,
 )
 from .metrics import Metrics
@@ -81,6 +82,7 @@ __all__ = [
     "JobFailed",
     "JobKind",
     "JobLimitReached",
+    "JobStarted",
     "JobView",
     "Jobs",
     "Metrics",

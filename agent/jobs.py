@@ -70,6 +70,7 @@ __all__ = [
     "JobKind",
     "JobLimitReached",
     "JobProgress",
+    "JobStarted",
     "JobView",
     "Jobs",
 ]
@@ -120,6 +121,14 @@ class JobProgress(TypedDict):
     #: ``None`` while the size of the work is unknown.
     total: int | None
     unit: Unit
+
+
+class JobStarted(TypedDict):
+    """What a route answers (202) when it started a job: its ``result`` is what the
+    synchronous form of the route would have answered, if it has one."""
+
+    message: str
+    job_id: str
 
 
 class JobBody(TypedDict):

@@ -66,12 +66,13 @@ from lightd import (
     ContainersSettings,
     FieldError,
     JobContext,
+    JobStarted,
     NotFound,
     StashKey,
     field_check,
     hookimpl,
 )
-from lightd.api import describe, read_json, requires
+from lightd.api import describe, read_json, requires, wants_job
 from lightd.files import (
     CHUNK,
     NAME_MAX,
@@ -1004,7 +1005,7 @@ def output_path(name: str, fmt: str) -> RelPath:
 
 
 #: What the compress route's body may hold (the OpenAPI document's schema): the fields of
-#: ``CompressBody`` and ``async``, a Python keyword, read apart by ``_wants_job``.
+#: ``CompressBody`` and ``async``, a Python keyword, read apart by ``lightd.api.wants_job``.
 CompressRequest = TypedDict(
     "CompressRequest",
     {
@@ -1026,23 +1027,6 @@ DecompressRequest = TypedDict(
         "async": NotRequired[bool],
     },
 )
-
-
-class JobStarted(TypedDict):
-    """``"async": true``: the work runs as the job ``job_id`` (``GET /jobs/{job_id}``);
-    its ``result`` is the synchronous answer."""
-
-    message: str
-    job_id: str
-
-
-async def _wants_job() -> bool:
-    """The body's ``async`` flag (read after the body class accepted the body)."""
-    data = await read_json()
-    value = data.get("async", False) if isinstance(data, dict) else False
-    if not isinstance(value, bool):
-        raise BadRequest("async: must be a boolean", code="invalid_field")
-    return value
 
 
 async def _report(job: JobContext, meter: Meter) -> None:
@@ -1154,7 +1138,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     async def compress_view(volume_id: str) -> Compressed | tuple[JobStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(CompressBody)
-        wants_job = await _wants_job()
+        as_job = await wants_job()
         if body.format not in FORMATS:
             raise BadRequest(f"Unsupported format: {body.format}", code="unsupported_format")
         name = body.output_name if body.output_name is not None else body.output
@@ -1165,7 +1149,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         if sources == []:
             raise BadRequest("sources: must not be empty", code="invalid_field")
         fmt = body.format
-        if wants_job:
+        if as_job:
 
             async def compress_job(job: JobContext) -> None:
                 temp = await job.temp_path(output.parent)
@@ -1202,7 +1186,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     async def decompress_view(volume_id: str) -> Decompressed | tuple[JobStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(DecompressBody)
-        wants_job = await _wants_job()
+        as_job = await wants_job()
         if body.archive_path is not None:
             archive = parse(body.archive_path)
             destination = archive.parent if body.destination is None else parse(body.destination)
@@ -1220,7 +1204,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             "destination": str(destination),
         }
         args = (folder, archive, destination, config.max_total_bytes, config.max_entries)
-        if wants_job:
+        if as_job:
 
             async def decompress_job(job: JobContext) -> None:
                 temp = await job.temp_path(destination)

@@ -64,6 +64,7 @@ from lightd import (
     Conflict,
     ContainersSettings,
     JobContext,
+    JobStarted,
     Migration,
     NotFound,
     Service,
@@ -72,7 +73,7 @@ from lightd import (
     field_check,
     hookimpl,
 )
-from lightd.api import describe, read_json, requires
+from lightd.api import describe, read_json, requires, wants_job
 from lightd.files import Owner, RelPath, Root, parse
 from quart import Blueprint, request
 
@@ -433,7 +434,7 @@ class PathDone(TypedDict):
 
 
 #: The copy route's body as documented: ``CopyBody``'s fields and ``async`` (a Python
-#: keyword, so read apart from the attrs body by ``_wants_job``).
+#: keyword, so read apart from the attrs body by ``lightd.api.wants_job``).
 CopyRequest = TypedDict(
     "CopyRequest",
     {
@@ -443,23 +444,6 @@ CopyRequest = TypedDict(
         "async": NotRequired[bool],
     },
 )
-
-
-class CopyStarted(TypedDict):
-    """``"async": true``: the copy runs as the job ``job_id`` (``GET /jobs/{job_id}``);
-    its ``result`` is the synchronous answer."""
-
-    message: str
-    job_id: str
-
-
-async def _wants_job() -> bool:
-    """The body's ``async`` flag (read after the body class accepted the body)."""
-    data = await read_json()
-    value = data.get("async", False) if isinstance(data, dict) else False
-    if not isinstance(value, bool):
-        raise BadRequest("async: must be a boolean", code="invalid_field")
-    return value
 
 
 class Copied(TypedDict):
@@ -767,23 +751,23 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         "(`volume.copy`, progress in bytes; its `result` is the 200 answer, its `error` "
         "the message of a 404 or 409).",
         body=CopyRequest,
-        responses={200: Copied, 202: CopyStarted},
+        responses={200: Copied, 202: JobStarted},
         errors=(409,),
         examples={"body": {"source": "world", "destination": "world-copy"}},
         tags=("volumes",),
     )
     @requires("files")
-    async def copy(volume_id: str) -> Copied | tuple[CopyStarted, int]:
+    async def copy(volume_id: str) -> Copied | tuple[JobStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(CopyBody)
-        wants_job = await _wants_job()
+        as_job = await wants_job()
         source, destination = parse(body.source), parse(body.destination)
         answer: Copied = {
             "message": "Copied successfully",
             "source": str(source),
             "destination": str(destination),
         }
-        if wants_job:
+        if as_job:
             who = owner()
 
             async def copy_job(job: JobContext) -> None:

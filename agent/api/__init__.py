@@ -18,6 +18,7 @@ from .views import (
     query_token,
     read_json,
     requires,
+    wants_job,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "read_json",
     "requires",
     "streams_body",
+    "wants_job",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "query_token",
     "read_json",
     "requires",
+    "wants_job",
 ]
 
 T = TypeVar("T")
@@ -254,3 +255,14 @@ async def read_json(cls: type[T] | None = None) -> T | Any:
     if cls is None:
         return data
     return structure(data, cls)
+
+
+async def wants_job() -> bool:
+    """The body's ``"async"`` flag (contract §14): whether to answer ``202`` with a job
+    instead of doing the work in the request. Read after the body class accepted the
+    body; anything but a boolean is a 400."""
+    data = await read_json()
+    value = data.get("async", False) if isinstance(data, dict) else False
+    if not isinstance(value, bool):
+        raise BadRequest("async: must be a boolean", code="invalid_field")
+    return value

@@ -41,7 +41,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import attrs
@@ -57,6 +57,7 @@ from lightd import (
     JobContext,
     JobFailed,
     JobLimitReached,
+    JobStarted,
     TooManyRequests,
     __version__,
 )
@@ -81,7 +82,6 @@ __all__ = [
     "GuardedBackend",
     "PullBody",
     "PullSettings",
-    "PullStarted",
     "add_routes",
     "embedded_ipv4",
     "file_name",
@@ -680,11 +680,6 @@ class PullBody:
     name: str | None = None
 
 
-class PullStarted(TypedDict):
-    message: str
-    job_id: str
-
-
 def register(agent: Agent) -> None:
     """Declare the job kind (from the plugin's ``lightd_configure``)."""
     agent.stash[JOBS].register_kind(KIND, permission="files")
@@ -711,7 +706,7 @@ def add_routes(
         "at once (429 `Too many pulls in progress`). 409 when a folder is at the target. "
         "403 `Pulls are disabled on this node` with `files.pulls_enabled: false`.",
         body=PullBody,
-        responses={202: PullStarted},
+        responses={202: JobStarted},
         errors=(409, 429),
         # A documentation address (RFC 5737): the API fuzz test runs the examples, and
         # this one is refused before any traffic (400 Destination not allowed).
@@ -721,7 +716,7 @@ def add_routes(
         tags=("files",),
     )
     @requires("files")
-    async def pull(volume_id: str) -> tuple[PullStarted, int]:
+    async def pull(volume_id: str) -> tuple[JobStarted, int]:
         folder = await folder_of(volume_id)
         body = await read_json(PullBody)
         config = settings()
