@@ -7,7 +7,7 @@ every built-in. What a plugin needs from another feature it asks the core for, t
 hook or one of the service interfaces below (``agent.stash[VOLUMES]``).
 
 Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`` →
-``files``, ``config``, ``store``, ``docker`` → ``hookspecs``, ``plugin_manager``,
+``files``, ``config``, ``logs``, ``store``, ``docker`` → ``hookspecs``, ``plugin_manager``,
 ``runtime``, ``metrics``, ``interfaces``, ``jobs`` →
 ``containers`` → ``api`` → ``server`` → ``cli``.
 """
