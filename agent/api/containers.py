@@ -23,7 +23,9 @@ from collections.abc import Awaitable, Callable
 from typing import Literal, TypedDict, cast
 from urllib.parse import urlsplit
 
-from quart import Blueprint
+import attrs
+import trio
+from quart import Blueprint, request
 
 from ..config import Config
 from ..containers import CONTAINERS, ContainerSupervisor
@@ -40,8 +42,8 @@ from ..containers.models import (
 )
 from ..containers.settings import ContainersSettings
 from ..containers.stats import StatsSettings
-from ..converter import json_body, structure
-from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable
+from ..converter import field_check, json_body, structure
+from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable, PayloadTooLarge
 from ..hookspecs import hookimpl
 from ..interfaces import CONTAINER_SERVICE
 from ..jobs import JobView
@@ -49,7 +51,7 @@ from ..runtime import Agent, Service
 from ..store import Migration
 from .fastpath import FAST_READS
 from .views import Message, container_scoped, current_auth, describe, read_json, requires
-from .ws import WebSocketSettings, websocket_blueprint
+from .ws import DEFAULT_LOG_LINES, WebSocketSettings, is_command_text, websocket_blueprint
 
 
 class Port(TypedDict):
@@ -117,6 +119,57 @@ class CreateAnswer(TypedDict):
 class ActionAnswer(TypedDict):
     message: str
     internal_id: str
+
+
+class LogsQuery(TypedDict, total=False):
+    #: How many of the last console lines (default 100, at most the history's size).
+    lines: int
+
+
+class LogsAnswer(TypedDict):
+    #: Oldest first, without trailing newlines.
+    lines: list[str]
+
+
+class StatsView(TypedDict):
+    """The WebSocket's ``stats`` frame without ``event`` (contract §8)."""
+
+    #: Percent; 100 = one core.
+    cpu_usage: float
+    #: Bytes.
+    memory_usage: int
+    memory_limit: int
+    network_rx: int
+    network_tx: int
+    block_read: int
+    block_write: int
+    state: RuntimeState
+    #: Seconds since the server started.
+    uptime: int
+
+
+@attrs.frozen
+class CommandRequest:
+    #: Written to the server's stdin (a newline is added if missing).
+    command: str = attrs.field(
+        validator=field_check(is_command_text, "must be text without NUL characters")
+    )
+
+
+class StatsUnavailable(ApiError):
+    """Running, but no sample came in time (the engine is slow to report)."""
+
+    status = 503
+    code = "stats_unavailable"
+
+
+def _line_count(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LOG_LINES
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise BadRequest("lines must be a positive integer", code="invalid_query")
+    return int(text)
 
 
 CREATE_EXAMPLE = {
@@ -404,5 +457,70 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             await containers.set_ports(internal_id, old)
             raise
         return {"message": "Network rebinding started", "internal_id": internal_id}
+
+    def running(supervisor: ContainerSupervisor) -> None:
+        if supervisor.state == "offline":
+            raise Conflict("Container is not running", code="not_running")
+
+    @bp.get("/containers/<internal_id>/logs")
+    @describe(
+        "The last lines of the console history",
+        query=LogsQuery,
+        examples={200: {"lines": ["Server started", "Player joined"]}},
+        tags=("containers",),
+    )
+    async def logs(internal_id: str) -> LogsAnswer:
+        supervisor = containers.get(internal_id)
+        count = _line_count(request.args.get("lines"))
+        return {"lines": supervisor.hub.history.tail(count).split("\n")[:-1]}
+
+    @bp.get("/containers/<internal_id>/stats")
+    @describe(
+        "The last stats sample of a running container",
+        description=(
+            "Samples are taken only while someone listens: without a recent one, the "
+            "answer waits for the next (a few ``stats.interval``s at most)."
+        ),
+        errors=(409, 503),
+        tags=("containers",),
+    )
+    async def stats(internal_id: str) -> StatsView:
+        supervisor = containers.get(internal_id)
+        running(supervisor)
+        hub = supervisor.hub
+        frame = hub.last_stats
+        if frame is None:
+            interval = agent.config.section_or_default(StatsSettings).interval
+            # Subscribing makes the reader sample; its first frame needs two samples.
+            with hub.subscribe(4) as sub, trio.move_on_after(max(5.0, 4 * interval)):
+                while frame is None:
+                    try:
+                        got = await sub.receive()
+                    except trio.EndOfChannel:  # the container went away
+                        break
+                    if got["event"] == "stats":
+                        frame = got
+            running(supervisor)
+            if frame is None:
+                raise StatsUnavailable("No stats sample yet; try again")
+        return cast(StatsView, {k: v for k, v in frame.items() if k != "event"})
+
+    @bp.post("/containers/<internal_id>/command")
+    @describe(
+        "Send a command to the server's console (stdin)",
+        body=CommandRequest,
+        errors=(409,),
+        examples={"body": {"command": "say hello"}, 200: {"message": "Command sent"}},
+        tags=("containers",),
+    )
+    @requires("console")
+    async def command(internal_id: str) -> Message:
+        supervisor = containers.get(internal_id)
+        text = (await read_json(CommandRequest)).command
+        limit = agent.config.section_or_default(WebSocketSettings).max_frame_bytes
+        if len(text) > limit:  # what the WebSocket accepts in one frame
+            raise PayloadTooLarge(f"command is too long (at most {limit} characters)")
+        await supervisor.send_command(text)
+        return {"message": "Command sent"}
 
     return [bp, websocket_blueprint(agent, containers)]

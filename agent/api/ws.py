@@ -48,7 +48,13 @@ if TYPE_CHECKING:
     from ..containers import Containers, ContainerSupervisor
     from ..runtime import Agent
 
-__all__ = ["WebSocketSettings", "parse_request", "websocket_blueprint"]
+__all__ = [
+    "DEFAULT_LOG_LINES",
+    "WebSocketSettings",
+    "is_command_text",
+    "parse_request",
+    "websocket_blueprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +126,7 @@ def _first(args: Any) -> Any:
     return args
 
 
-def _is_text(value: str) -> bool:
+def is_command_text(value: str) -> bool:
     """Encodable text without NUL (a lone surrogate cannot reach the server's stdin)."""
     if "\x00" in value:
         return False
@@ -158,7 +164,7 @@ def parse_request(message: str | bytes) -> tuple[str, Any] | None:
         return None
     if not isinstance(event, str):
         return None
-    if event == "send_command" and isinstance(command, str) and _is_text(command):
+    if event == "send_command" and isinstance(command, str) and is_command_text(command):
         return "send_command", command
     if event == "power" and isinstance(action, str) and action in POWER_ACTIONS:
         return "power", action
