@@ -30,7 +30,8 @@
         ├── PayloadTooLarge     413
         ├── UnsupportedMedia    415  a body that is not JSON
         ├── TooManyRequests     429  (JobLimitReached: a key's job limit, lightd.jobs)
-        └── DockerUnavailable   503  the Docker engine does not answer
+        ├── DockerUnavailable   503  the Docker engine does not answer
+        └── StatsUnavailable    503  no stats sample came in time (GET /containers/:id/stats)
 
     FieldError (a ValueError)   a config or body field failed its check; the converter turns
                                 it into ConfigError or ValidationError naming the field
