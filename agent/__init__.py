@@ -8,15 +8,18 @@ hook or one of the service interfaces below (``agent.stash[VOLUMES]``).
 
 Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`` →
 ``files``, ``config``, ``logs``, ``store``, ``docker`` → ``hookspecs``, ``plugin_manager``,
-``runtime``, ``metrics``, ``interfaces``, ``jobs`` →
+``runtime``, ``metrics``, ``interfaces``, ``jobs``, ``events`` →
 ``containers`` → ``api`` → ``server`` → ``cli``.
 """
 
 from ._version import __version__
 from .config import Config
 from .containers.install import InstallJob, InstallRun
+from .containers.models import valid_image
 from .containers.settings import ContainersSettings
+from .containers.stats import Sample as StatsSample
 from .converter import FieldError, field_check
+from .docker.errors import DockerConflict, DockerError, DockerNotFound
 from .errors import (
     AgentError,
     ApiError,
@@ -32,16 +35,28 @@ from .errors import (
     UnsupportedMedia,
     ValidationError,
 )
+from .events import EVENT_TYPES, EventsSettings, NodeEvent, NodeEvents
 from .hookspecs import hookimpl
 from .interfaces import (
     CONTAINER_SERVICE,
+    DISK,
+    PORT_FIREWALL,
     PORT_POOL,
     VOLUMES,
+    BackupDownload,
+    BackupTarget,
+    BackupUpload,
     ContainerService,
+    DiskBudget,
+    DiskService,
+    DiskUsage,
     PoolPort,
+    PortAccess,
+    PortFirewallService,
     PortPoolService,
     PortRequest,
     VolumeService,
+    disk_writing,
 )
 from .jobs import (
     JOBS,
@@ -60,19 +75,32 @@ from .store import Migration, Store, StoreError
 
 __all__ = [
     "CONTAINER_SERVICE",
+    "DISK",
+    "EVENT_TYPES",
     "JOBS",
+    "PORT_FIREWALL",
     "PORT_POOL",
     "VOLUMES",
     "Agent",
     "AgentError",
     "ApiError",
+    "BackupDownload",
+    "BackupTarget",
+    "BackupUpload",
     "BadRequest",
     "Config",
     "ConfigError",
     "Conflict",
     "ContainerService",
     "ContainersSettings",
+    "DiskBudget",
+    "DiskService",
+    "DiskUsage",
+    "DockerConflict",
+    "DockerError",
+    "DockerNotFound",
     "DockerUnavailable",
+    "EventsSettings",
     "FieldError",
     "Forbidden",
     "InstallJob",
@@ -87,13 +115,18 @@ __all__ = [
     "Jobs",
     "Metrics",
     "Migration",
+    "NodeEvent",
+    "NodeEvents",
     "NotFound",
     "PluginError",
     "PoolPort",
+    "PortAccess",
+    "PortFirewallService",
     "PortPoolService",
     "PortRequest",
     "Service",
     "StashKey",
+    "StatsSample",
     "Store",
     "StoreError",
     "TooManyRequests",
@@ -102,6 +135,8 @@ __all__ = [
     "ValidationError",
     "VolumeService",
     "__version__",
+    "disk_writing",
     "field_check",
     "hookimpl",
+    "valid_image",
 ]

@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import resource
 import sys
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,7 @@ commands:
   diagnostics [--json]      support report: versions, redacted config, Docker engine,
                             storage, firewall chains, remote sync, plugins, recent errors
   config check [PATH]       list every config error and unknown key (exit 1 on an error)
+  plugin new NAME [--dir D] write a new plugin package (tests included) to D/lightd-NAME
 
 config file lookup: --config PATH, else ${CONFIG_ENV}, else ./config.json
 log level: --log-level, else --dev (debug), else ${LOG_LEVEL_ENV}, else config log.level
@@ -133,7 +135,59 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "path", nargs="?", metavar="PATH", help="the file (default: the --config lookup)"
     )
+    plugin = commands.add_parser("plugin", help="plugin author tools")
+    plugin_commands = plugin.add_subparsers(dest="plugin_command", metavar="new", required=True)
+    new = plugin_commands.add_parser(
+        "new", help="write a plugin package whose tests pass out of the box (docs/plugins.md)"
+    )
+    new.add_argument("name", metavar="NAME", help="the plugin's name, e.g. motd or lightd-motd")
+    new.add_argument(
+        "--dir", default=".", metavar="DIR", help="where to write lightd-NAME/ (default: .)"
+    )
     return parser
+
+
+#: The template of ``lightd plugin new`` (package data): ``{{key}}`` in file contents and
+#: ``__package__`` in paths are replaced; ``.tmpl`` is dropped from file names.
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "plugin"
+_PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def plugin_new(name: str, directory: Path) -> int:
+    """``lightd plugin new NAME``: the template, filled in, at ``directory/lightd-NAME``."""
+    plugin = name.strip().lower().removeprefix("lightd-").removeprefix("lightd_")
+    plugin = plugin.replace("-", "_")
+    if not _PLUGIN_NAME.fullmatch(plugin):
+        print(
+            f"lightd: plugin name {name!r}: use a-z, 0-9, _ or -, starting with a letter",
+            file=sys.stderr,
+        )
+        return 2
+    dist = "lightd-" + plugin.replace("_", "-")
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    values = {
+        "plugin": plugin,
+        "dist": dist,
+        "package": f"lightd_{plugin}",
+        "Class": "".join(part.capitalize() for part in plugin.split("_")),
+        "lightd_min": f"{major}.{minor}",
+        "lightd_max": f"{major}.{minor + 2}",
+    }
+    target = directory / dist
+    if target.exists():
+        print(f"lightd: {target} exists already", file=sys.stderr)
+        return 1
+    for source in sorted(TEMPLATE.rglob("*.tmpl")):
+        relative = source.relative_to(TEMPLATE).with_suffix("")
+        out = target / str(relative).replace("__package__", values["package"])
+        text = source.read_text(encoding="utf-8")
+        for key, value in values.items():
+            text = text.replace("{{" + key + "}}", value)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    print(f"wrote {target}: plugin {plugin!r}, package {values['package']}")
+    print(f"next: pip install -e '{target}[test]' && pytest {target}")
+    return 0
 
 
 def log_settings(
@@ -320,6 +374,8 @@ def _raise_open_files_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plugin":
+        return plugin_new(args.name, Path(args.dir))
     if args.command == "config":
         path = locate_config(args.path or args.config)
     else:

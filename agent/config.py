@@ -40,6 +40,8 @@ __all__ = [
     "LoadedConfig",
     "LogConfig",
     "PluginsConfig",
+    "RateLimitConfig",
+    "RegistryCredentials",
     "ServerConfig",
     "StorageConfig",
     "TlsConfig",
@@ -95,6 +97,20 @@ class TlsConfig:
 
 
 @attrs.frozen
+class RateLimitConfig:
+    """``server.rate_limit`` (contract §17): a token bucket per token on the REST API,
+    refilled at ``requests_per_minute`` / 60 per second, holding at most ``burst``.
+    ``requests_per_minute`` 0 turns it off. Temporary tokens are limited; the master token
+    only with ``master: true``. A reload applies a change at once (``lightd.api.ratelimit``)."""
+
+    requests_per_minute: int = attrs.field(
+        default=600, validator=field_check(lambda v: v >= 0, "must be >= 0 (0 = off)")
+    )
+    burst: int = attrs.field(default=100, validator=field_check(lambda v: v >= 1, "must be >= 1"))
+    master: bool = False
+
+
+@attrs.frozen
 class ServerConfig:
     host: str = "0.0.0.0"
     #: 0 binds any free port (tests); the bound address is logged.
@@ -109,6 +125,8 @@ class ServerConfig:
     )
     #: HTTPS and WSS instead of plain HTTP (none: plain, e.g. behind a TLS proxy).
     tls: TlsConfig | None = None
+    #: Requests per token on the REST API (``RateLimitConfig``).
+    rate_limit: RateLimitConfig = attrs.Factory(RateLimitConfig)
 
 
 @attrs.frozen(kw_only=True)
@@ -120,6 +138,27 @@ class AuthorizationConfig:
             is_valid_token, f"must start with {TOKEN_PREFIX} and be at least 20 characters"
         ),
     )
+
+
+@attrs.frozen
+class RegistryCredentials:
+    """One entry of ``docker.registries``: the login for a private registry's pulls. The
+    password never leaves the agent but in the pull's ``X-Registry-Auth`` header (masked
+    in every shown config, kept out of ``repr``)."""
+
+    username: str = attrs.field(validator=field_check(_non_empty, "must not be empty"))
+    password: str = attrs.field(repr=False, validator=field_check(_non_empty, "must not be empty"))
+
+
+#: A registry as ``docker.registries`` names it: ``host[:port]``, optionally as a URL
+#: (``https://index.docker.io/v1/``); Docker Hub is ``docker.io``.
+_REGISTRY_KEY = re.compile(
+    r"(?:https?://)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?(?:/[^\s]*)?"
+)
+
+
+def _registry_keys(value: dict[str, RegistryCredentials]) -> bool:
+    return all(_REGISTRY_KEY.fullmatch(key) is not None for key in value)
 
 
 @attrs.frozen
@@ -139,6 +178,13 @@ class DockerConfig:
             "must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric",
         ),
     )
+    #: Logins for private registries, by registry host (``"ghcr.io"``, ``"docker.io"``,
+    #: ``"registry.local:5000"``): used by image pulls (installs, ``POST /images/pull``)
+    #: before the Docker client's own config file.
+    registries: dict[str, RegistryCredentials] = attrs.field(
+        factory=dict,
+        validator=field_check(_registry_keys, "keys must be registry hosts (host[:port])"),
+    )
 
 
 @attrs.frozen
@@ -146,6 +192,8 @@ class StorageConfig:
     base_path: str = "./storage"
     containers_path: str = "./storage/containers"
     volumes_path: str = "./storage/volumes"
+    #: Where the ``local`` backup target keeps archives; empty: ``<base_path>/backups``.
+    backups_path: str = ""
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -405,8 +405,13 @@ def firewall_report(effective: Mapping[str, Any]) -> dict[str, Any]:
             "reason": "the port_pool plugin is not loaded",
         }
     else:
-        chain = str(network.get("firewall_chain", ""))
-        pool = chain_report(str(network.get("iptables", "iptables")), chain)
+        # The pool's rules are in the firewall plugin's chain (network.manage_firewall).
+        section = effective.get("firewall")
+        firewall = section if isinstance(section, dict) else {}
+        program = str(firewall.get("iptables", "auto"))
+        if program in ("auto", "nft", "legacy"):
+            program = "iptables" if program == "auto" else f"iptables-{program}"
+        pool = chain_report(program, str(firewall.get("chain", "LIGHTD-FW")))
         pool["managed"] = bool(network.get("manage_firewall"))
         report["port_pool"] = pool
     return report
@@ -463,7 +468,7 @@ def plugins_report(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
     disabled = plugins.get("disabled") if isinstance(plugins, dict) else None
     names = [d for d in disabled if isinstance(d, str)] if isinstance(disabled, list) else []
     return [
-        {k: p[k] for k in ("name", "builtin", "version")}
+        {k: p[k] for k in ("name", "builtin", "origin", "version")}
         for p in describe_plugins(make_plugin_manager(names))
     ]
 
@@ -564,8 +569,8 @@ def render_text(report: Mapping[str, Any]) -> str:
         out.append(_line("error", plugins["error"]))
     else:
         for p in plugins:
-            origin = "built-in" if p["builtin"] else f"external {p['version'] or ''}".strip()
-            out.append(_line(p["name"], origin))
+            origin = "built-in" if p["builtin"] else p.get("origin", "external")
+            out.append(_line(p["name"], f"{origin} {p['version'] or ''}".strip()))
     errors = report["recent_errors"]
     out += ["", f"Recent warnings and errors ({errors['path']})"]
     if errors.get("error"):

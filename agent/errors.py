@@ -12,12 +12,16 @@
     ├── InstallFailed           an install step failed; its message is the panel's reason
     ├── JobFailed               a job gives up; its message is the job's error (lightd.jobs)
     ├── PortPoolError           the port pool's store rows are inconsistent (port_pool plugin)
+    ├── IptablesFailed          an iptables call failed or timed out (firewall plugin: logged,
+    │                           retried; never answered to a client)
     ├── FileError               the file layer refused (lightd.files; plain, no HTTP status:
     │   │                       the app answers with the status of files.API_STATUS)
     │   ├── InvalidPath         400  (PathEscapes: a path or link leading out of the volume)
     │   ├── NotAFile, NotAFolder                                400
+    │   ├── BadArchive      400  a refused archive entry (lightd.files.tarball)
     │   ├── PathNotFound, VolumeNotFound                        404
     │   ├── FileExists, FolderExists                            409
+    │   ├── QuotaExceeded   409  Disk quota exceeded (a volume's size_limit, contract §15)
     │   └── NoSpace, FileOperationFailed                        500
     └── ApiError                answered to an API client as {"error": message}; carries a status
         ├── BadRequest          400  invalid input (ValidationError: a field of a JSON body;

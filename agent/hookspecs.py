@@ -23,8 +23,8 @@ Order of the start-up calls::
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .containers.install import InstallJob, InstallRun
+    from .containers.stats import Sample
+    from .interfaces import BackupTarget, PoolPort
     from .jobs import JobView
     from .runtime import Agent, Service
     from .store import Migration
@@ -41,6 +43,20 @@ PROJECT = "lightd"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: Hooks added in this release: their arguments may still change in the next minor
+#: version without a deprecation (docs/plugins.md, "Stability").
+PROVISIONAL = frozenset(
+    {
+        "lightd_backup_targets",
+        "lightd_container_network_changed",
+        "lightd_container_starting",
+        "lightd_panel_update",
+        "lightd_stats_sample",
+        "lightd_volume_deleted",
+        "lightd_volume_running",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +192,68 @@ def lightd_container_deleted(agent: Agent, internal_id: str) -> Awaitable[None] 
     """
 
 
+@hookspec
+def lightd_container_network_changed(
+    agent: Agent, internal_id: str, ports: Sequence[PoolPort]
+) -> Awaitable[None] | None:
+    """A container's server was (re)created publishing ``ports``: at the end of every
+    create of its Docker container (install, recreate after a ``PATCH`` or when it
+    vanished, rebind), before it is started. The container's action waits for it: note
+    the ports and queue work for a service of yours (the ``firewall`` plugin re-renders
+    the server's chains, which match the published host ports). A failing
+    implementation is logged and does not fail the action.
+
+    :param agent: the running agent.
+    :param internal_id: the container.
+    :param ports: the host ports it publishes (``ip``, ``port``, ``protocol``
+        ``tcp|udp|both``), possibly none.
+    """
+
+
+@hookspec
+def lightd_container_starting(agent: Agent, internal_id: str, volume_id: str) -> None:
+    """Called before a start or restart of a container is queued (by the API, the
+    WebSocket or the boot of servers that should run), synchronously: an implementation
+    refuses the start by raising an ``ApiError`` (the disk plugin: ``409 Disk quota
+    exceeded`` while the volume is over its limit), which the caller answers as it is.
+    Keep it cheap: no I/O (read what your plugin keeps in memory).
+
+    :param agent: the running agent.
+    :param internal_id: the container about to start.
+    :param volume_id: the volume it mounts.
+    """
+
+
+@hookspec
+def lightd_stats_sample(
+    agent: Agent,
+    internal_id: str,
+    container_id: str,
+    volume_id: str,
+    started_at: float | None,
+    sample: Sample,
+) -> None:
+    """A sample of a running container's counters, from its one stats reader (usage
+    metering). Called for every sample the reader takes: about every ``stats.interval``
+    while a client follows the container's stats, every ``stats.idle_interval`` (30 s)
+    while none does, every tick while the server stops; the reader takes no sample when
+    nobody listens and no plugin implements this hook. Called synchronously on the event
+    loop inside the reader: keep it to arithmetic on memory (no I/O, never block); an
+    implementation that raises is logged and ignored.
+
+    :param agent: the running agent.
+    :param internal_id: the container sampled.
+    :param container_id: the Docker id of the run (counters are those of this Docker
+        container; a recreate gives a new id).
+    :param volume_id: the volume the container mounts.
+    :param started_at: unix time the current run started (the counters count from
+        there), ``None`` when unknown.
+    :param sample: ``lightd.StatsSample``: cumulative counters (``cpu_ns`` CPU time,
+        ``network_tx``/``network_rx`` bytes, ``block_*``) and gauges (``memory`` bytes);
+        the counters restart from 0 when the container restarts.
+    """
+
+
 @hookspec(firstresult=True)
 def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
     """Which container uses this volume? Return its ``internal_id``, or ``None``.
@@ -185,6 +263,31 @@ def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
 
     :param agent: the running agent.
     :param volume_id: the volume about to be deleted.
+    """
+
+
+@hookspec(firstresult=True)
+def lightd_volume_running(agent: Agent, volume_id: str) -> str | None:
+    """Which container using this volume is not offline (running, starting, stopping or
+    installing)? Return its ``internal_id``, or ``None`` when all are offline.
+
+    Asked before work that needs the volume to itself (a backup restore refuses with
+    ``409 Volume in use by a running container``).
+
+    :param agent: the running agent.
+    :param volume_id: the volume concerned.
+    """
+
+
+@hookspec
+def lightd_volume_deleted(agent: Agent, volume_id: str, backups: str) -> Awaitable[None] | None:
+    """A volume was deleted (``DELETE /volumes/:id``); its folder is already gone.
+
+    :param agent: the running agent.
+    :param volume_id: the deleted volume.
+    :param backups: what the client asked for the volume's backups, from
+        ``?backups=``: ``"keep"`` (the default: they stay listed under the volume id and
+        can still be downloaded) or ``"delete"`` (remove them from their targets).
     """
 
 
@@ -204,6 +307,45 @@ def lightd_run_install_script(agent: Agent, job: InstallJob) -> InstallRun | Non
 
     :param agent: the running agent.
     :param job: the script, image, limits, timeout, environment and mounts of this run.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Backups and the panel: declarations and notifications.
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def lightd_backup_targets(agent: Agent) -> Mapping[str, BackupTarget] | None:
+    """Declare backup targets (contract §16): ``{"name": target}``, called once when the
+    ``backups`` plugin is configured.
+
+    A target implements ``lightd.BackupTarget``: ``open_upload`` (an archive written in
+    pieces of a few MiB, then ``commit`` or ``abort``; an aborted one leaves nothing),
+    ``open_download`` (read back in order) and ``delete``. The built-in plugin declares
+    ``local`` (under ``storage.backups_path``) and ``s3`` (when ``backups.s3`` has a
+    bucket); a client names the target in ``POST /volumes/:id/backups {"target"}``. Two
+    targets of one name stop the agent.
+
+    :param agent: the agent being built.
+    """
+
+
+@hookspec
+def lightd_panel_update(
+    agent: Agent, key: str, update: Mapping[str, Any]
+) -> Awaitable[None] | None:
+    """Send ``update`` to the panel (contract §9): the ``remote_sync`` plugin commits it to
+    its durable outbox (adding ``event_id`` and ``timestamp``) and delivers it in order
+    per ``key``, retrying while the panel is away. Without remote sync (or with it
+    switched off) the update is dropped.
+
+    :param agent: the running agent.
+    :param key: what orders updates (updates of one key are delivered in order): a
+        container's ``internal_id``, or ``volume:<volume_id>``.
+    :param update: the JSON body, e.g. ``{"event":"backup","volume_id",…}``; an
+        ``event_id`` in it is kept (a deterministic id the panel can de-duplicate on, as
+        metering's ``usage`` events have), else a UUID is added.
     """
 
 

@@ -10,7 +10,9 @@ The other way round, the core offers plugins what they may know of containers
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -20,14 +22,25 @@ from .runtime import StashKey
 
 __all__ = [
     "CONTAINER_SERVICE",
+    "DISK",
+    "PORT_FIREWALL",
     "PORT_POOL",
     "VOLUMES",
+    "BackupDownload",
+    "BackupTarget",
+    "BackupUpload",
     "ContainerService",
+    "DiskBudget",
+    "DiskService",
+    "DiskUsage",
     "PoolPort",
+    "PortAccess",
+    "PortFirewallService",
     "PortPoolService",
     "PortRequest",
     "VolumeRecord",
     "VolumeService",
+    "disk_writing",
 ]
 
 
@@ -86,6 +99,42 @@ class PortPoolService(Protocol):
         ...
 
 
+@attrs.frozen
+class PortAccess:
+    """What the agent's firewall does with traffic Docker forwards to one pool entry
+    (``network.manage_firewall``): ``open`` accepts it, otherwise it is dropped. ``ip`` is
+    normalised, ``0.0.0.0``/``::`` meaning every address; protocol ``tcp|udp|both``."""
+
+    ip: str
+    port: int
+    protocol: str
+    open: bool
+
+
+class PortFirewallService(Protocol):
+    """Port-level rules in the agent's firewall chain (the ``firewall`` plugin, hooked into
+    Docker's ``DOCKER-USER``), for the port pool's ``network.manage_firewall``.
+
+    One source is followed: the plugin calls it when it applies, at start and after each
+    ``ports_changed``, and the chain then holds one rule per ``PortAccess`` (after the
+    servers' own rules, so a server's ``drop`` still wins over an open port)."""
+
+    def follow_ports(self, source: Callable[[], Awaitable[Sequence[PortAccess]]]) -> None:
+        """Follow ``source`` from now on. Call it in ``lightd_configure`` (the firewall
+        plugin's runs first): the rules are applied once services start."""
+        ...
+
+    def ports_changed(self) -> None:
+        """The source's answer changed: read it again and apply it soon (never blocks;
+        bursts coalesce into one pass)."""
+        ...
+
+    async def apply_ports(self) -> None:
+        """Read the source and apply it now; returns once a pass that started after the
+        call has ended (applied, or failed: logged and retried)."""
+        ...
+
+
 class VolumeRecord(Protocol):
     """A registered volume, as ``VolumeService.get`` gives it."""
 
@@ -121,7 +170,180 @@ class ContainerService(Protocol):
         may not exist). ``NotFound("Container not found")`` for an unknown container."""
         ...
 
+    def images_in_use(self) -> dict[str, list[str]]:
+        """The images the node's containers are made from: each image reference as its
+        record names it (``image``, and ``install_image`` when set) → the ``internal_id``s
+        naming it, sorted. References are as written (``busybox`` and
+        ``docker.io/library/busybox:latest`` are two keys); the caller normalises."""
+        ...
+
+    def on_volume(self, volume_id: str) -> list[tuple[str, str]]:
+        """The containers using volume ``volume_id``: ``(internal_id, state)`` pairs,
+        ``state`` the runtime state (``offline``, ``starting``, ``running``...)."""
+        ...
+
+    def daemon_message(self, internal_id: str, text: str) -> None:
+        """Send ``text`` to the container's clients as a ``daemon_message`` frame."""
+        ...
+
+    def request_stop(self, internal_id: str) -> None:
+        """Queue a stop of the container (as ``POST /containers/:id/stop`` does); nothing
+        when it is not running or is gone."""
+        ...
+
+    def published_ports(self, internal_id: str) -> list[PoolPort]:
+        """The host ports the container's record publishes (``ip``, ``port``, ``protocol``
+        ``tcp|udp|both``); ``NotFound("Container not found")`` for an unknown container.
+        Changes are told by ``lightd_container_network_changed``."""
+        ...
+
+
+class BackupUpload(Protocol):
+    """One archive being written to a backup target (``BackupTarget.open_upload``)."""
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` (called with pieces of a few MiB, in order)."""
+        ...
+
+    async def commit(self) -> None:
+        """Make the archive whole and visible; after this it can be downloaded."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop everything written (a failed or cancelled backup): leave nothing behind.
+        Called at most once, instead of ``commit``; must not raise for a partial upload."""
+        ...
+
+
+class BackupDownload(Protocol):
+    """One stored archive being read (``BackupTarget.open_download``)."""
+
+    #: The archive's size in bytes, when the target knows it.
+    size: int | None
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at the end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class BackupTarget(Protocol):
+    """Where backup archives are kept (contract §16): the built-in ``local`` and ``s3``
+    targets, or a plugin's (``lightd_backup_targets``). Failures are ``lightd.JobFailed``
+    (or another ``AgentError``) with a message for clients."""
+
+    async def open_upload(self, volume_id: str, backup_id: str) -> BackupUpload: ...
+
+    async def open_download(self, volume_id: str, backup_id: str) -> BackupDownload:
+        """``NotFound("Backup not found")`` when the target does not hold it."""
+        ...
+
+    async def delete(self, volume_id: str, backup_id: str) -> None:
+        """Remove the archive; one already gone is not an error."""
+        ...
+
+
+@attrs.frozen
+class DiskUsage:
+    """A volume's usage as the disk service knows it: ``bytes`` and ``files`` (regular
+    files' bytes and entries that are not folders, by the last walk adjusted by the API's
+    own writes since; or, under a kernel project quota, the quota's space and inodes),
+    ``size_limit`` (bytes, 0 = none)."""
+
+    bytes: int
+    files: int
+    size_limit: int
+
+
+class DiskBudget(Protocol):
+    """The bytes one API write puts into a volume (``DiskService.writing``). Thread-safe:
+    worker threads call it as they write."""
+
+    #: The volume's limit in bytes when the write began (0: none, ``charge`` never refuses).
+    limit: int
+
+    def charge(self, n: int) -> None:
+        """Count ``n`` bytes about to be written; ``lightd.files.QuotaExceeded`` (and
+        nothing counted) when the volume's usage, the bytes of writes in flight and ``n``
+        together exceed its limit. Call it before writing them."""
+        ...
+
+    def freed(self, n: int) -> None:
+        """Bytes the write removes or replaces, counted when it completes."""
+        ...
+
+
+class _Unlimited:
+    limit = 0
+
+    def charge(self, n: int) -> None:
+        pass
+
+    def freed(self, n: int) -> None:
+        pass
+
+
+class DiskService(Protocol):
+    """Volume usage and size limits (contract §15), ``agent.stash[DISK]`` (the built-in
+    ``disk`` plugin). Usage is cached: measured by a walk in a worker thread (at most every
+    ``disk.check_interval``) and adjusted by the API's own writes in between, or read from
+    the kernel's project quota where the file system enforces one."""
+
+    def limit(self, volume_id: str) -> int:
+        """The volume's ``size_limit`` in bytes (0 = none); no I/O."""
+        ...
+
+    def cached_bytes(self, volume_id: str) -> int | None:
+        """The volume's usage in bytes as last known, ``None`` before it was measured;
+        cheap enough for every stats frame (no walk)."""
+        ...
+
+    async def usage(self, volume_id: str) -> DiskUsage:
+        """The volume's usage; measured (a walk) only when never measured before."""
+        ...
+
+    async def set_limit(self, volume_id: str, size_limit: int) -> None:
+        """Make ``size_limit`` (bytes, 0 = none) the volume's limit, persisted."""
+        ...
+
+    def writing(self, volume_id: str) -> AbstractAsyncContextManager[DiskBudget]:
+        """The budget of one write into the volume: charges made in the block count as
+        the volume's usage when it ends without error, and are dropped otherwise (the
+        caller has removed its partial output). A ``NoSpace`` raised in the block while
+        the volume is at its limit (a kernel quota refused the write) becomes
+        ``QuotaExceeded``."""
+        ...
+
+    async def prepare(self, volume_id: str, folder: Path) -> None:
+        """Make a new, empty staging ``folder`` (later moved into the volume, e.g. by a
+        restore) count against the volume: under a kernel project quota it gets the
+        volume's project id, so its contents are charged and the move is allowed. Call
+        it before writing into the folder; a no-op without kernel quotas."""
+        ...
+
+    async def refresh(self, volume_id: str) -> None:
+        """Measure the volume again now (after a restore swapped its contents)."""
+        ...
+
+    def stale(self, volume_id: str) -> None:
+        """The volume lost files no budget counted (a delete): it is measured again soon,
+        in the background; no I/O here."""
+        ...
+
+
+def disk_writing(
+    disk: DiskService | None, volume_id: str
+) -> AbstractAsyncContextManager[DiskBudget]:
+    """``disk.writing(volume_id)``, or a budget that never refuses when there is no disk
+    service (the ``disk`` plugin is disabled)."""
+    if disk is None:
+        return contextlib.nullcontext(_Unlimited())
+    return disk.writing(volume_id)
+
 
 CONTAINER_SERVICE: StashKey[ContainerService] = StashKey("container_service")
+DISK: StashKey[DiskService] = StashKey("disk")
+PORT_FIREWALL: StashKey[PortFirewallService] = StashKey("port_firewall")
 PORT_POOL: StashKey[PortPoolService] = StashKey("port_pool")
 VOLUMES: StashKey[VolumeService] = StashKey("volumes")

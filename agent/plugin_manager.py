@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
+from ._version import __version__
 from .errors import PluginError
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .containers.install import InstallJob, InstallRun
+    from .containers.stats import Sample
+    from .interfaces import BackupTarget, PoolPort
     from .jobs import JobView
     from .runtime import Agent, Service
     from .store import Migration
@@ -54,16 +57,22 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
     "system": "lightd.api.system",
     "file_manager": "lightd.plugins.file_manager",
     "jobs": "lightd.api.jobs",
+    "events": "lightd.plugins.events",
     "metrics": "lightd.api.metrics",
     "health": "lightd.api.health",
     "openapi": "lightd.api.openapi",
     "tokens": "lightd.api.tokens",
     "volumes": "lightd.plugins.volumes",
+    "disk": "lightd.plugins.disk",
     "archives": "lightd.plugins.archives",
     "port_pool": "lightd.plugins.port_pool",
     "remote_sync": "lightd.plugins.remote_sync",
     "containers": "lightd.api.containers",
     "install_scripts": "lightd.plugins.install_scripts",
+    "backups": "lightd.plugins.backups",
+    "images": "lightd.plugins.images",
+    "metering": "lightd.plugins.metering",
+    "firewall": "lightd.plugins.firewall",
 }
 
 ESSENTIAL_PLUGINS = frozenset({"system", "health", "tokens", "jobs", "containers"})
@@ -123,18 +132,31 @@ def _register(pm: pluggy.PluginManager, name: str, load: Any) -> None:
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
-    """Name, origin, version and hooks of each registered plugin (for ``/system/info``)."""
-    versions = {plugin: dist.version for plugin, dist in pm.list_plugin_distinfo()}
+    """Name, origin, version and hooks of each registered plugin (``/system/info``,
+    ``lightd diagnostics``). ``origin`` is ``"builtin"`` (``version``: lightd's), the
+    name of the distribution whose entry point loaded it (``version``: that
+    distribution's), or ``"registered"`` for one handed to ``make_plugin_manager``
+    (tests; ``version`` ``None``)."""
+    dists = dict(pm.list_plugin_distinfo())
     described = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
             continue
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
+        dist = dists.get(plugin)
+        builtin = name in BUILTIN_PLUGINS and dist is None
+        if builtin:
+            origin, version = "builtin", __version__
+        elif dist is not None:
+            origin, version = dist.project_name, dist.version
+        else:
+            origin, version = "registered", None
         described.append(
             {
                 "name": name,
-                "builtin": name in BUILTIN_PLUGINS,
-                "version": versions.get(plugin),
+                "builtin": builtin,
+                "origin": origin,
+                "version": version,
                 "hooks": hooks,
             }
         )
@@ -218,9 +240,74 @@ class Hooks:
     async def job_done(self, agent: Agent, job: JobView) -> None:
         await _await_all(self._relay.lightd_job_done(agent=agent, job=job))
 
+    async def container_network_changed(
+        self, agent: Agent, internal_id: str, ports: Sequence[PoolPort]
+    ) -> None:
+        await _await_all(
+            self._relay.lightd_container_network_changed(
+                agent=agent, internal_id=internal_id, ports=ports
+            )
+        )
+
+    def container_starting(self, agent: Agent, internal_id: str, volume_id: str) -> None:
+        self._relay.lightd_container_starting(
+            agent=agent, internal_id=internal_id, volume_id=volume_id
+        )
+
+    def takes_stats_samples(self) -> bool:
+        """Does a plugin implement ``lightd_stats_sample``? (Else readers take none while
+        nobody listens.)"""
+        return bool(self._relay.lightd_stats_sample.get_hookimpls())
+
+    def stats_sample(
+        self,
+        agent: Agent,
+        internal_id: str,
+        container_id: str,
+        volume_id: str,
+        started_at: float | None,
+        sample: Sample,
+    ) -> None:
+        """Each implementation on its own: one that raises is logged, the others still
+        get the sample, and the stats reader goes on."""
+        args = {
+            "agent": agent,
+            "internal_id": internal_id,
+            "container_id": container_id,
+            "volume_id": volume_id,
+            "started_at": started_at,
+            "sample": sample,
+        }
+        for impl in reversed(self._relay.lightd_stats_sample.get_hookimpls()):
+            try:
+                impl.function(*[args[name] for name in impl.argnames])
+            except Exception:  # a plugin's bug must not stop the stats reader
+                log.exception("plugin %r failed in lightd_stats_sample (ignored)", impl.plugin_name)
+
     def volume_in_use(self, agent: Agent, volume_id: str) -> str | None:
         result: str | None = self._relay.lightd_volume_in_use(agent=agent, volume_id=volume_id)
         return result
+
+    def volume_running(self, agent: Agent, volume_id: str) -> str | None:
+        result: str | None = self._relay.lightd_volume_running(agent=agent, volume_id=volume_id)
+        return result
+
+    async def volume_deleted(self, agent: Agent, volume_id: str, backups: str = "keep") -> None:
+        await _await_all(
+            self._relay.lightd_volume_deleted(agent=agent, volume_id=volume_id, backups=backups)
+        )
+
+    def backup_targets(self, agent: Agent) -> dict[str, BackupTarget]:
+        targets: dict[str, BackupTarget] = {}
+        for result in reversed(self._relay.lightd_backup_targets(agent=agent)):
+            for name, target in result.items():
+                if name in targets:
+                    raise PluginError(f"two plugins declare the backup target {name!r}")
+                targets[name] = target
+        return targets
+
+    async def panel_update(self, agent: Agent, key: str, update: Mapping[str, Any]) -> None:
+        await _await_all(self._relay.lightd_panel_update(agent=agent, key=key, update=update))
 
 
 async def _await_all(results: Iterable[Awaitable[None] | None]) -> None:

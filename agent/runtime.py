@@ -20,6 +20,7 @@ from ._version import __version__
 from .config import Config, LoadedConfig, load_config
 from .docker import DockerEngine, docker_url
 from .errors import ConfigError
+from .events import EventsSettings, NodeEvents
 from .metrics import Metrics
 from .plugin_manager import Hooks, make_plugin_manager
 from .store import Store, open_store
@@ -118,7 +119,8 @@ class Agent:
 
     Attributes plugins use: ``config`` (typed, current), ``paths``, ``store``, ``docker``,
     ``hooks``, ``stash``, ``metrics`` (this agent's Prometheus registry and the way to add
-    series to it), ``clock`` (unix seconds; tests replace it), ``version``.
+    series to it), ``events`` (the node event stream: ``agent.events.publish(type, data)``,
+    contract §17), ``clock`` (unix seconds; tests replace it), ``version``.
     """
 
     def __init__(
@@ -141,6 +143,10 @@ class Agent:
         self.clock = clock
         self.stash = Stash()
         self.metrics = metrics if metrics is not None else Metrics()
+        #: The node event ring (``lightd.events``); its size is the ``events`` section's.
+        self.events = NodeEvents.for_settings(
+            loaded.config.section_or_default(EventsSettings), clock
+        )
         self.paths = StoragePaths.from_config(loaded.config, loaded.directory)
         self.version = __version__
         self.started_at = clock()

@@ -31,7 +31,7 @@ import trio
 
 from .api.app import create_app
 from .api.health import SERVICES, ServiceState, ServiceStates
-from .api.ws import websocket_settings
+from .api.ws import read_timeout, websocket_settings
 from .errors import ConfigError
 from .logs import errors_path, keep_errors
 from .runtime import Agent, Service
@@ -217,9 +217,7 @@ async def _serve(
         # WebSocket keep-alive (contract §8): hypercorn pings; a client silent past the
         # timeout (not even a pong) is dropped. The read timeout holds for HTTP as well.
         hcfg.websocket_ping_interval = websocket_settings(agent).ping_interval
-        hcfg.read_timeout = int(
-            websocket_settings(agent).ping_interval + websocket_settings(agent).ping_timeout + 0.999
-        )
+        hcfg.read_timeout = read_timeout(agent)
         async with trio.open_nursery() as http:
             urls = await http.start(
                 partial(hypercorn.trio.serve, app, hcfg, shutdown_trigger=agent.wait_stop_requested)

@@ -9,6 +9,20 @@ each for a fixed duration after a short warm-up, then prints the agent/bare requ
 
 Target: each agent route serves at least 70 % of the bare app's requests/s.
 
+Rate limits on vs off (``server.rate_limit``, contract §17), on the same agent, switched by
+rewriting config.json and ``POST /remote/config/reload`` between measurements:
+  4. the fast read path (``GET /containers``, master token, answered in front of Quart),
+     off (``requests_per_minute: 0``) vs on with ``master: true``,
+  5. the same route with a temporary token (through Quart: temporary tokens never take the
+     fast path), off vs on,
+"on" being a limit so high it is never reached, so every request pays the check and gets
+the headers but none is refused. Off and on alternate ``--rounds`` times; the best of each
+is kept (the machine is shared; the best is the least disturbed). Target: on/off >= 0.95.
+Over sockets that ratio is only as steady as the machine is quiet, so the fast path is also
+timed in process (its ASGI front called directly, CPU time of this thread, off and on
+alternating): what the check itself adds to one request, in microseconds, and the on/off
+ratio that cost implies at the fast path's measured rate ("projected").
+
 Run (needs ``wrk``: ``apt-get install wrk``; no Docker engine needed)::
 
     .venv/bin/python -m bench.http [--duration 10] [--warmup 2] [--json]
@@ -44,6 +58,10 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve()
 CONNECTIONS = 32
 TARGET_RATIO = 0.70
+RATE_LIMIT_TARGET = 0.95
+#: "On": a limit no bench reaches (about 16 million requests a second, a billion at once).
+NEVER_REACHED = {"requests_per_minute": 10**9, "burst": 10**9, "master": True}
+RATE_LIMIT_OFF = {"requests_per_minute": 0, "burst": 1, "master": True}
 ACCEPT = "Application/vnd.pkglatv1+json"
 #: The agent's default ``server.graceful_timeout``, so the bare server matches it.
 GRACEFUL_TIMEOUT = 5.0
@@ -97,13 +115,26 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """One plain request, for readiness polling and a status check before loading a route."""
+    status, body, _ = http_request(port, "GET", path, headers)
+    return status, body
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, bytes, dict[str, str]]:
+    """One request: status, body and headers (names lower-cased)."""
     import http.client
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, response.read()
+        found = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, response.read(), found
     finally:
         conn.close()
 
@@ -273,6 +304,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             results.append(
                 measure("agent GET /api/v1/public/ping", agent, "/api/v1/public/ping", {}, args)
             )
+            limited, limit_ratios = measure_rate_limits(agent, config, auth, args)
+        cost = fast_path_cost()
         problems = log_problems(agent_log)
         bare_port = free_port()
         # Run as a module from the repository root: bench/http.py run as a script would
@@ -290,18 +323,25 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     invalid = [
         f"{r.name}: {r.non_2xx} non-2xx responses, {r.socket_errors} socket errors, "
         f"check request answered {r.check_status}"
-        for r in results
+        for r in (*results, *limited)
         if r.non_2xx or r.socket_errors or r.check_status != 200
     ]
     return {
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "rounds": args.rounds,
         "connections": args.connections,
         "wrk_threads": 1,
         "results": [asdict(r) for r in results],
         "ratios": ratios,
         "target_ratio": TARGET_RATIO,
         "meets_target": all(v >= TARGET_RATIO for v in ratios.values()),
+        "rate_limit_results": [asdict(r) for r in limited],
+        "rate_limit_ratios": limit_ratios,
+        "rate_limit_target": RATE_LIMIT_TARGET,
+        "rate_limit_meets_target": all(v >= RATE_LIMIT_TARGET for v in limit_ratios.values()),
+        "fast_path_cpu_us": cost,
+        "fast_path_projected_ratio": projected_ratio(limited, cost),
         "valid": not invalid,
         "invalid_reasons": invalid,
         "server_log_problems": problems,
@@ -332,7 +372,158 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             f"ratio {name:<{label_width}} / bare: {ratio:6.1%}  (target >= {target:.0%})  {verdict}"
         )
+    limited = [Result(**r) for r in report["rate_limit_results"]]
+    if limited:
+        width = max(len(r.name) for r in limited)
+        print(f"\nrate limits on vs off (best of {report['rounds']} alternating rounds each)\n")
+        print(f"{'target':<{width}}  {'req/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}  {'requests':>9}")
+        for r in limited:
+            print(
+                f"{r.name:<{width}}  {r.requests_per_s:>9.1f}  {r.p50_ms:>8.2f}"
+                f"  {r.p99_ms:>8.2f}  {r.requests:>9}"
+            )
+        print()
+        target = report["rate_limit_target"]
+        label_width = max(len(name) for name in report["rate_limit_ratios"])
+        for name, ratio in report["rate_limit_ratios"].items():
+            verdict = "ok" if ratio >= target else "BELOW TARGET"
+            print(
+                f"ratio {name:<{label_width}} on / off: {ratio:6.1%}"
+                f"  (target >= {target:.0%})  {verdict}"
+            )
+        cost = report["fast_path_cpu_us"]
+        added = cost["on"] - cost["off"]
+        ratio = report["fast_path_projected_ratio"]
+        verdict = "ok" if ratio >= target else "BELOW TARGET"
+        print(
+            f"\nfast path in process (ASGI front only, CPU per request, best of 15 rounds):"
+            f" off {cost['off']:.2f} us, on {cost['on']:.2f} us: the check adds {added:.2f} us"
+            f"\nratio fast path on / off, projected (that cost added to a request at the"
+            f" measured off rate): {ratio:6.1%}  (target >= {target:.0%})  {verdict}"
+        )
     warn_loudly(report, sys.stdout)
+
+
+def set_rate_limit(
+    server: Server, config: Path, auth: dict[str, str], limit: dict[str, Any]
+) -> None:
+    """Rewrite ``server.rate_limit`` in config.json and have the agent reload it."""
+    raw = json.loads(config.read_text(encoding="utf-8"))
+    raw["server"]["rate_limit"] = limit
+    config.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    status, body, _ = http_request(server.port, "POST", "/remote/config/reload", auth)
+    if status != 200:
+        raise RuntimeError(f"config reload answered {status}: {body[:300]!r}")
+
+
+def measure_rate_limits(
+    server: Server, config: Path, auth: dict[str, str], args: argparse.Namespace
+) -> tuple[list[Result], dict[str, float]]:
+    """The read path with the limit off, then on (never reached), alternating; the best
+    figure of each kept. Checks that "on" really answers with the headers (and "off"
+    without), so the figures are of what they claim."""
+    headers = {**auth, "Content-Type": "application/json"}
+    status, body, _ = http_request(server.port, "POST", "/auth/tokens", headers, b'{"ttl": "1h"}')
+    if status != 200:
+        raise RuntimeError(f"minting a temporary token answered {status}: {body[:300]!r}")
+    temporary = {"Accept": ACCEPT, "Authorization": f"Bearer {json.loads(body)['token']}"}
+    targets = {
+        "fast path GET /containers, master token": auth,
+        "GET /containers, temporary token (Quart)": temporary,
+    }
+    best: dict[tuple[str, str], Result] = {}
+    for _ in range(args.rounds):
+        for mode, limit in (("off", RATE_LIMIT_OFF), ("on", NEVER_REACHED)):
+            set_rate_limit(server, config, auth, limit)
+            for name, target_headers in targets.items():
+                _, _, seen = http_request(server.port, "GET", "/containers", target_headers)
+                if ("x-ratelimit-remaining" in seen) != (mode == "on"):
+                    raise RuntimeError(f"{name} with the limit {mode}: headers {seen}")
+                result = measure(
+                    f"{name}, limit {mode}", server, "/containers", target_headers, args
+                )
+                key = (name, mode)
+                if key not in best or result.requests_per_s > best[key].requests_per_s:
+                    best[key] = result
+    results = [best[(name, mode)] for name in targets for mode in ("off", "on")]
+    ratios = {
+        name: best[(name, "on")].requests_per_s / best[(name, "off")].requests_per_s
+        if best[(name, "off")].requests_per_s
+        else 0.0
+        for name in targets
+    }
+    return results, ratios
+
+
+def projected_ratio(limited: list[Result], cost: dict[str, float]) -> float:
+    """On/off requests per second of the fast path if the check's in-process cost is all
+    it adds: one worker serves each request in 1/rate seconds of CPU."""
+    off = next((r for r in limited if r.name.startswith("fast path") and "off" in r.name), None)
+    if off is None or not off.requests_per_s:
+        return 0.0
+    per_request_us = 1e6 / off.requests_per_s
+    return per_request_us / (per_request_us + max(0.0, cost["on"] - cost["off"]))
+
+
+def fast_path_cost(requests: int = 10_000, rounds: int = 15) -> dict[str, float]:
+    """CPU microseconds per request of the fast read path's ASGI front (``GET /containers``,
+    master token), limit off vs on (never reached); the least of ``rounds`` each."""
+    import types
+    from typing import cast
+
+    import attrs
+    import trio
+    from lightd.api.fastpath import FAST_READS, fast_reads
+    from lightd.config import AuthorizationConfig, Config, RateLimitConfig
+    from lightd.runtime import Agent, Stash
+
+    token = "lightd_" + "0" * 32
+    base = Config(authorization=AuthorizationConfig(token=token))
+    configs = {
+        mode: attrs.evolve(
+            base, server=attrs.evolve(base.server, rate_limit=RateLimitConfig(**limit))
+        )
+        for mode, limit in (("off", RATE_LIMIT_OFF), ("on", NEVER_REACHED))
+    }
+    agent = types.SimpleNamespace(stash=Stash(), config=configs["off"], clock=time.time)
+    body = b'{"containers":[]}\n'
+    agent.stash[FAST_READS] = {"/containers": lambda _: body}
+
+    async def quart(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the fast path declined the request")
+
+    front = fast_reads(cast("Agent", agent), quart)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/containers",
+        "query_string": b"",
+        "headers": [(b"accept", ACCEPT.encode()), (b"authorization", f"Bearer {token}".encode())],
+    }
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    async def run() -> dict[str, float]:
+        best = {"off": float("inf"), "on": float("inf")}
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                agent.config = configs[mode]
+                started = time.thread_time()
+                for _ in range(requests):
+                    await front(scope, receive, send)
+                best[mode] = min(best[mode], (time.thread_time() - started) / requests * 1e6)
+                headers = dict(sent[-2]["headers"])
+                if (b"x-ratelimit-remaining" in headers) != (mode == "on"):
+                    raise RuntimeError(f"in-process fast path, limit {mode}: headers {headers}")
+                sent.clear()
+        return best
+
+    return trio.run(run)
 
 
 def warn_loudly(report: dict[str, Any], stream: Any) -> None:
@@ -397,14 +588,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds measured per target")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first")
     parser.add_argument("--connections", type=int, default=CONNECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating off/on rounds of the rate-limit part"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare is not None:
         serve_bare(args.serve_bare)
         return 0
-    if args.duration < 1 or args.warmup < 0:
-        parser.error("--duration must be >= 1 and --warmup >= 0 (whole seconds, as wrk takes)")
+    if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error(
+            "--duration must be >= 1, --warmup >= 0 (whole seconds, as wrk takes), --rounds >= 1"
+        )
     if shutil.which("wrk") is None:
         print("bench/http.py needs wrk on PATH: apt-get install wrk", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ from typing import Any, BinaryIO, NotRequired, TypedDict, TypeVar
 import attrs
 import trio
 from lightd import (
+    DISK,
     JOBS,
     VOLUMES,
     Agent,
@@ -69,14 +70,15 @@ from lightd import (
     JobStarted,
     NotFound,
     StashKey,
+    disk_writing,
     field_check,
     hookimpl,
 )
 from lightd.api import describe, read_json, requires, wants_job
 from lightd.files import (
     CHUNK,
-    NAME_MAX,
     TEMP_PREFIX,
+    BadArchive,
     FileExists,
     FileOperationFailed,
     FolderExists,
@@ -88,9 +90,11 @@ from lightd.files import (
     RelPath,
     Root,
     WalkEntry,
+    link_stays_inside,
     merge_tree,
     parse,
 )
+from lightd.files import entry_path as files_entry_path
 from quart import Blueprint
 
 __all__ = [
@@ -210,32 +214,12 @@ def detect(name: str, head: bytes) -> str | None:
 
 
 def entry_path(name: str, *, what: str = "entry") -> RelPath:
-    """An archive entry name as a path inside the destination, or ``InvalidArchive``."""
-    if "\x00" in name:
-        raise InvalidArchive(f"NUL byte in {what} name")
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":" and name[0].isalpha()):
-        raise InvalidArchive(f"absolute {what} name: {_show(name)}")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    if ".." in parts:
-        raise InvalidArchive(f"{what} name with '..': {_show(name)}")
-    if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
-        raise InvalidArchive(f"{what} name too long: {_show(name)}")
-    return RelPath(parts, name)
-
-
-def link_stays_inside(link: RelPath, target: str) -> bool:
-    """Whether a relative link target, read from the link's folder, never climbs above
-    the destination (every prefix checked, not only the end)."""
-    if not target or target.startswith("/") or "\x00" in target:
-        return False
-    depth = len(link.parts) - 1
-    for part in target.split("/"):
-        if part in ("", "."):
-            continue
-        depth += -1 if part == ".." else 1
-        if depth < 0:
-            return False
-    return True
+    """An archive entry name as a path inside the destination (the file layer's rules),
+    or ``InvalidArchive``."""
+    try:
+        return files_entry_path(name, what=what)
+    except BadArchive as exc:
+        raise InvalidArchive(exc.reason) from None
 
 
 _CORRUPT = (
@@ -304,6 +288,8 @@ class _Extractor:
     checkpoint: Callable[[], None]
     #: Called after each piece of file data written (a job's progress).
     tick: Callable[[], None] = _noop
+    #: The volume's disk budget: told each file's size before it is written (§15).
+    charge: Callable[[int], None] = lambda n: None
     count: int = 0
     total: int = 0
     dirs: dict[tuple[str, ...], tuple[int, float]] = attrs.Factory(dict)
@@ -347,6 +333,7 @@ class _Extractor:
         self, rel: RelPath, mode: int, mtime: float, read: Callable[[int], bytes], size: int
     ) -> None:
         self.budget(size)
+        self.charge(max(size, 0))
         if not rel.parts:
             raise InvalidArchive(f"file entry without a name: {_show(rel.text)}")
         with self.writing(rel):
@@ -686,11 +673,13 @@ def decompress(
     owner: Owner | None = None,
     meter: Meter | None = None,
     work_name: str | None = None,
+    charge: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Extract ``archive`` into ``destination`` (both in the volume at ``folder``); what
     it creates belongs to ``owner`` (config ``containers.user``). ``meter`` counts the
     bytes of the archive read; ``work_name`` names the private folder (a job's recorded
-    temporary name)."""
+    temporary name); ``charge(n)`` (the disk budget) is told each file's size before it
+    is written, and may refuse it (the whole extraction then leaves nothing)."""
     with Root.open_volume(folder, owner=owner) as root, root.open_file(archive) as fh:
         head = _reading(lambda: fh.read(512))
         fh.seek(0)
@@ -712,7 +701,16 @@ def decompress(
         created = root.make_dirs(destination)
         try:
             _extract(
-                root, fh, fmt, destination, max_total, max_entries, checkpoint, tick, work_name
+                root,
+                fh,
+                fmt,
+                destination,
+                max_total,
+                max_entries,
+                checkpoint,
+                tick,
+                work_name,
+                charge,
             )
             if meter is not None:
                 meter.done = meter.total or meter.done
@@ -731,6 +729,7 @@ def _extract(
     checkpoint: Callable[[], None],
     tick: Callable[[], None] = _noop,
     work_name: str | None = None,
+    charge: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Extract into a private folder inside the destination, then move into place."""
     dest_fd = root.open_dir(destination)
@@ -744,7 +743,7 @@ def _extract(
                 Root.open_at(scratch.fd, "tree", no_links=True, owner=root.owner) as tree,
                 Root.open_at(scratch.fd, "backup") as backup,
             ):
-                extractor = _Extractor(tree, max_total, max_entries, checkpoint, tick)
+                extractor = _Extractor(tree, max_total, max_entries, checkpoint, tick, charge)
                 if fmt == "zip":
                     extractor.from_zip(fh)
                 else:
@@ -831,6 +830,7 @@ def compress(
     owner: Owner | None = None,
     meter: Meter | None = None,
     temp_name: str | None = None,
+    charge: Callable[[int], None] = lambda n: None,
 ) -> int:
     """Write the archive ``output`` of ``sources`` (default: the whole volume); its size.
     The archive (and folders made for it) belong to ``owner``. ``meter`` gets the bytes
@@ -847,16 +847,32 @@ def compress(
         gauge = meter if meter is not None else Meter()
         with root.atomic(output, replace=False, keep_mode=False, temp_name=temp_name) as out:
             entries = _entries(root, chosen, out.identity, checkpoint)
+            sink: Any = _Charged(out.file, charge)
             try:
                 if fmt == "zip":
-                    _write_zip(out.file, entries, checkpoint, gauge)
+                    _write_zip(sink, entries, checkpoint, gauge)
                 else:
-                    _write_tar(out.file, fmt, entries, checkpoint, gauge)
+                    _write_tar(sink, fmt, entries, checkpoint, gauge)
                 # all read (a repeated hard link is stored, not read, in a tar)
                 gauge.done = gauge.total or gauge.done
             except OSError as exc:
                 raise _disk_error(exc) from exc
         return out.size
+
+
+class _Charged:
+    """The archive being written, each write told to the disk budget first (§15)."""
+
+    def __init__(self, raw: BinaryIO, charge: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._charge = charge
+
+    def write(self, data: Any) -> int:
+        self._charge(len(data))
+        return self._raw.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 def _write_tar(
@@ -1153,13 +1169,23 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
             async def compress_job(job: JobContext) -> None:
                 temp = await job.temp_path(output.parent)
-                work = partial(compress, folder, sources, output, fmt, temp_name=temp.name)
-                size = await in_job(job, work)
+                async with disk_writing(agent.stash.get(DISK), folder.name) as budget:
+                    work = partial(
+                        compress,
+                        folder,
+                        sources,
+                        output,
+                        fmt,
+                        temp_name=temp.name,
+                        charge=budget.charge,
+                    )
+                    size = await in_job(job, work)
                 job.result = compressed(output, size)
 
             job_id = await start("volume.compress", volume_id, compress_job)
             return {"message": "Compression started", "job_id": job_id}, 202
-        size = await run(compress, folder, sources, output, fmt)
+        async with disk_writing(agent.stash.get(DISK), folder.name) as budget:
+            size = await run(partial(compress, charge=budget.charge), folder, sources, output, fmt)
         return compressed(output, size)
 
     def compressed(output: RelPath, size: int) -> Compressed:
@@ -1208,12 +1234,15 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
 
             async def decompress_job(job: JobContext) -> None:
                 temp = await job.temp_path(destination)
-                await in_job(job, partial(decompress, *args, work_name=temp.name))
+                async with disk_writing(agent.stash.get(DISK), folder.name) as budget:
+                    work = partial(decompress, *args, work_name=temp.name, charge=budget.charge)
+                    await in_job(job, work)
                 job.result = answer
 
             job_id = await start("volume.decompress", volume_id, decompress_job)
             return {"message": "Decompression started", "job_id": job_id}, 202
-        await run(decompress, *args)
+        async with disk_writing(agent.stash.get(DISK), folder.name) as budget:
+            await run(partial(decompress, charge=budget.charge), *args)
         return answer
 
     return [bp]

@@ -48,21 +48,24 @@ import re
 import secrets
 import shutil
 import sqlite3
+import stat
 import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict, TypeVar
+from typing import Any, NotRequired, Required, TypedDict, TypeVar
 
 import attrs
 import trio
 from lightd import (
+    DISK,
     JOBS,
     VOLUMES,
     Agent,
     BadRequest,
     Conflict,
     ContainersSettings,
+    DiskBudget,
     JobContext,
     JobStarted,
     Migration,
@@ -70,11 +73,12 @@ from lightd import (
     Service,
     StashKey,
     Store,
+    disk_writing,
     field_check,
     hookimpl,
 )
 from lightd.api import describe, read_json, requires, wants_job
-from lightd.files import Owner, RelPath, Root, parse
+from lightd.files import FileError, Owner, RelPath, Root, parse
 from quart import Blueprint, request
 
 __all__ = [
@@ -112,6 +116,11 @@ class VolumesConfig:
     long_workers: int = attrs.field(default=2, validator=field_check(_workers, "must be 1 to 64"))
     #: fsync each written file and its folder before answering (slower; power-loss safe).
     fsync_writes: bool = False
+
+
+class DeleteVolumeQuery(TypedDict, total=False):
+    #: What becomes of the volume's backups: ``keep`` (default) or ``delete``.
+    backups: str
 
 
 @attrs.frozen
@@ -379,6 +388,26 @@ class CopyBody:
     is_folder: Any = None  # [alias] the original's field; the kind is read from the disk
 
 
+def _size_limit(body: object) -> int:
+    """``size_limit`` (bytes) or [alias] ``size`` (MiB) of a ``POST /volumes`` body; 0 =
+    none."""
+    if not isinstance(body, dict):
+        return 0
+    if body.get("size_limit") is not None:
+        return _whole(body["size_limit"], "size_limit", 1)
+    if body.get("size") is not None:
+        return _whole(body["size"], "size", 1024 * 1024)
+    return 0
+
+
+def _whole(value: object, field: str, unit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{field}: must be a whole number >= 0", code="invalid_field")
+    if value * unit >= 2**63:
+        raise BadRequest(f"{field}: too large", code="invalid_field")
+    return value * unit
+
+
 def decode_content(content: str, encoding: str) -> bytes:
     if encoding.lower() == "base64":
         try:
@@ -414,8 +443,29 @@ class VolumeInfo(TypedDict):
     created_at: int
 
 
-class NewVolume(TypedDict):
-    """No fields: a volume takes no settings (send no body, or ``{}``)."""
+class NewVolume(TypedDict, total=False):
+    """No body (or ``{}``) for a volume without a size limit. ``size_limit`` [ext]: bytes
+    (0 = none, contract §15); ``size`` [alias]: the same in MiB."""
+
+    size_limit: int
+    size: int
+
+
+class NewVolumeUsage(TypedDict):
+    bytes: int
+    files: int
+
+
+class NewVolumeInfo(TypedDict, total=False):
+    """A new volume made with a limit: as ``GET /volumes/{volume_id}`` shows it, with its
+    ``size_limit`` (bytes) and ``usage`` (without one: ``volume_id``, ``path`` and
+    ``created_at`` only, as documented)."""
+
+    volume_id: Required[str]
+    path: Required[str]
+    created_at: Required[int]
+    size_limit: int
+    usage: NewVolumeUsage
 
 
 class VolumeList(TypedDict):
@@ -484,11 +534,19 @@ def _write(
     data: bytes,
     fsync: bool,
     owner: Owner | None,
+    budget: DiskBudget,
     *,
     checkpoint: Callable[[], None],
 ) -> None:
+    budget.charge(len(data))  # before a byte is written (the old file is freed after)
     with Root.open_volume(folder, owner=owner) as root:
+        try:
+            old = root.stat(rel)
+        except FileError:
+            old = None
         root.write_file(rel, data, fsync=fsync)
+    if old is not None and stat.S_ISREG(old.st_mode):
+        budget.freed(old.st_size)
 
 
 def _mkdir(
@@ -498,15 +556,27 @@ def _mkdir(
         root.make_dirs(rel)
 
 
+def _source_bytes(root: Root, source: RelPath, checkpoint: Callable[[], None]) -> int:
+    """The bytes a copy of ``source`` writes (a walk, stat only)."""
+    return sum(
+        entry.stat.st_size
+        for entry in root.walk(source, checkpoint=checkpoint)
+        if entry.kind == "file"
+    )
+
+
 def _copy(
     folder: Path,
     source: RelPath,
     destination: RelPath,
     owner: Owner | None,
+    budget: DiskBudget,
     *,
     checkpoint: Callable[[], None],
 ) -> None:
     with Root.open_volume(folder, owner=owner) as root:
+        if budget.limit:  # the whole copy charged before anything is written
+            budget.charge(_source_bytes(root, source, checkpoint))
         root.copy(source, destination, checkpoint=checkpoint)
 
 
@@ -528,6 +598,7 @@ def _copy_measured(
     owner: Owner | None,
     temp_name: str | None,
     meter: _Meter,
+    budget: DiskBudget,
     *,
     checkpoint: Callable[[], None],
 ) -> None:
@@ -535,11 +606,8 @@ def _copy_measured(
     copied counted, the copy built under ``temp_name``; on any failure or cancellation
     the folders made for the destination go too, so the volume is as it was."""
     with Root.open_volume(folder, owner=owner) as root:
-        meter.total = sum(
-            entry.stat.st_size
-            for entry in root.walk(source, checkpoint=checkpoint)
-            if entry.kind == "file"
-        )
+        meter.total = _source_bytes(root, source, checkpoint)
+        budget.charge(meter.total)
         created = root.make_dirs(destination.parent, report=destination)
         try:
             root.copy(
@@ -640,7 +708,8 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         folder = await folder_of(volume_id)
         rel = parse(text)
         fsync = agent.config.section(VolumesConfig).fsync_writes
-        await workers.run(_write, folder, rel, data, fsync, owner())
+        async with disk_writing(agent.stash.get(DISK), folder.name) as budget:
+            await workers.run(_write, folder, rel, data, fsync, owner(), budget)
         return {"message": "File written successfully", "path": str(rel)}
 
     async def make_folder(volume_id: str, text: str) -> PathDone:
@@ -652,14 +721,39 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     @bp.post("/volumes")
     @describe(
         "Create a volume",
-        description="A new empty folder with a fresh UUID v4 id. No body (or `{}`).",
+        description="A new empty folder with a fresh UUID v4 id. No body (or `{}`): the "
+        "answer is `volume_id`, `path` and `created_at` only. [ext] `size_limit` (bytes, "
+        "0 = none) or [alias] `size` (MiB): the answer also has `size_limit` and `usage`, "
+        "as `GET /volumes/{volume_id}` (contract §15).",
         body=NewVolume,
-        responses={201: VolumeInfo},
+        responses={201: NewVolumeInfo},
         tags=("volumes",),
     )
-    async def create_volume() -> tuple[VolumeInfo, int]:
-        await read_json()  # none or {}; a body that is not JSON is still a 400/415
-        return view(await registry.create()), 201
+    async def create_volume() -> tuple[NewVolumeInfo, int]:
+        body = await read_json()  # none or {}; a body that is not JSON is still a 400/415
+        limit = _size_limit(body)
+        disk = agent.stash.get(DISK)
+        if limit and disk is None:
+            raise BadRequest("size_limit: disk limits are not available", code="invalid_field")
+        volume = await registry.create()
+        if limit and disk is not None:
+            try:
+                await disk.set_limit(volume.volume_id, limit)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await registry.delete(volume.volume_id)
+                raise
+        base = view(volume)
+        created: NewVolumeInfo = {
+            "volume_id": base["volume_id"],
+            "path": base["path"],
+            "created_at": base["created_at"],
+        }
+        if limit:  # asked for a limit: the volume as GET /volumes/:id shows it (§15)
+            created["size_limit"] = limit
+            created["usage"] = {"bytes": 0, "files": 0}
+        agent.events.publish("volume.created", {"volume_id": created["volume_id"]})
+        return created, 201
 
     @bp.get("/volumes")
     @describe("List volumes", tags=("volumes",))
@@ -670,12 +764,20 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     @describe(
         "Delete a volume",
         description="Unregisters the volume and removes its folder in the background. "
-        "409 while a container uses it.",
+        "409 while a container uses it. `?backups=keep` (default) keeps the volume's "
+        "backups (still listed and downloadable under its id); `?backups=delete` removes "
+        "them too. Anything else: 400 `Invalid backups: must be keep or delete`.",
+        query=DeleteVolumeQuery,
         errors=(409,),
         tags=("volumes",),
     )
     async def delete_volume(volume_id: str) -> VolumeMessage:
+        backups = request.args.get("backups", "keep")
+        if backups not in ("keep", "delete"):
+            raise BadRequest("Invalid backups: must be keep or delete", code="invalid_field")
         await registry.delete(volume_id, lambda v: agent.hooks.volume_in_use(agent, v))
+        await agent.hooks.volume_deleted(agent, volume_id.lower(), backups)
+        agent.events.publish("volume.deleted", {"volume_id": volume_id.lower()})
         return {"message": "Volume deleted successfully"}
 
     @bp.post("/volumes/<volume_id>/files")
@@ -767,13 +869,17 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             "source": str(source),
             "destination": str(destination),
         }
+        disk = agent.stash.get(DISK)
         if as_job:
             who = owner()
 
             async def copy_job(job: JobContext) -> None:
                 temp = await job.temp_path(destination.parent)
                 meter = _Meter()
-                async with trio.open_nursery() as nursery:
+                async with (
+                    disk_writing(disk, folder.name) as budget,
+                    trio.open_nursery() as nursery,
+                ):
                     nursery.start_soon(_report, job, meter)
                     await workers.run(
                         _copy_measured,
@@ -783,6 +889,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
                         who,
                         temp.name,
                         meter,
+                        budget,
                         long=True,
                     )
                     nursery.cancel_scope.cancel()
@@ -793,7 +900,8 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
                 "volume.copy", copy_job, volume_id=volume_id, unit="bytes"
             )
             return {"message": "Copy started", "job_id": view.id}, 202
-        await workers.run(_copy, folder, source, destination, owner(), long=True)
+        async with disk_writing(disk, folder.name) as budget:
+            await workers.run(_copy, folder, source, destination, owner(), budget, long=True)
         return answer
 
     @bp.get("/volumes/<volume_id>/files")

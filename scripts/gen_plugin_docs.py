@@ -6,9 +6,15 @@ Usage, from the repository root::
     .venv/bin/python scripts/gen_plugin_docs.py --check  # exit 1 if it is out of date
 
 ``docs/plugins.md`` has two parts. Everything above the ``MARKER`` line is written by
-hand (the public surface, how a plugin is found) and kept as it is; everything below is
-generated here from the hook specs: the module docstring, then each spec in source
-order under the section banner it sits under, with its kind, signature and docstring.
+hand (the tutorial, the public surface, how a plugin is found and tested, the stability
+policy) and kept as it is; everything below is generated here: the exports of the public
+modules and of ``lightd.testing``, then the hook specs: the module docstring, then each
+spec in source order under the section banner it sits under, with its kind, stability,
+signature and docstring.
+
+The stability of a spec: **deprecated** when it carries pluggy's ``warn_on_impl`` (a
+plugin implementing it gets that warning at registration), **provisional** when its name
+is in ``lightd.hookspecs.PROVISIONAL`` (a set; absent means none), else **stable**.
 
 The kind of a spec: ``firstresult`` specs are **decisions**; a spec whose return
 annotation names ``Awaitable`` is a **notification**; any other is a **declaration**
@@ -35,6 +41,8 @@ MARKER = "<!-- generated below by scripts/gen_plugin_docs.py from lightd.hookspe
 SPEC_ATTR = "lightd_spec"
 #: The only core modules a plugin may import.
 PUBLIC_MODULES = ("lightd", "lightd.api", "lightd.files")
+#: Public too, for a plugin's tests only (the plugin itself never imports it).
+TEST_MODULES = ("lightd.testing",)
 
 KINDS = {
     "declaration": "declaration: called once while the agent is being built",
@@ -67,6 +75,17 @@ def kind_of(fn: FunctionType) -> str:
     if "Awaitable" in str(returns):
         return "notification"
     return "declaration"
+
+
+def stability_of(fn: FunctionType, module: ModuleType) -> str:
+    """``stable``, ``provisional`` or ``deprecated: <the warning>`` (see the docstring)."""
+    options = getattr(fn, SPEC_ATTR) or {}
+    warning = options.get("warn_on_impl")
+    if warning is not None:
+        return f"deprecated: {warning}"
+    if fn.__name__ in getattr(module, "PROVISIONAL", ()):
+        return "provisional"
+    return "stable"
 
 
 def _annotation(value: object) -> str:
@@ -207,17 +226,21 @@ def _summary(obj: object) -> str:
     return _inline(" ".join(first.split()))
 
 
-def render_surface(names: tuple[str, ...] = PUBLIC_MODULES) -> str:
+def render_surface(
+    names: tuple[str, ...] = PUBLIC_MODULES, tests: tuple[str, ...] = TEST_MODULES
+) -> str:
     """What each public module exports (its ``__all__``), with the first docstring
     paragraph of each name. A public module that does not exist yet is skipped."""
     out = ["## The public surface, name by name", ""]
-    for name in names:
+    for name in (*names, *tests):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
         doc = inspect.getdoc(module) or ""
         out += [f"### `{name}`", "", _inline(doc.split("\n\n", 1)[0].replace("\n", " ")), ""]
+        if name in tests:
+            out += ["For a plugin's tests only; see [Testing a plugin](#testing-a-plugin).", ""]
         out += ["| name | what |", "|---|---|"]
         for export in getattr(module, "__all__", ()):
             if export.startswith("_"):
@@ -242,8 +265,11 @@ def render_reference(module: ModuleType) -> str:
     if module.__doc__:
         out += [rst_to_markdown(module.__doc__), ""]
     specs = hook_specs(module)
-    out += ["| hook | kind |", "|---|---|"]
-    out += [f"| [`{fn.__name__}`](#{fn.__name__}) | {kind_of(fn)} |" for fn in specs]
+    out += ["| hook | kind | stability |", "|---|---|---|"]
+    out += [
+        f"| [`{fn.__name__}`](#{fn.__name__}) | {kind_of(fn)} | {stability_of(fn, module)} |"
+        for fn in specs
+    ]
     out.append("")
     banners = sections_of(module)
     current = None
@@ -260,7 +286,7 @@ def render_reference(module: ModuleType) -> str:
         out += [
             f"#### `{fn.__name__}`",
             "",
-            f"*Kind:* {KINDS[kind]}.",
+            f"*Kind:* {KINDS[kind]}. *Stability:* {stability_of(fn, module)}.",
             "",
             "```python",
             signature_of(fn),

@@ -13,6 +13,15 @@ if ! command -v openssl >/dev/null 2>&1; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; } >&2 ||
         echo "test.sh: openssl could not be installed" >&2
 fi
+# The example plugin is installed like a third-party one (editable; again when its pyproject
+# changes), so its own tests, in pytest's testpaths, run against an agent that finds it
+# through its entry point. (tests/test_plugin_kit.py installs the template's output itself.)
+motd="examples/plugins/lightd-motd"
+want="$(sha256sum "$motd/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat .venv/.lightd-motd 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e "$motd" >&2
+    echo "$want" > .venv/.lightd-motd
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # Types: mypy strict over lightd and the mock panel ([tool.mypy]); on errors it lists them per file.

@@ -28,14 +28,18 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from lightd import testing
 from lightd.config import deep_merge, new_token
-from lightd.containers import CONTAINERS
-from lightd.runtime import Agent, open_agent
-from lightd.server import serve_agent
+
+# The agent, client and polling helpers are lightd.testing's (the pytest plugin for plugin
+# authors); these fixtures add what the project's own tests need (the session's network and
+# leftover check, a movable clock, agents without entry points by default).
+from lightd.testing import RunningAgent, api_client, ws_url
+from lightd.testing import wait_for as wait_for  # other test modules import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
-VENDOR = "Application/vnd.pkglatv1+json"
-MASTER = "lightd_" + "0123456789abcdef" * 2
+VENDOR = testing.VENDOR
+MASTER = testing.MASTER_TOKEN
 TEST_IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
 
 
@@ -320,18 +324,6 @@ def config_path(make_config: Callable[..., Path]) -> Path:
     return make_config()
 
 
-@attrs.define
-class RunningAgent:
-    agent: Agent
-    url: str
-    stopped: trio.Event
-
-    async def stop(self) -> None:
-        self.agent.request_stop()
-        with trio.fail_after(10):
-            await self.stopped.wait()
-
-
 class Clock:
     """A wall clock tests can move forward (token expiry, purges)."""
 
@@ -366,29 +358,17 @@ def start_agent(nursery: trio.Nursery, clock: Clock) -> StartAgent:
         load_entrypoints: bool = False,
         extra_plugins: tuple[tuple[str, object], ...] = (),
     ) -> RunningAgent:
-        async def run(*, task_status: trio.TaskStatus[RunningAgent]) -> None:
-            stopped = trio.Event()
-            try:
-                async with (
-                    open_agent(
-                        path,
-                        environ=environ,
-                        load_entrypoints=load_entrypoints,
-                        extra_plugins=extra_plugins,
-                        clock=clock,
-                    ) as agent,
-                    trio.open_nursery() as inner,
-                ):
-                    urls = await inner.start(serve_agent, agent)
-                    containers = agent.stash.get(CONTAINERS)
-                    if containers is not None and containers.node_id:
-                        MADE.node_ids.add(containers.node_id)
-                    task_status.started(RunningAgent(agent, urls[0], stopped))
-            finally:
-                stopped.set()
-
-        with trio.fail_after(30):
-            return await nursery.start(run)
+        running = await testing.start_agent(
+            nursery,
+            path,
+            environ=environ,
+            load_entrypoints=load_entrypoints,
+            extra_plugins=extra_plugins,
+            clock=clock,
+        )
+        if running.node_id:
+            MADE.node_ids.add(running.node_id)
+        return running
 
     return start
 
@@ -396,14 +376,6 @@ def start_agent(nursery: trio.Nursery, clock: Clock) -> StartAgent:
 @pytest.fixture
 async def running(start_agent: StartAgent, config_path: Path) -> RunningAgent:
     return await start_agent(config_path)
-
-
-def api_client(url: str, token: str | None = MASTER, **headers: str) -> httpx.AsyncClient:
-    base = {"Accept": VENDOR}
-    if token is not None:
-        base["Authorization"] = f"Bearer {token}"
-    base.update(headers)
-    return httpx.AsyncClient(base_url=url, headers=base, timeout=10)
 
 
 @pytest.fixture
@@ -418,10 +390,6 @@ async def anon(running: RunningAgent) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the default agent that sends no headers of its own."""
     async with httpx.AsyncClient(base_url=running.url, timeout=10) as c:
         yield c
-
-
-def ws_url(http_url: str, path: str) -> str:
-    return "ws" + http_url.removeprefix("http") + path
 
 
 @pytest.fixture
@@ -451,18 +419,6 @@ def hello_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     for name in [m for m in sys.modules if m.startswith("lightd_hello")]:
         monkeypatch.delitem(sys.modules, name)
     return "hello"
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool]], *, within: float = 10, what: str = ""
-) -> None:
-    """Poll ``predicate`` (something outside this process: no event to wait on) until it
-    holds; fail after ``within`` seconds."""
-    with trio.move_on_after(within):
-        while not await predicate():  # noqa: ASYNC110 - polling an external condition
-            await trio.sleep(0.05)
-        return
-    pytest.fail(f"timed out after {within}s waiting for {what or predicate}")
 
 
 class Trouble(logging.Handler):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +502,114 @@ async def test_a_kept_connection_the_engine_closed_is_not_used(
     await nursery.start(relay, trio.CancelScope())
     assert await engine.containers(["lightd.test=none"]) == []
     assert engine.available
+
+
+@pytest.fixture
+async def live_engine(docker_host: str, nursery: trio.Nursery) -> DockerEngine:
+    """A connected adapter of the test's own (no agent around it)."""
+    engine = DockerEngine(docker_host)
+    await nursery.start(engine.serve)
+    assert engine.available
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def running_container(engine: DockerEngine, label: str) -> AsyncIterator[str]:
+    spec = ContainerSpec(image=TEST_IMAGE, cmd=("sleep", "600"), labels={"lightd.test": label})
+    container_id = await engine.create_container(spec)
+    try:
+        await engine.start(container_id)
+        yield container_id
+    finally:
+        with trio.CancelScope(shield=True):
+            await engine.remove_container(container_id)
+
+
+async def test_exec_run_output_exit_code_and_cap(live_engine: DockerEngine) -> None:
+    engine = live_engine
+    async with running_container(engine, "exec") as container_id:
+        with trio.fail_after(30):
+            done = await engine.exec_run(
+                container_id, ["sh", "-c", "echo out; echo err >&2; exit 4"], timeout=20
+            )
+        assert done.exit_code == 4
+        assert sorted(done.output.splitlines()) == [b"err", b"out"]
+        assert not done.truncated and not done.timed_out
+        # Past the cap the output is dropped but the process runs to its end (it is not
+        # left blocked on a full pipe): 2 MB written, 1 KiB kept.
+        with trio.fail_after(30):
+            big = await engine.exec_run(
+                container_id,
+                ["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' x; echo done >&2"],
+                timeout=20,
+                max_output=1024,
+            )
+        assert big.exit_code == 0 and big.truncated and not big.timed_out
+        assert big.output == b"x" * 1024
+        # No such command: the engine's own exit code for it.
+        with trio.fail_after(30):
+            missing = await engine.exec_run(container_id, ["/no/such"], timeout=20)
+        assert missing.exit_code not in (None, 0) and not missing.timed_out
+
+
+async def test_exec_run_timeout_kills_the_process_and_its_children(
+    live_engine: DockerEngine,
+) -> None:
+    engine = live_engine
+    async with running_container(engine, "exec-timeout") as container_id:
+        started = trio.current_time()
+        with trio.fail_after(30):
+            late = await engine.exec_run(
+                container_id,
+                ["sh", "-c", "echo begun; sleep 300 & sleep 301; echo never"],
+                timeout=1,
+            )
+        assert trio.current_time() - started < 10
+        assert late.timed_out and late.exit_code is None
+        assert late.output == b"begun\n"
+
+        async def sleepers_gone() -> bool:
+            ps = await engine.exec_run(container_id, ["ps", "-o", "pid,args"], timeout=20)
+            return b"sleep 30" not in ps.output
+
+        await wait_for(sleepers_gone, what="the timed-out exec's processes killed")
+        # The container itself is untouched.
+        assert (await engine.inspect_container(container_id))["State"]["Running"]
+
+
+async def test_exec_run_needs_a_running_container(live_engine: DockerEngine) -> None:
+    engine = live_engine
+    spec = ContainerSpec(image=TEST_IMAGE, cmd=("true",), labels={"lightd.test": "exec-stopped"})
+    container_id = await engine.create_container(spec)
+    try:
+        with pytest.raises(DockerConflict, match="is not running"):
+            await engine.exec_run(container_id, ["true"], timeout=5)
+    finally:
+        await engine.remove_container(container_id)
+    with pytest.raises(DockerNotFound):
+        await engine.exec_run("lightd-absent-container", ["true"], timeout=5)
+
+
+async def test_update_container_applies_limits_live(live_engine: DockerEngine) -> None:
+    engine = live_engine
+    async with running_container(engine, "update") as container_id:
+        await engine.update_container(
+            container_id,
+            {
+                "Memory": 64 << 20,
+                "MemorySwap": 128 << 20,
+                "CpuShares": 512,
+                "CpuPeriod": 100_000,
+                "CpuQuota": 50_000,
+                "PidsLimit": 32,
+            },
+        )
+        host = (await engine.inspect_container(container_id))["HostConfig"]
+        assert (host["Memory"], host["MemorySwap"]) == (64 << 20, 128 << 20)
+        assert (host["CpuShares"], host["CpuQuota"], host["PidsLimit"]) == (512, 50_000, 32)
+        assert (await engine.inspect_container(container_id))["State"]["Running"]
+        # The engine's refusal, with its reason (a limit below its minimum).
+        with pytest.raises(DockerError, match=r"(?i)memory"):
+            await engine.update_container(container_id, {"Memory": 1024, "MemorySwap": 2048})
+    with pytest.raises(DockerNotFound):
+        await engine.update_container(container_id, {"Memory": 64 << 20})

@@ -15,7 +15,8 @@ Path arguments are real ids (a ready container, a volume, a pool port) half of t
 so routes go past their 404. Operations run grouped by method (reads, then writes, then
 deletes), so a deletion of the real container comes last. WebSocket operations
 (``x-websocket: true``: ``/ws/{internal_id}``) are skipped: schemathesis speaks HTTP only;
-tests/containers cover the WebSocket.
+tests/containers cover the WebSocket. So is ``GET /events`` (Server-Sent Events: a response
+that lasts until the server ends it; tests/test_events.py covers it).
 
 Bounded for CI on a slow machine: ``EXAMPLES`` per operation, derandomized (the same
 requests every run), no shrinking (a stateful server makes it slow and flaky; the failing
@@ -188,13 +189,15 @@ async def target(
 
 
 def fuzzed_operations(document: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
-    """``(method, path)`` of every HTTP operation in run order, and the skipped WebSockets."""
+    """``(method, path)`` of every HTTP operation in run order, and the skipped ones:
+    WebSockets, and endless streams (Server-Sent Events)."""
     found, skipped = [], []
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if method not in METHOD_ORDER:
                 continue
-            if operation.get("x-websocket"):
+            ok = operation.get("responses", {}).get("200", {}).get("content", {})
+            if operation.get("x-websocket") or "text/event-stream" in ok:
                 skipped.append(f"{method.upper()} {path}")
                 continue
             found.append((method, path))
@@ -274,6 +277,7 @@ async def test_every_documented_operation_survives_fuzzing(
     operations, skipped = fuzzed_operations(document)
     assert ("post", "/containers") in operations  # the document is the real one
     assert "GET /ws/{internal_id}" in skipped
+    assert "GET /events" in skipped
     wanted = os.environ.get("LIGHTD_FUZZ_OPERATIONS", "")
     schema = schemathesis.openapi.from_dict(document)
     trouble.take()  # the set-up's own log is not the fuzzer's business

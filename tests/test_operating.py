@@ -105,7 +105,7 @@ def test_diagnostics_against_the_real_engine(
     }
     firewall = report["firewall"]
     assert firewall["api_guard"]["chain"] == "LIGHTD-API"
-    assert firewall["port_pool"]["chain"] == "LIGHTD-PORTS"
+    assert firewall["port_pool"]["chain"] == "LIGHTD-FW"  # the firewall plugin's chain
     assert firewall["port_pool"]["managed"] is False
     for chain in firewall.values():
         assert chain["state"] in ("present", "missing", "not available")
@@ -191,7 +191,7 @@ def test_config_check_lists_every_error_and_unknown_key(tmp_path: Path) -> None:
         "docker": {"timeout": -1, "network": "no spaces allowed"},
         "log": {"level": "loud", "format": "xml"},
         "remote": {"enabled": "yes", "url": 3, "extra": 1},
-        "network": {"firewall_chain": "a b"},
+        "network": {"manage_firewall": "yes"},
         "_note": "mine",
     }
     path.write_text(json.dumps(raw))
@@ -210,7 +210,7 @@ def test_config_check_lists_every_error_and_unknown_key(tmp_path: Path) -> None:
         "error: log.format: must be text or json",
         "error: remote.enabled: must be true or false",
         "error: remote.url: must be a string",
-        "error: network.firewall_chain: must be 1-28 characters of A-Z a-z 0-9 _ . -",
+        "error: network.manage_firewall: must be true or false",
     ]
     assert sorted(warnings) == [
         "warning: _note: unknown key (ignored)",

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from examples.panel_mock import PanelState, node_name, serve_panel
-from examples.panel_mock.__main__ import parse_tokens
+from examples.panel_mock.__main__ import parse_agents, parse_tokens
 
 from .conftest import ROOT, wait_for
 
@@ -117,11 +117,18 @@ async def test_updates_are_recorded_per_node_and_deduplicated(panel: Any) -> Non
         ([], "body must be a JSON object"),
         ({"event": "billing", "server": "s"}, 'event: must be "update"'),
         ({"event": "update", "status": "ready"}, "server: must be a non-empty string"),
+        ({"event": "usage", "server": "s", "start": 5}, "start: must be the unix time of an"),
+        ({"event": "usage", "server": "s", "start": 3600}, "memory_gb_hours: must be a number"),
         ({"event": "update", "server": "s", "status": "dancing"}, "status: must be one of"),
         ({"event": "update", "server": "s", "error": "oops"}, 'error: must be "failed"'),
         ({"event": "update", "server": "s", "error": "failed", "data": 5}, "data: must be"),
         ({**update(), "event_id": 5}, "event_id: must be a string"),
         ({**update(), "timestamp": "now"}, "timestamp: must be a number"),
+        ({"event": "backup", "volume_id": "v", "backup_id": "b"}, "event_id: must be a non-empty"),
+        (
+            {"event": "backup", "volume_id": "v", "backup_id": "b", "event_id": "e"},
+            "status: must be done or failed",
+        ),
     ],
 )
 async def test_malformed_updates_get_400(panel: Any, body: Any, message: str) -> None:
@@ -282,3 +289,55 @@ async def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             process.kill()
             await process.wait()
     assert TOKEN not in await trio.Path(log).read_text()
+
+
+async def test_a_finished_backup_is_accepted_and_changes_no_status(panel: Any) -> None:
+    """Contract §16: the node reports a finished backup through the outbox; it is about a
+    volume, not a server, so it is recorded and shows no container."""
+    state, client = panel
+    body = {
+        "event": "backup",
+        "volume_id": "v-1",
+        "backup_id": "b-1",
+        "status": "done",
+        "size": 10,
+        "sha256": "ab" * 32,
+        "event_id": "e-1",
+    }
+    response = await client.post("/update", json=body, headers=auth())
+    assert response.json() == {"status": "ok"}
+    assert state.received[0]["backup_id"] == "b-1"
+    assert state.nodes["edge-1"].containers == {}
+
+
+async def test_a_deleted_server_leaves_the_page(panel: Any) -> None:
+    state, client = panel
+    await client.post("/update", json=update("srv-1", "ready"), headers=auth())
+    version = state.version
+    state.forget("edge-1", "srv-1")
+    assert state.version == version + 1
+    snapshot = (await client.get("/api/state")).json()
+    assert snapshot["nodes"][0]["containers"] == []
+    assert state.statuses("srv-1") == ["ready"]  # what was received stays recorded
+
+
+async def test_without_nodes_to_drive_the_panel_api_is_absent(panel: Any) -> None:
+    _, client = panel
+    assert (await client.get("/panel/api/nodes")).status_code == 404
+    page = await client.get("/servers")
+    assert page.status_code == 200 and 'data-page="servers"' in page.text
+    assert (await client.get("/static/panel.js")).status_code == 200
+    assert (await client.get("/static/..%2Fapp.py")).status_code == 404
+    assert (await client.get("/static/page.html")).status_code == 404
+
+
+def test_agents_and_their_master_tokens_from_the_environment() -> None:
+    assert parse_agents(["edge-1=http://10.0.0.5:8070/"], TOKEN) == {
+        "edge-1": ("http://10.0.0.5:8070", TOKEN)
+    }
+    both = parse_agents(["edge-1=http://a:8070", "http://b:8070"], f"edge-1={TOKEN},b:8070={OTHER}")
+    assert both == {"edge-1": ("http://a:8070", TOKEN), "b:8070": ("http://b:8070", OTHER)}
+    with pytest.raises(ValueError, match="no master token for edge-2"):
+        parse_agents(["edge-2=http://c:8070"], f"edge-1={TOKEN}")
+    with pytest.raises(ValueError, match="not an http"):
+        parse_agents(["edge-1=ftp://c"], TOKEN)

@@ -18,6 +18,7 @@ from quart import (
 )
 from quart.globals import websocket_ctx
 from quart.json.provider import DefaultJSONProvider
+from quart.typing import ResponseTypes
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -27,6 +28,7 @@ from ..runtime import Agent
 from .auth import authenticate, authenticate_http, cors_headers, preflight
 from .fastpath import fast_reads
 from .metrics import label_routes, observe
+from .ratelimit import add_headers as add_rate_limit_headers
 from .streaming import body_flow
 from .views import PUBLIC_ATTR, AuthInfo
 
@@ -100,7 +102,13 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
     @app.after_request
     async def add_cors(response: Response) -> Response:
         cors_headers(agent, response)
+        add_rate_limit_headers(response)
         await _drain_body()
+        return response
+
+    @app.after_websocket
+    async def add_websocket_headers(response: ResponseTypes | None) -> ResponseTypes | None:
+        add_rate_limit_headers(response)  # on a refused upgrade's answer
         return response
 
     @app.errorhandler(ApiError)

@@ -16,6 +16,10 @@ the master token is refused there (a URL lands in browser history and proxy logs
 token is never echoed: the refusals are the usual messages, and the access log and the
 metrics never see the query string.
 
+Rate limits (``lightd.api.ratelimit``): once the token is known (master, or a live
+temporary token), before its scope, origin and permission are checked, so every request
+made with it counts whatever its answer; a single-use token is not burnt by a 429.
+
 The rules live here once: the fast read path (``lightd.api.fastpath``) calls the same
 ``has_vendor_type``, ``bearer_token`` and ``is_master`` on the raw headers.
 """
@@ -35,6 +39,8 @@ from ..config import AuthorizationConfig
 from ..containers import CONTAINERS
 from ..errors import Forbidden, Unauthorized
 from ..runtime import Agent
+from .ratelimit import MASTER_KEY
+from .ratelimit import check as check_rate
 from .tokens import TOKENS, TemporaryToken
 from .views import CONTAINER_SCOPED_ATTR, PERMISSION_ATTR, QUERY_TOKEN_ATTR, AuthInfo
 
@@ -155,11 +161,15 @@ async def authenticate(
         if temporary_only:
             log.warning("the master token was refused in a link's query string: %s", conn.path)
             raise Unauthorized(INVALID_TOKEN)
+        check_rate(agent, MASTER_KEY, master=True)
         _check_origin(agent, conn)
         return AuthInfo("master")
     registry = agent.stash[TOKENS]
     record = registry.lookup(token)
-    if record is None or not _scope_allows(agent, record, view, conn):
+    if record is None:
+        raise Unauthorized(INVALID_TOKEN)
+    check_rate(agent, record.id, master=False)
+    if not _scope_allows(agent, record, view, conn):
         raise Unauthorized(INVALID_TOKEN)
     _check_origin(agent, conn)
     permission = required_permission(view, getattr(conn, "method", "GET"))

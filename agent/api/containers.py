@@ -20,7 +20,7 @@ at most twice a second per job.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -32,18 +32,33 @@ from ..containers import CONTAINERS, ContainerSupervisor
 from ..containers.console import ConsoleSettings, Frame
 from ..containers.manager import MIGRATIONS, Containers
 from ..containers.models import (
+    PATCH_CLEARABLE,
+    RESERVED_IDS,
     CreateRequest,
+    ExecRequest,
     InstallState,
+    PatchRequest,
     RebindRequest,
     ReinstallRequest,
+    ResourcesRequest,
     RuntimeState,
     StopRequest,
+    resources_view,
     valid_internal_id,
 )
 from ..containers.settings import ContainersSettings
+from ..containers.startpattern import check_start_pattern
 from ..containers.stats import StatsSettings
 from ..converter import field_check, json_body, structure
-from ..errors import ApiError, BadRequest, Conflict, DockerUnavailable, PayloadTooLarge
+from ..docker import DockerConflict, DockerNotFound
+from ..errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    DockerUnavailable,
+    Forbidden,
+    PayloadTooLarge,
+)
 from ..hookspecs import hookimpl
 from ..interfaces import CONTAINER_SERVICE
 from ..jobs import JobView
@@ -68,6 +83,13 @@ class LimitsView(TypedDict):
     pids: int
     #: Bytes of swap beyond ``memory``; ``-1``: unlimited.
     swap: int
+
+
+class RestartPolicyView(TypedDict):
+    mode: Literal["never", "on-crash", "always"]
+    max_restarts: int
+    #: Seconds.
+    window_s: float
 
 
 class ContainerSummary(TypedDict):
@@ -104,10 +126,15 @@ class ContainerView(TypedDict):
     environment: dict[str, str]
     stop_command: str | None
     install_image: str | None
+    #: Desired state (§17): started through the API and not stopped or killed since; such
+    #: a container is started again when the agent or the engine comes back.
+    should_run: bool
     state: RuntimeState
     exit_code: int | None
     #: Unix seconds; ``None`` while offline.
     started_at: int | None
+    #: The container's own, else the node's default (``containers.crash_restart``).
+    restart_policy: RestartPolicyView
 
 
 class CreateAnswer(TypedDict):
@@ -119,6 +146,36 @@ class CreateAnswer(TypedDict):
 class ActionAnswer(TypedDict):
     message: str
     internal_id: str
+
+
+class PatchAnswer(TypedDict):
+    message: str
+    #: ``now``: in effect already; ``next_start``: at the server's next start.
+    applies: Literal["now", "next_start"]
+
+
+class ResourcesView(TypedDict):
+    """``GET /containers/:id/resources``: as the engine applies them (``None``: not set)."""
+
+    #: Bytes.
+    memory: int | None
+    #: Bytes of memory plus swap; ``-1``: unlimited swap.
+    memory_swap: int | None
+    cpu_shares: int | None
+    #: Microseconds: the CPU limit is ``cpu_quota`` per ``cpu_period`` (100 ms).
+    cpu_period: int | None
+    cpu_quota: int | None
+    cpuset_cpus: str | None
+    blkio_weight: int | None
+
+
+class ExecAnswer(TypedDict):
+    #: ``None`` when it was killed on timeout.
+    exit_code: int | None
+    #: Stdout and stderr together, as UTF-8 (undecodable bytes replaced), at most 1 MiB.
+    output: str
+    truncated: bool
+    timed_out: bool
 
 
 class LogsQuery(TypedDict, total=False):
@@ -146,6 +203,8 @@ class StatsView(TypedDict):
     state: RuntimeState
     #: Seconds since the server started.
     uptime: int
+    #: Bytes used by the container's volume (the disk service's cached usage, contract §15).
+    disk_bytes: int
 
 
 @attrs.frozen
@@ -245,6 +304,19 @@ def lightd_volume_in_use(agent: Agent, volume_id: str) -> str | None:
     return agent.stash[CONTAINERS].using_volume(volume_id)
 
 
+@hookimpl
+def lightd_volume_running(agent: Agent, volume_id: str) -> str | None:
+    for supervisor in agent.stash[CONTAINERS].all():
+        if supervisor.record.volume_id.lower() == volume_id.lower() and (
+            supervisor.state != "offline"
+            or supervisor.installing()
+            or supervisor.busy_with("start")  # accepted, not begun yet
+            or supervisor.busy_with("restart")
+        ):
+            return supervisor.internal_id
+    return None
+
+
 def _job_audience(containers: Containers, job: JobView) -> list[ContainerSupervisor]:
     """The containers a job concerns: its own, else those using its volume."""
     if job.internal_id is not None:
@@ -321,7 +393,11 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         data = await read_json()
         if isinstance(data, dict) and "internal_id" in data:
             internal_id = data["internal_id"]
-            if not isinstance(internal_id, str) or not valid_internal_id(internal_id):
+            if (
+                not isinstance(internal_id, str)
+                or not valid_internal_id(internal_id)
+                or internal_id in RESERVED_IDS
+            ):
                 raise BadRequest("Invalid internal_id", code="invalid_internal_id")
         request = structure(data, CreateRequest)
         need_docker()
@@ -522,5 +598,123 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             raise PayloadTooLarge(f"command is too long (at most {limit} characters)")
         await supervisor.send_command(text)
         return {"message": "Command sent"}
+
+    @bp.patch("/containers/<internal_id>")
+    @describe(
+        "Change a container in place",
+        description=(
+            "Any of ``limits`` (merged into the container's), ``environment`` (replaces "
+            "it), ``startup_command``, ``stop_command``, ``start_pattern``, ``image``, "
+            "``restart_policy``, checked as in a create; ``null`` resets ``stop_command``, "
+            "``start_pattern`` and ``restart_policy`` (the node's default). Limits, the "
+            "stop command and the restart policy apply at once (limits on the running "
+            "server through ``docker update``, done when this answers); the image, "
+            "environment, startup command and start pattern at the next start, which "
+            "recreates the Docker container. ``GET`` shows the new values at once."
+        ),
+        body=PatchRequest,
+        errors=(409, 429, 503),
+        examples={
+            "body": {"limits": {"memory": 2147483648, "cpu": 2}, "environment": {"EULA": "true"}},
+            200: {"message": "Container updated", "applies": "next_start"},
+        },
+        tags=("containers",),
+    )
+    @requires("manage")
+    async def patch_container(internal_id: str) -> PatchAnswer:
+        supervisor = containers.get(internal_id)
+        data = await read_json()
+        body = structure(data, PatchRequest)
+        changes: dict[str, object] = {
+            name: getattr(body, name)
+            for name in ("environment", "startup_command", "image")
+            if getattr(body, name) is not None
+        }
+        for name in PATCH_CLEARABLE:
+            if name in data:
+                changes[name] = getattr(body, name) or None  # "" or null: none
+        pattern = changes.get("start_pattern")
+        if isinstance(pattern, str) and (problem := check_start_pattern(pattern)) is not None:
+            raise BadRequest(f"Invalid start_pattern: {problem}", code="invalid_start_pattern")
+        need_docker()
+        applies = await supervisor.patch(changes, limits=body.limits)
+        return {"message": "Container updated", "applies": cast(Any, applies)}
+
+    @bp.post("/containers/<internal_id>/resources")
+    @describe(
+        "Change a container's resources live (Docker's names)",
+        description=(
+            "[alias] of ``PATCH`` for resources: ``memory`` and ``memory_swap`` (bytes; "
+            "memory plus swap, ``-1`` unlimited), ``cpu_quota`` / ``cpu_period`` (the CPU "
+            "limit in cores), ``cpu_shares``, ``cpuset_cpus``, ``blkio_weight``. Applied "
+            "to the Docker container before the answer; a value out of range, or one the "
+            "engine refuses or discards, is a 400 and changes nothing."
+        ),
+        body=ResourcesRequest,
+        errors=(409, 429, 503),
+        examples={
+            "body": {"memory": 2147483648, "cpu_quota": 150000, "cpu_period": 100000},
+            200: {"message": "Container updated", "applies": "now"},
+        },
+        tags=("containers",),
+    )
+    @requires("manage")
+    async def set_resources(internal_id: str) -> PatchAnswer:
+        supervisor = containers.get(internal_id)
+        body = await read_json(ResourcesRequest)
+        need_docker()
+        await supervisor.patch({}, resources=body)
+        return {"message": "Container updated", "applies": "now"}
+
+    @bp.get("/containers/<internal_id>/resources")
+    @describe(
+        "A container's resources as applied",
+        description=(
+            "A CPU limit is shown as the kernel runs it: ``cpu_quota`` microseconds per "
+            "``cpu_period`` of 100 000."
+        ),
+        tags=("containers",),
+    )
+    async def get_resources(internal_id: str) -> ResourcesView:
+        record = containers.get(internal_id).record
+        return cast(ResourcesView, resources_view(record.limits, record.resources))
+
+    @bp.post("/containers/<internal_id>/exec")
+    @describe(
+        "Run a command inside the running server (master token only)",
+        description=(
+            "``argv`` runs without a shell, TTY or stdin, for at most ``timeout`` seconds "
+            "(default 30, at most 300); then it is killed and ``exit_code`` is null. "
+            "``output`` is stdout and stderr together, at most 1 MiB (``truncated``)."
+        ),
+        body=ExecRequest,
+        errors=(403, 409, 503),
+        examples={
+            "body": {"argv": ["ls", "-la", "/home/container"], "timeout": 10},
+            200: {"exit_code": 0, "output": "total 8\n", "truncated": False, "timed_out": False},
+        },
+        tags=("containers",),
+    )
+    async def exec_command(internal_id: str) -> ExecAnswer:
+        if current_auth().kind == "temporary":
+            raise Forbidden("Exec needs the master token", code="master_token_required")
+        supervisor = containers.get(internal_id)
+        body = await read_json(ExecRequest)
+        need_docker()
+        running(supervisor)
+        container_id = supervisor.record.container_id
+        if container_id is None:
+            raise Conflict("Container is not running", code="not_running")
+        supervisor.log.info("exec %s (%d arguments)", body.argv[0][:100], len(body.argv) - 1)
+        try:
+            result = await agent.docker.exec_run(container_id, body.argv, timeout=body.timeout)
+        except (DockerConflict, DockerNotFound):
+            raise Conflict("Container is not running", code="not_running") from None
+        return {
+            "exit_code": result.exit_code,
+            "output": result.output.decode("utf-8", errors="replace"),
+            "truncated": result.truncated,
+            "timed_out": result.timed_out,
+        }
 
     return [bp, websocket_blueprint(agent, containers)]

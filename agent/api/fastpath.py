@@ -7,6 +7,10 @@ nothing but the answer is in question: ``GET``, the vendor header, the master to
 ``Origin`` (so no CORS), authorization enabled, and the reader finding the object.
 Everything else (errors, temporary tokens, browsers, unknown ids) goes on to Quart, which
 stays the one place deciding errors; a test checks both paths give the same answer.
+
+Rate limits (``lightd.api.ratelimit``) hold here too: with ``server.rate_limit.master``
+the master token's request is counted in the same bucket as through Quart and its answer
+carries the same headers; a request over the limit goes on to Quart, which answers the 429.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..config import AuthorizationConfig
 from ..converter import json_body
 from ..runtime import Agent, StashKey
 from .auth import bearer_token, has_vendor_type, is_master
+from .ratelimit import MASTER_KEY, limiter
 
 __all__ = ["FAST_READS", "Reader", "answer", "fast_reads", "json_body"]
 
@@ -37,23 +42,28 @@ FAST_READS: StashKey[dict[str, Reader]] = StashKey("fast_reads")
 def fast_reads(agent: Agent, app: ASGIApp) -> ASGIApp:
     """Wrap ``app`` (Quart's ``asgi_app``) with the registered readers."""
     readers = agent.stash.setdefault(FAST_READS, {})
+    limits = limiter(agent)
 
     async def front(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
-            body = answer(agent.config.authorization, readers, scope)
+            config = agent.config
+            body = answer(config.authorization, readers, scope)
             if body is not None:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                rate = config.server.rate_limit
+                if rate.master and rate.requests_per_minute:
+                    counted = limits.take_raw(MASTER_KEY, rate)
+                    if counted is not None:
+                        headers += counted
+                    else:  # Quart answers the 429 (a refusal takes nothing: not counted twice)
+                        body = None
+                if body is not None:
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
         await app(scope, receive, send)
 
     return front

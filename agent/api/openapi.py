@@ -265,7 +265,7 @@ class _Schemas:
 def _error_refs(op: Operation, body: bool, query: bool) -> set[int]:
     statuses = set(op.doc.errors if op.doc else ())
     if not op.public:
-        statuses |= {401, 403}
+        statuses |= {401, 403, 429}
     if body:
         statuses |= {400, 413, 415}
     if getattr(op.view, STREAMS_ATTR, False):

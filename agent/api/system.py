@@ -44,8 +44,12 @@ class EngineVersion(TypedDict):
 class PluginInfo(TypedDict):
     name: str
     builtin: bool
-    #: The distribution's version (third-party plugins); ``None`` for built-ins.
+    #: Where it came from: ``builtin``, or the name of the distribution (``pip``
+    #: package) whose ``lightd.plugins`` entry point loaded it.
+    origin: str
+    #: That distribution's version (a built-in's: the agent's).
     version: str | None
+    #: The hooks it implements.
     hooks: list[str]
 
 

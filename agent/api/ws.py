@@ -177,6 +177,15 @@ def websocket_settings(agent: Agent) -> WebSocketSettings:
     return agent.config.section_or_default(WebSocketSettings)
 
 
+def read_timeout(agent: Agent) -> int:
+    """Seconds the server lets a connection go without receiving anything before it drops
+    it (a WebSocket client that stopped answering pings). It holds for every connection,
+    streamed responses included: a stream whose client sends nothing (Server-Sent Events)
+    must end before it, and the client reconnects."""
+    settings = websocket_settings(agent)
+    return int(settings.ping_interval + settings.ping_timeout + 0.999)
+
+
 def status_of(supervisor: ContainerSupervisor) -> str:
     """The [ext] ``status`` on connect: the install state until installed, then the run state."""
     install = supervisor.record.install_state

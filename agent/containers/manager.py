@@ -27,8 +27,8 @@ import trio
 from .. import files
 from ..converter import converter
 from ..docker import ContainerSpec, DockerError, DockerNotFound
-from ..errors import BadRequest, Conflict, DockerUnavailable, NotFound
-from ..interfaces import PORT_POOL, VOLUMES, PortRequest
+from ..errors import AgentError, BadRequest, Conflict, DockerUnavailable, NotFound
+from ..interfaces import DISK, PORT_POOL, VOLUMES, PoolPort, PortRequest
 from ..logs import container_logger
 from ..store import Migration, Store
 from .hub import CLOSE_SERVICE_RESTART, EventHub
@@ -151,6 +151,10 @@ def _dump(record: ContainerRecord) -> str:
     return json.dumps(converter.unstructure(record), separators=(",", ":"))
 
 
+def _pool_ports(ports: Sequence[PortBinding]) -> list[PoolPort]:
+    return [PoolPort(p.ip, p.port, p.protocol) for p in ports]
+
+
 def _stats_settings(agent: Agent) -> StatsSettings:
     return agent.config.section_or_default(StatsSettings)
 
@@ -172,6 +176,8 @@ class Containers:
         #: Deletes in progress: a create of the same id waits for them to finish (409).
         self._deleting: set[str] = set()
         self.reconciled = trio.Event()
+        #: The boot of servers that should run (after a reconcile), while it runs.
+        self._boot_scope: trio.CancelScope | None = None
         #: This agent's id on the engine (label ``lightd.node``), read from the store.
         self.node_id = ""
         #: The network every container joins (``docker.network``), and the API guard.
@@ -205,11 +211,64 @@ class Containers:
     def data_path(self, internal_id: str) -> Path:
         return self.agent.paths.containers / internal_id
 
+    def images_in_use(self) -> dict[str, list[str]]:
+        """Image reference → the containers whose record names it (``ContainerService``)."""
+        used: dict[str, set[str]] = {}
+        for supervisor in self.all():
+            record = supervisor.record
+            for image in (record.image, record.install_image):
+                if image:
+                    used.setdefault(image, set()).add(record.internal_id)
+        return {image: sorted(ids) for image, ids in used.items()}
+
     def install_log(self, internal_id: str) -> Path:
         """Where the last install run's output is kept (``ContainerService``); ``NotFound``
         for an unknown container."""
         self.get(internal_id)
         return self.data_path(internal_id) / "install.log"
+
+    def on_volume(self, volume_id: str) -> list[tuple[str, str]]:
+        """The containers using ``volume_id`` and their states (``ContainerService``)."""
+        return [
+            (sup.internal_id, sup.state) for sup in self.all() if sup.record.volume_id == volume_id
+        ]
+
+    def daemon_message(self, internal_id: str, text: str) -> None:
+        """A ``daemon_message`` to the container's clients (``ContainerService``)."""
+        supervisor = self.find(internal_id)
+        if supervisor is not None:
+            supervisor.hub.message(text)
+
+    def request_stop(self, internal_id: str) -> None:
+        """Queue a stop (``ContainerService``); nothing when it is not running or gone."""
+        supervisor = self.find(internal_id)
+        if supervisor is not None:
+            with contextlib.suppress(Conflict):
+                supervisor.submit("stop")
+
+    def published_ports(self, internal_id: str) -> list[PoolPort]:
+        """The host ports the record publishes (``ContainerService``); ``NotFound``."""
+        return _pool_ports(self.get(internal_id).record.ports)
+
+    async def network_changed(self, internal_id: str, ports: Sequence[PortBinding]) -> None:
+        """Tell plugins what a (re)created server publishes; a failing plugin is logged."""
+        try:
+            await self.agent.hooks.container_network_changed(
+                self.agent, internal_id, _pool_ports(ports)
+            )
+        except Exception:
+            container_logger(internal_id, log).exception("lightd_container_network_changed failed")
+
+    def check_start(self, internal_id: str, volume_id: str) -> None:
+        """Ask plugins whether the container may start (``lightd_container_starting``: a
+        plugin raises an ``ApiError``, e.g. the disk plugin's 409 while the volume is over
+        its limit); called by the supervisor before it queues a start or restart."""
+        self.agent.hooks.container_starting(self.agent, internal_id, volume_id)
+
+    def disk_bytes(self, volume_id: str) -> int | None:
+        """The volume's usage as the disk service last knew it (stats frames)."""
+        disk = self.agent.stash.get(DISK)
+        return None if disk is None else disk.cached_bytes(volume_id)
 
     async def save_record(self, record: ContainerRecord) -> None:
         await self.repo.save(record)
@@ -297,6 +356,16 @@ class Containers:
             EventHub.for_config(agent.config, agent.metrics.console),
             lambda: _stats_settings(agent),
         )
+        supervisor.stats.disk_bytes = lambda: self.disk_bytes(supervisor.record.volume_id)
+        if agent.hooks.takes_stats_samples():  # usage metering: lightd_stats_sample
+            supervisor.stats.sampled = lambda container_id, sample: agent.hooks.stats_sample(
+                agent,
+                record.internal_id,
+                container_id,
+                supervisor.record.volume_id,
+                supervisor.started_at,
+                sample,
+            )
         finished = trio.Event()
         self._supervisors[record.internal_id] = supervisor
         self._finished[record.internal_id] = finished
@@ -337,8 +406,10 @@ class Containers:
                     await nursery.start(self.docker.watch_events, filters, self._on_event)
                     await self.reconcile()
                     self.reconciled.set()
-            except (DockerUnavailable, DockerError) as exc:
-                log.warning("Docker events stream ended: %s", exc)
+            except* (DockerUnavailable, DockerError) as group:
+                # The engine went away (restarted, the host rebooting): wait for it, then
+                # reconcile again; the service and its supervisors carry on meanwhile.
+                log.warning("Docker events stream ended: %s", group.exceptions[0])
             await trio.sleep(0.5)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
@@ -392,6 +463,56 @@ class Containers:
                 container_logger(internal_id, log).exception("reconciling failed")
         await self._reconcile_ports()
         log.info("reconcile done")
+        self._start_boot()
+
+    def _start_boot(self) -> None:
+        """Start, in the background, every server that should run and does not (§17):
+        a boot already under way (the engine went away during it) gives way to this one."""
+        if self._boot_scope is not None:
+            self._boot_scope.cancel()
+        due = [
+            s
+            for s in self.all()
+            if s.record.should_run and s.record.install_state == "ready" and s.offline and s.idle
+        ]
+        if not due or self._nursery is None:
+            return
+        scope = self._boot_scope = trio.CancelScope()
+        self._nursery.start_soon(self._boot, due, scope)
+
+    async def _boot(self, due: list[ContainerSupervisor], scope: trio.CancelScope) -> None:
+        """Start ``due``, ``boot_concurrency`` at a time, launches ``boot_stagger`` apart;
+        a slot is held until its start has run (the server is up or the start failed)."""
+        settings = self.settings
+        log.info(
+            "boot: starting %d servers that should run (%d at a time)",
+            len(due),
+            settings.boot_concurrency,
+        )
+        limiter = trio.CapacityLimiter(settings.boot_concurrency)
+
+        async def start(supervisor: ContainerSupervisor) -> None:
+            try:
+                try:
+                    action = supervisor.submit("start")
+                except AgentError as exc:  # started, deleted or being changed meanwhile
+                    supervisor.log.info("boot: not started: %s", exc)
+                    return
+                await action.done.wait()
+            finally:
+                limiter.release_on_behalf_of(supervisor)
+
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for supervisor in due:
+                    await limiter.acquire_on_behalf_of(supervisor)
+                    if self._supervisors.get(supervisor.internal_id) is not supervisor:
+                        limiter.release_on_behalf_of(supervisor)
+                        continue  # deleted while waiting for a slot
+                    nursery.start_soon(start, supervisor)
+                    await trio.sleep(settings.boot_stagger)
+        if self._boot_scope is scope:
+            self._boot_scope = None
 
     async def _reconcile_one(
         self, supervisor: ContainerSupervisor, item: dict[str, Any], *, running: bool
@@ -464,7 +585,9 @@ class Containers:
                 message(f"Pulling image: {image}: {status}")
 
         try:
-            await self.docker.pull(image, progress)
+            # Credentials of docker.registries first, then the Docker client's config file.
+            registries = self.agent.config.docker.registries
+            await self.docker.pull(image, progress, registries=registries)
         except DockerError as exc:
             raise InstallFailed(f"Failed to pull image {image}: {exc}") from None
         message(f"Image pulled: {image}")
@@ -645,6 +768,7 @@ class Containers:
             environment=dict(request.environment),
             stop_command=request.stop_command,
             install_image=request.install_image,
+            restart_policy=request.restart_policy,
             install_state="installing",
             container_id=None,
             error=None,
@@ -659,6 +783,14 @@ class Containers:
             raise
         if not inserted:
             raise Conflict("Container already exists", code="container_exists")
+        self.agent.events.publish(
+            "container.created",
+            {
+                "internal_id": record.internal_id,
+                "image": record.image,
+                "volume_id": record.volume_id,
+            },
+        )
         supervisor = await self._start_supervisor(record, wait=False)
         supervisor.log.info("created (image %s, volume %s)", record.image, record.volume_id)
         supervisor.submit("install", start_after=request.start_on_completion)

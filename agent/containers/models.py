@@ -10,26 +10,38 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
 
 from ..converter import FieldError, field_check
-from ..errors import BadRequest
+from ..errors import BadRequest, ValidationError
 
 __all__ = [
     "INSTALL_STATES",
+    "PATCH_CLEARABLE",
+    "RESERVED_IDS",
+    "RESTART_MODES",
     "RUNTIME_STATES",
     "ContainerRecord",
     "CreateRequest",
+    "ExecRequest",
     "Limits",
+    "LimitsPatch",
+    "PatchRequest",
     "PortBinding",
     "PortSpec",
     "RebindRequest",
     "ReinstallRequest",
+    "Resources",
+    "ResourcesRequest",
+    "RestartPolicy",
     "StopRequest",
     "check_limits",
     "node_cpus",
+    "parse_cpuset",
+    "resources_view",
     "valid_image",
     "valid_internal_id",
 ]
@@ -62,6 +74,11 @@ _MAX_NAME = 255
 _MAX_REFERENCE = 1024
 FORBIDDEN_TARGETS = ("/", "/home/container", "/app/data", "/proc", "/sys", "/dev", "/etc")
 PROTOCOLS = ("tcp", "udp", "both")
+
+
+#: Ids a new container may not take: ``/ws/events`` is the node event stream, so a
+#: container named ``events`` could never reach its own WebSocket (``/ws/<internal_id>``).
+RESERVED_IDS = frozenset({"events"})
 
 
 def valid_internal_id(value: str) -> bool:
@@ -140,6 +157,80 @@ def check_limits(_instance: Any, _attribute: attrs.Attribute[Any], limits: Limit
         raise FieldError("limits.swap", f"must be -1 (unlimited) or 0 to {MAX_MEMORY} bytes")
 
 
+#: What ``restart_policy.mode`` may be (contract §17).
+RESTART_MODES = ("never", "on-crash", "always")
+MAX_RESTARTS = 1000
+MAX_RESTART_WINDOW = 30 * 86400
+
+
+@attrs.frozen
+class RestartPolicy:
+    """When the agent starts a server again after an exit nobody asked for through the API
+    (contract §17): ``on-crash`` after a non-zero exit code (an error, a signal, the OOM
+    killer), ``always`` after any (exit code 0 too), ``never`` not at all; either at most
+    ``max_restarts`` times within ``window_s`` seconds."""
+
+    mode: str = attrs.field(
+        validator=field_check(lambda v: v in RESTART_MODES, "must be never, on-crash or always")
+    )
+    max_restarts: int = attrs.field(
+        default=3,
+        validator=field_check(lambda v: 0 <= v <= MAX_RESTARTS, f"must be 0 to {MAX_RESTARTS}"),
+    )
+    window_s: float = attrs.field(
+        default=600.0,
+        validator=field_check(
+            lambda v: 0 < v <= MAX_RESTART_WINDOW,
+            f"must be more than 0 and at most {MAX_RESTART_WINDOW} seconds",
+        ),
+    )
+
+    def restarts_after(self, exit_code: int) -> bool:
+        """Does this policy restart a server that exited with ``exit_code`` unasked?"""
+        return self.mode == "always" or (self.mode == "on-crash" and exit_code != 0)
+
+
+#: Docker's CFS period (µs) when the CPU limit is ``NanoCpus``: what the kernel applies.
+CPU_PERIOD = 100_000
+MAX_CPU_SHARES = 262_144
+_CPUSET = re.compile(r"[0-9]{1,4}(?:-[0-9]{1,4})?(?:,[0-9]{1,4}(?:-[0-9]{1,4})?)*")
+
+
+def parse_cpuset(text: str) -> frozenset[int] | None:
+    """The CPUs of a cpuset list (``0-2,5``), or ``None`` when it is not one."""
+    if len(text) > 256 or not _CPUSET.fullmatch(text):
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+        if low > high:
+            return None
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
+def _node_cpuset(text: str | None) -> bool:
+    if text is None:
+        return True
+    cpus = parse_cpuset(text)
+    return cpus is not None and max(cpus) < node_cpus()
+
+
+@attrs.frozen
+class Resources:
+    """Engine resources beyond ``limits``, set with the [alias]
+    ``POST /containers/:id/resources`` (memory, swap and CPU time are ``limits``):
+    ``None`` leaves the engine's default. Applied at create and live."""
+
+    #: Relative CPU weight (the engine's default is 1024).
+    cpu_shares: int | None = None
+    #: The CPUs the server may run on (``0-2,5``).
+    cpuset_cpus: str | None = None
+    #: Relative block I/O weight, 10 to 1000.
+    blkio_weight: int | None = None
+
+
 def _check_image(_instance: Any, _attribute: attrs.Attribute[Any], image: str | None) -> None:
     """An image the engine could parse, else the contract's exact message (§7.6)."""
     if image is not None and not valid_image(image):
@@ -181,6 +272,8 @@ class CreateRequest:
     stop_command: str | None = None
     install_image: str | None = attrs.field(default=None, validator=_check_image)
     start_on_completion: bool = False
+    #: ``None``: the node's default (config ``containers.crash_restart``).
+    restart_policy: RestartPolicy | None = None
 
     def __attrs_post_init__(self) -> None:
         _check_mount(self.mount)
@@ -206,6 +299,208 @@ class StopRequest:
 
 
 @attrs.frozen
+class LimitsPatch:
+    """``limits`` of a ``PATCH``: the fields given replace the record's, the rest stay."""
+
+    memory: int | None = None
+    cpu: float | None = None
+    pids: int | None = None
+    swap: int | None = None
+
+    def apply(self, limits: Limits) -> Limits:
+        """``limits`` with this patch, checked as a create's (``ValidationError``)."""
+        changes = {k: v for k, v in attrs.asdict(self).items() if v is not None}
+        try:
+            new = attrs.evolve(limits, **changes)
+            check_limits(None, None, new)  # type: ignore[arg-type]
+        except FieldError as exc:
+            name = exc.name if exc.name.startswith("limits.") else f"limits.{exc.name}"
+            raise ValidationError(f"{name}: {exc.message}") from None
+        return new
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+#: Fields of a ``PATCH`` an explicit ``null`` resets: no stop command, no start pattern,
+#: the node's restart policy.
+PATCH_CLEARABLE = ("stop_command", "start_pattern", "restart_policy")
+
+
+@attrs.frozen
+class PatchRequest:
+    """``PATCH /containers/:id`` (contract §17): every field optional, each checked as in
+    a create. ``environment`` replaces the whole environment; ``limits`` is merged."""
+
+    limits: LimitsPatch | None = None
+    environment: dict[str, str] | None = attrs.field(
+        default=None, validator=field_check(_optional(_env_ok), "keys must be shell variable names")
+    )
+    startup_command: str | None = attrs.field(
+        default=None,
+        validator=field_check(_optional(lambda v: bool(v.strip())), "must not be empty"),
+    )
+    stop_command: str | None = None
+    start_pattern: str | None = None
+    image: str | None = attrs.field(
+        default=None,
+        validator=[
+            field_check(_optional(lambda v: bool(v.strip())), "must not be empty"),
+            _check_image,
+        ],
+    )
+    restart_policy: RestartPolicy | None = None
+
+
+_MEMORY_RANGE = f"must be between {MIN_MEMORY} and {MAX_MEMORY} bytes"
+
+
+@attrs.frozen
+class ResourcesRequest:
+    """[alias] ``POST /containers/:id/resources``: Docker's names for the same limits
+    (``memory_swap`` is memory plus swap, ``-1`` unlimited; ``cpu_quota`` / ``cpu_period``
+    is the CPU limit in cores), and the extra ``Resources``."""
+
+    memory: int | None = attrs.field(
+        default=None,
+        validator=field_check(_optional(lambda v: MIN_MEMORY <= v <= MAX_MEMORY), _MEMORY_RANGE),
+    )
+    memory_swap: int | None = attrs.field(
+        default=None,
+        validator=field_check(
+            _optional(lambda v: v == -1 or MIN_MEMORY <= v <= 2 * MAX_MEMORY),
+            "must be -1 (unlimited) or at least memory",
+        ),
+    )
+    cpu_shares: int | None = attrs.field(
+        default=None,
+        validator=field_check(
+            _optional(lambda v: 2 <= v <= MAX_CPU_SHARES), f"must be 2 to {MAX_CPU_SHARES}"
+        ),
+    )
+    cpu_period: int | None = attrs.field(
+        default=None,
+        validator=field_check(
+            _optional(lambda v: 1000 <= v <= 1_000_000), "must be 1000 to 1000000 (microseconds)"
+        ),
+    )
+    cpu_quota: int | None = attrs.field(
+        default=None,
+        validator=field_check(
+            _optional(lambda v: 1000 <= v <= 1_000_000 * 1024),
+            "must be at least 1000 (microseconds per cpu_period)",
+        ),
+    )
+    cpuset_cpus: str | None = attrs.field(
+        default=None,
+        validator=field_check(_node_cpuset, "must name CPUs of this node (e.g. 0-1,3)"),
+    )
+    blkio_weight: int | None = attrs.field(
+        default=None,
+        validator=field_check(_optional(lambda v: v == 0 or 10 <= v <= 1000), "must be 10 to 1000"),
+    )
+
+    def apply(self, limits: Limits, resources: Resources) -> tuple[Limits, Resources]:
+        """The record's ``limits`` and ``resources`` with this request (``ValidationError``
+        naming the field when the combination is out of range)."""
+        memory = self.memory if self.memory is not None else limits.memory
+        swap = limits.swap
+        if self.memory_swap is not None:
+            if self.memory_swap == -1:
+                swap = -1
+            elif memory is None or self.memory_swap < memory:
+                raise ValidationError("memory_swap: must be -1 (unlimited) or at least memory")
+            else:
+                swap = self.memory_swap - memory
+        cpu = limits.cpu
+        if self.cpu_quota is not None or self.cpu_period is not None:
+            period = self.cpu_period or CPU_PERIOD
+            if self.cpu_quota is not None:
+                quota = self.cpu_quota
+            elif limits.cpu is not None:
+                quota = round(limits.cpu * CPU_PERIOD)  # the quota applied now
+            else:
+                raise ValidationError("cpu_period: needs cpu_quota (no CPU limit is set)")
+            cpu = quota / period
+            if not MIN_CPU <= cpu <= node_cpus():
+                raise ValidationError(
+                    f"cpu_quota: cpu_quota / cpu_period must be {MIN_CPU} to {node_cpus()} "
+                    "(the node's CPUs)"
+                )
+        blkio = resources.blkio_weight
+        if self.blkio_weight == 0:
+            if blkio is not None:
+                raise ValidationError(
+                    "blkio_weight: a weight cannot be removed from a container; give 10 to 1000"
+                )
+        elif self.blkio_weight is not None:
+            blkio = self.blkio_weight
+        try:
+            new_limits = attrs.evolve(limits, memory=memory, swap=swap, cpu=cpu)
+            check_limits(None, None, new_limits)  # type: ignore[arg-type]
+        except FieldError as exc:
+            raise ValidationError(f"{exc.name}: {exc.message}") from None
+        new_resources = Resources(
+            cpu_shares=self.cpu_shares if self.cpu_shares is not None else resources.cpu_shares,
+            cpuset_cpus=self.cpuset_cpus if self.cpuset_cpus is not None else resources.cpuset_cpus,
+            blkio_weight=blkio,
+        )
+        return new_limits, new_resources
+
+
+def resources_view(limits: Limits, resources: Resources) -> dict[str, Any]:
+    """``GET /containers/:id/resources``: the values as the engine applies them (a CPU
+    limit is ``NanoCpus``, which the kernel runs as a quota per 100 ms period)."""
+    memory = limits.memory
+    swap: int | None = None
+    if memory is not None:
+        swap = -1 if limits.swap == -1 else memory + limits.swap
+    return {
+        "memory": memory,
+        "memory_swap": swap,
+        "cpu_shares": resources.cpu_shares,
+        "cpu_period": CPU_PERIOD if limits.cpu else None,
+        "cpu_quota": round(limits.cpu * CPU_PERIOD) if limits.cpu else None,
+        "cpuset_cpus": resources.cpuset_cpus,
+        "blkio_weight": resources.blkio_weight,
+    }
+
+
+#: Most arguments (and characters in all) an exec may have.
+MAX_EXEC_ARGS = 256
+MAX_EXEC_CHARS = 64 * 1024
+MAX_EXEC_TIMEOUT = 300.0
+
+
+def _argv_ok(argv: tuple[str, ...]) -> bool:
+    return (
+        1 <= len(argv) <= MAX_EXEC_ARGS and bool(argv[0]) and sum(map(len, argv)) <= MAX_EXEC_CHARS
+    )
+
+
+@attrs.frozen
+class ExecRequest:
+    """``POST /containers/:id/exec`` (contract §17)."""
+
+    argv: tuple[str, ...] = attrs.field(
+        validator=field_check(
+            _argv_ok,
+            f"must be 1 to {MAX_EXEC_ARGS} strings, the first not empty, "
+            f"at most {MAX_EXEC_CHARS} characters in all",
+        )
+    )
+    #: Seconds; the process is killed after it.
+    timeout: float = attrs.field(
+        default=30.0,
+        validator=field_check(
+            lambda v: 0 < v <= MAX_EXEC_TIMEOUT,
+            f"must be more than 0 and at most {MAX_EXEC_TIMEOUT:g} seconds",
+        ),
+    )
+
+
+@attrs.frozen
 class ContainerRecord:
     """What the agent keeps about a container (the store's row, and ``GET`` answers)."""
 
@@ -226,6 +521,15 @@ class ContainerRecord:
     error: str | None
     created_at: int
     updated_at: int
+    #: Desired state (§17): started through the API and not stopped or killed since, so
+    #: it is started again after the agent, the engine or the host restarts.
+    should_run: bool = False
+    #: ``None``: the node's default (config ``containers.crash_restart``).
+    restart_policy: RestartPolicy | None = None
+    resources: Resources = Resources()
+    #: A ``PATCH`` changed what the Docker container is made of (image, environment,
+    #: startup command, memory): the next start recreates it.
+    recreate_pending: bool = False
 
     def describe(self) -> dict[str, Any]:
         """The contract's ``GET /containers/:id`` body, minus the runtime fields."""
@@ -259,4 +563,5 @@ class ContainerRecord:
             "environment": dict(self.environment),
             "stop_command": self.stop_command,
             "install_image": self.install_image,
+            "should_run": self.should_run,
         }

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..docker import ContainerSpec, LogConfig, Mount, PortPublish, ResourceLimits
-from .models import ContainerRecord, Limits
+from .models import ContainerRecord, Limits, Resources
 
 __all__ = [
     "CAPABILITIES",
@@ -21,9 +22,11 @@ __all__ = [
     "LABEL_NODE",
     "LABEL_ROLE",
     "container_spec",
+    "extra_resources",
     "resource_limits",
     "server_environment",
     "standard_mounts",
+    "update_fields",
 ]
 
 LABEL_MANAGED = "lightd.managed"
@@ -88,6 +91,32 @@ def resource_limits(limits: Limits) -> ResourceLimits:
         memory_swap=swap,
         nano_cpus=int(limits.cpu * 1e9) if limits.cpu else None,
         pids=limits.pids,
+    )
+
+
+def extra_resources(resources: Resources) -> dict[str, Any]:
+    """The record's ``resources`` as Engine API fields (set with ``docker update``: right
+    after a create, and live)."""
+    fields = {
+        "CpuShares": resources.cpu_shares,
+        "CpusetCpus": resources.cpuset_cpus,
+        "BlkioWeight": resources.blkio_weight,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def update_fields(limits: Limits, resources: Resources) -> dict[str, Any]:
+    """The body of ``docker update`` for ``limits`` and ``resources``: memory and swap
+    always together (the engine refuses a memory above the swap limit it has)."""
+    engine = resource_limits(limits)
+    fields = {
+        "Memory": engine.memory,
+        "MemorySwap": engine.memory_swap,
+        "NanoCpus": engine.nano_cpus,
+        "PidsLimit": engine.pids,
+    }
+    return {key: value for key, value in fields.items() if value is not None} | extra_resources(
+        resources
     )
 
 

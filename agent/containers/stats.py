@@ -14,8 +14,12 @@ A host where the files are elsewhere (systemd cgroup driver) or shaped different
 (cgroup v2) is handled by ``locate_cgroup``; where none is found, the reader falls back to
 one long-lived Docker stats stream for the container (trio-native, no thread).
 
-The reader samples only while the container's hub has subscribers, about every
+The reader samples while the container's hub has subscribers, about every
 ``stats.interval`` seconds, and publishes a ``stats`` frame only when a value changed.
+Every sample it reads also goes to ``sampled`` (the ``lightd_stats_sample`` hook, set by
+the manager when a plugin implements it: metering); while nobody listens it then still
+reads one sample every ``stats.idle_interval`` seconds (every tick while the server
+stops, to catch its last counters), and none at all when no plugin takes them.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ class StatsSettings:
     #: Seconds between samples while someone listens.
     interval: float = attrs.field(
         default=1.0, validator=field_check(lambda v: v >= 0.1, "must be >= 0.1")
+    )
+    #: Seconds between samples while nobody listens, for a plugin that takes every
+    #: sample (``lightd_stats_sample``: metering); unused when none does.
+    idle_interval: float = attrs.field(
+        default=30.0, validator=field_check(lambda v: v >= 0.1, "must be >= 0.1")
     )
     #: ``auto`` (cgroup files, else the Docker API), ``cgroup`` (never the API), ``api``.
     source: Literal["auto", "cgroup", "api"] = attrs.field(
@@ -377,6 +386,13 @@ class StatsReader:
         self.locate = locate
         #: The source of the current run (tests and the bench look).
         self.source: StatsSource | None = None
+        #: The usage of the container's volume in bytes (the disk service's cached figure,
+        #: no walk), for the frames' ``disk_bytes``; the manager sets it.
+        self.disk_bytes: Callable[[], int | None] = lambda: None
+        #: Takes every sample read, with the Docker id of the run (the manager sets it
+        #: when a plugin implements ``lightd_stats_sample``); cheap, never raises.
+        self.sampled: Callable[[str, Sample], None] | None = None
+        self.container_id = ""
 
     async def run(self, container_id: str) -> None:
         """Publish stats for this run of ``container_id`` until cancelled. A failure (a
@@ -393,6 +409,7 @@ class StatsReader:
     async def _run(self, container_id: str) -> None:
         began = time.time()
         self.source = None
+        self.container_id = container_id
         while True:
             settings = self.settings()
             if settings.source != "api":
@@ -420,15 +437,24 @@ class StatsReader:
     async def _publish(self, source: StatsSource, began: float) -> None:
         previous: Sample | None = None
         last: dict[str, Any] | None = None
-        next_tick = trio.current_time()
+        next_tick = next_idle = trio.current_time()
         while True:
-            interval = self.settings().interval
-            next_tick = max(next_tick + interval, trio.current_time())
+            settings = self.settings()
+            next_tick = max(next_tick + settings.interval, trio.current_time())
             await trio.sleep_until(next_tick)
+            sampled = self.sampled
             if not len(self.hub):
-                previous = None  # nobody listens: no reads; start afresh when someone does
+                previous = None  # nobody listens: no frames; start afresh when someone does
+                if sampled is not None and (
+                    next_tick >= next_idle or self.owner.state == "stopping"
+                ):
+                    next_idle = next_tick + settings.idle_interval
+                    if (idle := source.read()) is not None:
+                        sampled(self.container_id, idle)
                 continue
             sample = source.read()
+            if sample is not None and sampled is not None:
+                sampled(self.container_id, sample)
             if sample is None or sample == previous:
                 continue
             if previous is None:
@@ -436,6 +462,7 @@ class StatsReader:
                 continue
             values = frame_values(previous, sample)
             values["state"] = self.owner.state
+            values["disk_bytes"] = self.disk_bytes() or 0
             previous = sample
             if values == last:
                 continue

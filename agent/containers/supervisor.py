@@ -5,7 +5,13 @@ a time, in order (contract §7.4). Requests are validated against the state the 
 will be in once the queued actions have run, then queued; an answered request is never
 dropped. A kill goes to the head of the queue and removes pending starts: a kill always
 wins. The Docker ``die`` event (from the agent's single events stream) ends a run; a die
-that no stop or kill asked for is a crash.
+that no stop or kill asked for is a crash, and the restart policy decides whether the
+server starts again.
+
+A ``PATCH`` (``patch``) changes the record at once (what the next start reads; a change to
+what the Docker container is made of marks it for recreation at that start) and queues a
+``patch`` action for the live part, the limits (``docker update``), so it is ordered with
+the power actions around it.
 
 The console is one attach per run, opened before ``start`` so no output is lost: it
 feeds the hub (history, subscribers), matches ``start_pattern`` on every line, and
@@ -42,13 +48,21 @@ from ..docker import (
     DockerError,
     DockerNotFound,
 )
-from ..errors import AgentError, Conflict, DockerUnavailable, TooManyRequests
+from ..errors import AgentError, BadRequest, Conflict, DockerUnavailable, TooManyRequests
 from ..logs import container_logger
 from .console import LineSplitter
 from .hub import EventHub
 from .install import write_executable
-from .models import ContainerRecord, PortBinding, RuntimeState
+from .models import (
+    ContainerRecord,
+    LimitsPatch,
+    PortBinding,
+    ResourcesRequest,
+    RestartPolicy,
+    RuntimeState,
+)
 from .settings import ContainersSettings
+from .specs import extra_resources, update_fields
 from .startpattern import StartPattern
 from .stats import StatsReader, StatsSettings
 
@@ -63,10 +77,40 @@ MAX_PENDING = 16
 _LOGGED = frozenset({"start", "stop", "restart", "kill", "reinstall", "rebind"})
 
 
-@attrs.define
+@attrs.define(eq=False)
 class Action:
     kind: str
     args: dict[str, Any] = attrs.Factory(dict)
+    #: Set when the action has run (however it ended): the boot waits on it.
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+#: What each power action makes of the desired state (§17): stored when the action runs.
+_DESIRED = {"start": True, "restart": True, "stop": False, "kill": False, "reinstall": False}
+
+
+#: Record fields a ``PATCH`` changes that the next start reads (``applies: next_start``);
+#: every other (limits, resources, stop command, restart policy) applies at once.
+_NEXT_START = frozenset({"image", "environment", "startup_command", "start_pattern"})
+#: The 409 of a ``PATCH`` (and the resources alias) while the container installs: the
+#: contract names no message; this one follows rebind's.
+PATCH_INSTALLING = "Cannot update container while it is installing"
+#: Engine fields a live update is checked for (read back), with their API names: the
+#: engine discards some with only a warning (a block I/O weight the kernel lacks).
+_VERIFIED = {
+    "Memory": "memory",
+    "NanoCpus": "cpu",
+    "PidsLimit": "pids",
+    "CpuShares": "cpu_shares",
+    "CpusetCpus": "cpuset_cpus",
+    "BlkioWeight": "blkio_weight",
+}
+
+
+def _build_key(record: ContainerRecord) -> tuple[Any, ...]:
+    """What the server container is made of that a ``PATCH`` may change (its image,
+    environment, entrypoint script; ``SERVER_MEMORY``): equal keys, same container."""
+    return (record.image, record.environment, record.startup_command, record.limits.memory)
 
 
 def entrypoint_script(startup_command: str) -> str:
@@ -88,6 +132,11 @@ class SupervisorHost(Protocol):
 
     @property
     def settings(self) -> ContainersSettings: ...
+
+    def check_start(self, internal_id: str, volume_id: str) -> None:
+        """Raise an ``ApiError`` when plugins refuse a start (``lightd_container_starting``:
+        e.g. ``409 Disk quota exceeded``)."""
+        ...
 
     async def save_record(self, record: ContainerRecord) -> None:
         """Persist ``record`` (committed when this returns)."""
@@ -125,6 +174,10 @@ class SupervisorHost(Protocol):
 
     async def set_ports(self, internal_id: str, ports: Sequence[PortBinding]) -> None:
         """Make ``ports`` exactly what the container holds in the port pool."""
+        ...
+
+    async def network_changed(self, internal_id: str, ports: Sequence[PortBinding]) -> None:
+        """Tell plugins the (re)created server publishes ``ports``."""
         ...
 
 
@@ -165,6 +218,9 @@ class ContainerSupervisor:
         self._oom = False
         self._crashes: deque[float] = deque()
         self._pattern = _start_pattern(record)
+        #: The ``start_pattern`` that ``_pattern`` was made from (a PATCH changes it for
+        #: the next start).
+        self._pattern_source = record.start_pattern
 
     @property
     def internal_id(self) -> str:
@@ -199,6 +255,8 @@ class ContainerSupervisor:
 
     def cancel(self) -> None:
         """Stop everything this supervisor does (the container is being deleted)."""
+        for action in self._queue:
+            action.done.set()  # dropped: nobody waits for it forever
         self._queue.clear()
         self._scope.cancel()
 
@@ -212,6 +270,7 @@ class ContainerSupervisor:
             try:
                 with trio.CancelScope() as scope:
                     self._current_scope = scope
+                    await self._desire(action)
                     await getattr(self, f"_do_{action.kind}")(**action.args)
                 if action.kind in _LOGGED:
                     done = "cut short by a kill" if scope.cancelled_caught else "done"
@@ -219,6 +278,7 @@ class ContainerSupervisor:
             except Exception as exc:  # the action ends here; the container says why
                 await self._action_failed(action, exc)
             finally:
+                action.done.set()
                 self._current = None
                 self._current_scope = None
                 if action.kind in ("install", "reinstall"):
@@ -226,6 +286,13 @@ class ContainerSupervisor:
                     self._install_pending = any(
                         a.kind in ("install", "reinstall") for a in self._queue
                     )
+
+    async def _desire(self, action: Action) -> None:
+        """Store the desired state a power action stands for, before it runs: a crash of
+        the agent half-way still leaves what the panel asked for."""
+        should_run = _DESIRED.get(action.kind)
+        if should_run is not None and should_run != self.record.should_run:
+            await self._set_record(should_run=should_run)
 
     async def _action_failed(self, action: Action, exc: Exception) -> None:
         """Tell the container's clients (and its record) that ``action`` failed; settle a
@@ -313,6 +380,7 @@ class ContainerSupervisor:
                 raise Conflict("Container is not ready", code="not_ready")
             if self._projected_running():
                 raise Conflict("Container is already running", code="already_running")
+            self.host.check_start(self.internal_id, self.record.volume_id)
         elif kind == "kill":
             if self.state == "offline" and not self._projected_running():
                 raise Conflict("Container is not running", code="not_running")
@@ -322,9 +390,13 @@ class ContainerSupervisor:
         elif kind == "restart":
             if not ready:
                 raise Conflict("Container is not ready", code="not_ready")
+            self.host.check_start(self.internal_id, self.record.volume_id)
         elif kind == "reinstall":
             if self.installing():
                 raise Conflict("Container is already being installed", code="installing")
+        elif kind == "patch":
+            if self.installing():
+                raise Conflict(PATCH_INSTALLING, code="installing")
         elif kind == "rebind":
             if self.installing():
                 raise Conflict(
@@ -350,6 +422,7 @@ class ContainerSupervisor:
             # stop is cut short (each cleans up after itself), and the kill runs next.
             for dropped in [a for a in self._queue if a.kind in ("start", "restart")]:
                 self._queue.remove(dropped)
+                dropped.done.set()
             current = self._current
             if current and current.kind in ("start", "restart", "stop") and self._current_scope:
                 self._current_scope.cancel()
@@ -363,6 +436,92 @@ class ContainerSupervisor:
         if kind in _LOGGED:
             self.log.info("%s requested", kind)
         return action
+
+    async def patch(
+        self,
+        changes: dict[str, Any],
+        *,
+        limits: LimitsPatch | None = None,
+        resources: ResourcesRequest | None = None,
+    ) -> str:
+        """Change the record in place (``PATCH``, and the resources alias): ``changes``
+        are record fields; ``limits`` and ``resources`` are merged into the record's.
+        Returns ``"now"`` or ``"next_start"`` (contract §17).
+
+        The record is changed and stored before the answer: ``GET`` shows the new values
+        at once, and a start that runs after this reads them (a change to what the Docker
+        container is made of marks it ``recreate_pending``, so that start recreates it).
+        Limits go live through the queue (a ``patch`` action, ordered with the power
+        actions around it: a start under way finishes first, then the running server is
+        updated), and this waits for it: when it answers, the engine has them, or it
+        refused them and nothing of the request stays (``BadRequest``).
+        """
+        if self.installing():
+            raise Conflict(PATCH_INSTALLING, code="installing")
+        record = self.record
+        if limits is not None:
+            changes["limits"] = limits.apply(record.limits)
+        if resources is not None:
+            changes["limits"], changes["resources"] = resources.apply(
+                changes.get("limits", record.limits), record.resources
+            )
+        changed = {k: v for k, v in changes.items() if getattr(record, k) != v}
+        applies = "next_start" if _NEXT_START.intersection(changed) else "now"
+        if not changed:
+            return applies
+        live = "limits" in changed or "resources" in changed
+        outcome: list[Exception] = []
+        action = self.submit("patch", outcome=outcome) if live else None
+        if _build_key(attrs.evolve(record, **changed)) != _build_key(record):
+            changed["recreate_pending"] = True
+        self.log.info("changing %s (applies %s)", ", ".join(sorted(changed)), applies)
+        await self._set_record(**changed)
+        if action is None:
+            return applies
+        await action.done.wait()
+        if outcome:
+            # All or none: what this request set goes back (unless changed again since).
+            now = self.record
+            back = {k: getattr(record, k) for k, v in changed.items() if getattr(now, k) == v}
+            if back:
+                await self._set_record(**back)
+            raise outcome[0]
+        return applies
+
+    async def _do_patch(self, outcome: list[Exception]) -> None:
+        """Apply the record's limits and resources to its Docker container (``docker
+        update``: live when it runs); read them back, since the engine drops some
+        settings the kernel cannot apply with only a warning. A refusal goes to
+        ``outcome`` (the ``PATCH`` answers it), not to the container's clients."""
+        container_id = self.record.container_id
+        if not container_id:
+            return  # created at the next start, with the new values
+        fields = update_fields(self.record.limits, self.record.resources)
+        try:
+            await self.host.docker.update_container(container_id, fields)
+            info = await self.host.docker.inspect_container(container_id)
+        except DockerNotFound:
+            return  # vanished: the next start recreates it from the record
+        except DockerError as exc:
+            outcome.append(BadRequest(f"Docker refused the change: {exc}", code="docker_refused"))
+            return
+        except DockerUnavailable as exc:
+            outcome.append(exc)
+            return
+        applied = info.get("HostConfig") or {}
+        for key, name in _VERIFIED.items():
+            if key in fields and applied.get(key) != fields[key]:
+                outcome.append(
+                    BadRequest(
+                        f"{name}: not supported on this node (the engine discarded it)",
+                        code="docker_refused",
+                    )
+                )
+                return
+
+    def restart_policy(self) -> RestartPolicy:
+        """The container's own restart policy, else the node's (``crash_restart``)."""
+        return self.record.restart_policy or self.host.settings.crash_restart.policy
 
     async def send_command(self, text: str) -> None:
         """Write a console command to the server's stdin (a newline is added if missing)."""
@@ -420,7 +579,9 @@ class ContainerSupervisor:
             await self.host.notify(self.internal_id, "failed", reason)
             return
         self._install_pending = False
-        await self._set_record(install_state="ready", error=None, container_id=container_id)
+        await self._set_record(
+            install_state="ready", error=None, container_id=container_id, recreate_pending=False
+        )
         self.hub.event("installed")
         await self.host.notify(self.internal_id, "ready")
         self.log.info("install finished: ready")
@@ -465,14 +626,27 @@ class ContainerSupervisor:
         except DockerNotFound:
             await host.ensure_image(record.image, self.hub.message)
             container_id = await host.docker.create_container(spec)
+        if extras := extra_resources(record.resources):
+            await host.docker.update_container(container_id, extras)
+        await host.network_changed(record.internal_id, record.ports)
         if persist:
-            await self._set_record(container_id=container_id)
+            # A PATCH that came while this was under way leaves the next start its work.
+            pending = self.record.recreate_pending and _build_key(self.record) != _build_key(record)
+            await self._set_record(container_id=container_id, recreate_pending=pending)
         return container_id
 
     # -- power --------------------------------------------------------------------------
 
     async def _ensure_container(self) -> str:
+        """The server container a start runs, (re)created when it must be: it vanished, or
+        a PATCH changed what it is made of. The start pattern is the record's too."""
+        if self._pattern_source != self.record.start_pattern:
+            self._pattern_source = self.record.start_pattern
+            self._pattern = _start_pattern(self.record)
         container_id = self.record.container_id
+        if container_id and self.record.recreate_pending:
+            self.log.info("recreating the Docker container (changed by a PATCH)")
+            return await self._recreate()
         if container_id:
             try:
                 await self.host.docker.inspect_container(container_id)
@@ -701,21 +875,27 @@ class ContainerSupervisor:
         self._exited.set()
         await self.host.notify(self.internal_id, "offline")
         if crashed:
-            self._maybe_restart()
+            self._maybe_restart(exit_code)
 
-    def _maybe_restart(self) -> None:
-        policy = self.host.settings.crash_restart
-        if not policy.enabled:
+    def _maybe_restart(self, exit_code: int) -> None:
+        """Queue a start after an exit nobody asked for, as the restart policy says."""
+        policy = self.restart_policy()
+        if not policy.restarts_after(exit_code):
+            return
+        try:  # plugins may refuse it as any start (a restore holds the volume…)
+            self.host.check_start(self.internal_id, self.record.volume_id)
+        except AgentError as exc:
+            self.hub.message(f"Not restarting: {exc}")
             return
         now = time.monotonic()
-        while self._crashes and now - self._crashes[0] > policy.window:
+        while self._crashes and now - self._crashes[0] > policy.window_s:
             self._crashes.popleft()
         if len(self._crashes) >= policy.max_restarts:
             self.hub.message("Crash restart limit reached; not restarting")
             self.log.warning(
                 "crash restart limit reached (%d in %.0fs); not restarting",
                 policy.max_restarts,
-                policy.window,
+                policy.window_s,
             )
             return
         self._crashes.append(now)
@@ -724,7 +904,7 @@ class ContainerSupervisor:
             "restarting after crash (%d of %d in %.0fs)",
             len(self._crashes),
             policy.max_restarts,
-            policy.window,
+            policy.window_s,
         )
         self._queue.append(Action("start"))
         self._wake.set()
@@ -756,6 +936,7 @@ class ContainerSupervisor:
         body["state"] = self.state
         body["exit_code"] = self.exit_code
         body["started_at"] = int(self.started_at) if self.started_at else None
+        body["restart_policy"] = attrs.asdict(self.restart_policy())  # the effective one
         return body
 
     def view_body(self) -> bytes:

@@ -7,13 +7,19 @@ description of a container, mapped to the Engine API's create body by ``create_b
 """
 
 from .engine import (
+    Credentials,
     DockerConflict,
     DockerEngine,
     DockerError,
     DockerNotFound,
     EngineInfo,
+    ExecResult,
+    PullProgress,
+    RegistryAuth,
     container_states,
     docker_url,
+    registry_key,
+    registry_of,
     split_image,
 )
 from .spec import ContainerSpec, LogConfig, Mount, PortPublish, ResourceLimits, create_body
@@ -22,19 +28,25 @@ from .streams import AttachStream, JsonLines, demux
 __all__ = [
     "AttachStream",
     "ContainerSpec",
+    "Credentials",
     "DockerConflict",
     "DockerEngine",
     "DockerError",
     "DockerNotFound",
     "EngineInfo",
+    "ExecResult",
     "JsonLines",
     "LogConfig",
     "Mount",
     "PortPublish",
+    "PullProgress",
+    "RegistryAuth",
     "ResourceLimits",
     "container_states",
     "create_body",
     "demux",
     "docker_url",
+    "registry_key",
+    "registry_of",
     "split_image",
 ]

@@ -20,11 +20,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import attrs
@@ -38,14 +39,20 @@ from .spec import ContainerSpec, create_body
 from .streams import AttachStream, JsonLines, demux
 
 __all__ = [
+    "Credentials",
     "DockerConflict",
     "DockerEngine",
     "DockerError",
     "DockerNotFound",
     "EngineInfo",
+    "ExecResult",
+    "PullProgress",
+    "RegistryAuth",
     "call_name",
     "container_states",
     "docker_url",
+    "registry_key",
+    "registry_of",
     "split_image",
 ]
 
@@ -76,6 +83,128 @@ def docker_url(socket_path: str, environ: Mapping[str, str] | None = None) -> st
     if host:
         return host
     return socket_path if "://" in socket_path else f"unix://{socket_path}"
+
+
+class Credentials(Protocol):
+    """A registry login (config ``docker.registries`` entries, a pull route's ``auth``)."""
+
+    @property
+    def username(self) -> str: ...
+
+    @property
+    def password(self) -> str: ...
+
+
+@attrs.frozen
+class RegistryAuth:
+    """A registry login given with one pull (the password is kept out of ``repr``)."""
+
+    username: str
+    password: str = attrs.field(repr=False)
+
+
+#: Names of Docker Hub's registry, as config keys may spell it.
+_HUB = frozenset(
+    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+)
+
+
+def registry_of(image: str) -> str:
+    """The registry host an image is pulled from (``docker.io`` for Docker Hub's), as
+    the engine reads the name: a first component with a ``.`` or ``:``, or
+    ``localhost``, is a registry."""
+    first, slash, _ = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return "docker.io" if first.lower() in _HUB else first.lower()
+    return "docker.io"
+
+
+def registry_key(key: str) -> str:
+    """A ``docker.registries`` key as a registry host: scheme and path dropped, lower
+    case, Docker Hub's names as ``docker.io`` (``https://index.docker.io/v1/``)."""
+    host = key.strip().lower()
+    host = host.split("://", 1)[1] if "://" in host else host
+    host = host.split("/", 1)[0]
+    return "docker.io" if host in _HUB else host
+
+
+def _configured(registries: Mapping[str, Credentials], registry: str) -> Credentials | None:
+    for key, credentials in registries.items():
+        if registry_key(key) == registry:
+            return credentials
+    return None
+
+
+def _auth_header(username: str, password: str, registry: str) -> str:
+    document = {"username": username, "password": password, "serveraddress": registry}
+    return base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
+
+
+class PullProgress:
+    """Bytes downloaded over all layers of a pull, from the engine's status lines.
+
+    Each layer (``id``) reports ``Downloading`` with ``progressDetail {current,
+    total}``; ``Verifying Checksum``, ``Download complete`` and ``Pull complete`` mean
+    all of it arrived; ``Already exists`` layers are not downloaded and do not count;
+    ``Extracting`` counts bytes written to disk, not downloaded, and is ignored.
+    ``total`` is ``None`` until every layer still to download has announced its size
+    (the engine downloads three at a time; the others wait without a size).
+    """
+
+    _COMPLETE = frozenset({"Verifying Checksum", "Download complete", "Pull complete"})
+    _ANNOUNCED = frozenset({"Pulling fs layer", "Waiting"})
+
+    def __init__(self) -> None:
+        #: Layer id → [bytes downloaded, its size or None]
+        self._layers: dict[str, list[int | None]] = {}
+
+    @property
+    def done(self) -> int:
+        return sum(int(layer[0] or 0) for layer in self._layers.values())
+
+    @property
+    def total(self) -> int | None:
+        sizes = [layer[1] for layer in self._layers.values()]
+        if any(size is None for size in sizes):
+            return None
+        return sum(int(size or 0) for size in sizes)
+
+    def feed(self, item: Mapping[str, Any]) -> bool:
+        """Take one status line; whether ``done`` or ``total`` changed."""
+        layer_id, status = item.get("id"), item.get("status")
+        if not isinstance(layer_id, str) or not isinstance(status, str):
+            return False
+        before = (self.done, self.total)
+        layer = self._layers.get(layer_id)
+        if status in self._ANNOUNCED:
+            if layer is None:
+                self._layers[layer_id] = [0, None]
+        elif status == "Already exists":
+            self._layers.pop(layer_id, None)
+        elif status == "Downloading":
+            detail = item.get("progressDetail") or {}
+            current, total = detail.get("current"), detail.get("total")
+            layer = self._layers.setdefault(layer_id, [0, None])
+            if isinstance(total, int) and total > 0:
+                layer[1] = total
+            if isinstance(current, int) and current >= 0:
+                layer[0] = current if layer[1] is None else min(current, int(layer[1]))
+        elif status in self._COMPLETE and layer is not None:
+            if layer[1] is None:
+                layer[1] = layer[0]
+            layer[0] = layer[1]
+        return (self.done, self.total) != before
+
+
+@attrs.frozen
+class ExecResult:
+    """A finished (or timed-out) exec: ``exit_code`` is ``None`` when it was killed on
+    timeout; ``output`` is stdout and stderr together, cut at the cap (``truncated``)."""
+
+    exit_code: int | None
+    output: bytes
+    truncated: bool
+    timed_out: bool
 
 
 @attrs.frozen
@@ -259,6 +388,125 @@ class DockerEngine:
         path = f"/containers/{_quote(container_id)}/wait"
         return dict(_expect(await self.request("POST", path, long=True), dict))
 
+    async def update_container(self, container_id: str, resources: Mapping[str, Any]) -> None:
+        """Change a container's resources, live when it runs (``docker update``): Engine API
+        field names (``Memory``, ``MemorySwap``, ``NanoCpus``, ``CpuShares``, ``CpuPeriod``,
+        ``CpuQuota``, ``CpusetCpus``, ``BlkioWeight``, ``PidsLimit``…). A refusal raises
+        the engine's message (``DockerNotFound`` for an unknown container)."""
+        path = f"/containers/{_quote(container_id)}/update"
+        await self.request("POST", path, body=dict(resources))
+
+    async def exec_run(
+        self,
+        container_id: str,
+        argv: Sequence[str],
+        *,
+        timeout: float,  # noqa: ASYNC109 (not a caller's deadline: the process is killed)
+        max_output: int = 1 << 20,
+    ) -> ExecResult:
+        """Run ``argv`` in the running container (no TTY, no stdin) and wait for it, at most
+        ``timeout`` seconds; its stdout and stderr together, at most ``max_output`` bytes.
+
+        Output past the cap is read and dropped, not left unread: a process blocked on a
+        full pipe would otherwise sit until the timeout and be reported as timed out.
+        On timeout the process is killed (see ``_kill_exec``) and ``exit_code`` is
+        ``None``. A container that does not run raises ``DockerConflict``.
+        """
+        if not argv:
+            raise ValueError("argv must not be empty")
+        body = {
+            "AttachStdin": False,
+            "AttachStdout": True,
+            "AttachStderr": True,
+            "Tty": False,
+            "Cmd": [str(arg) for arg in argv],
+        }
+        created = _expect(
+            await self.request("POST", f"/containers/{_quote(container_id)}/exec", body=body),
+            dict,
+        )
+        exec_id = created.get("Id")
+        if not isinstance(exec_id, str):
+            raise DockerError("Docker engine answered an exec create without an exec id")
+        output = bytearray()
+        truncated = False
+        timed_out = False
+        with trio.move_on_after(timeout) as scope:
+            async with self._exec_start(exec_id) as stream:
+                while (chunk := await stream.receive()) is not None:
+                    room = max_output - len(output)
+                    if len(chunk) > room:
+                        truncated = True
+                        chunk = chunk[:room]
+                    output += chunk
+        exit_code: int | None = None
+        if scope.cancelled_caught:
+            timed_out = True
+            await self._kill_exec(exec_id, container_id)
+        else:
+            exit_code = await self._exec_exit_code(exec_id)
+        return ExecResult(
+            exit_code=exit_code, output=bytes(output), truncated=truncated, timed_out=timed_out
+        )
+
+    @asynccontextmanager
+    async def _exec_start(self, exec_id: str) -> AsyncIterator[AttachStream]:
+        """Start an exec attached: its multiplexed output, framed as an attach stream's."""
+        path = f"/exec/{_quote(exec_id)}/start"
+        async with self._upgraded(path, json={"Detach": False, "Tty": False}) as stream:
+            yield stream
+
+    async def _exec_exit_code(self, exec_id: str) -> int | None:
+        """The finished exec's exit code. The engine records it a moment after the output
+        stream closes: inspect until it is no longer running (bounded)."""
+        deadline = trio.current_time() + self.timeout
+        delay = 0.005
+        while True:
+            inspected = _expect(await self.request("GET", f"/exec/{_quote(exec_id)}/json"), dict)
+            code = inspected.get("ExitCode")
+            if not inspected.get("Running") and isinstance(code, int):
+                return code
+            if trio.current_time() >= deadline:
+                return None
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    async def _kill_exec(self, exec_id: str, container_id: str) -> None:
+        """Kill a timed-out exec's process and its process group.
+
+        The Engine API cannot kill an exec. Its inspect gives the process's host pid, and
+        the agent runs as root on the engine's host, so it signals it itself; a second
+        exec running ``kill`` would need a ``kill`` in the image and the pid as the
+        container's namespace sees it. runc makes each exec a session (and group) leader,
+        so the group's kill takes the children it started too (``sh -c "a | b"``).
+
+        The pid is checked before it is signalled: a pidfd pins the process, and its
+        cgroup must name the container (a pid of another namespace, or one reused after
+        the exec ended, is never signalled); ``pidfd_send_signal`` on the pinned process
+        then cannot hit another. When it cannot be checked (an engine on another host, a
+        kernel without pidfd), nothing is signalled and a warning is logged.
+        """
+        with trio.CancelScope(shield=True):
+            try:
+                full_id = str((await self.inspect_container(container_id)).get("Id", ""))
+                inspected = _expect(
+                    await self.request("GET", f"/exec/{_quote(exec_id)}/json"), dict
+                )
+            except (DockerError, DockerUnavailable) as exc:
+                log.warning("Could not kill timed-out exec %s: %s", exec_id[:12], _short(exc))
+                return
+            pid = inspected.get("Pid")
+            if not inspected.get("Running") or not isinstance(pid, int) or pid <= 0:
+                return
+            if not _signal_exec(pid, full_id):
+                log.warning(
+                    "Could not kill timed-out exec %s (pid %s) in container %s: "
+                    "its process is not visible from the agent",
+                    exec_id[:12],
+                    pid,
+                    container_id[:12],
+                )
+
     async def logs(self, container_id: str, *, tail: int | None = None, tty: bool = False) -> bytes:
         """What the container wrote so far (stdout and stderr; the last ``tail`` lines)."""
         params = {"stdout": "1", "stderr": "1", "tail": "all" if tail is None else str(tail)}
@@ -302,25 +550,55 @@ class DockerEngine:
         created = _expect(await self.request("POST", "/networks/create", body=body), dict)
         return str(created.get("Id", ""))
 
-    async def pull(self, image: str, progress: Callable[[str], None] | None = None) -> None:
+    async def remove_image(self, ref: str) -> None:
+        """Remove an image by name or id (untag it; its layers go with its last tag).
+        Unknown → ``DockerNotFound``; used by a container (even a stopped one) or tagged in
+        several repositories when named by id → ``DockerConflict``. Never forced."""
+        await self.request("DELETE", f"/images/{_quote(ref)}")
+
+    async def pull(
+        self,
+        image: str,
+        progress: Callable[[str], None] | None = None,
+        *,
+        auth: Credentials | None = None,
+        registries: Mapping[str, Credentials] | None = None,
+        on_bytes: Callable[[int, int | None], None] | None = None,
+    ) -> None:
         """Pull ``image`` (``latest`` when no tag is named), calling ``progress`` with each
-        status line the engine sends. Credentials come from the Docker client's config
-        file (``auths`` of ``$DOCKER_CONFIG/config.json``), as the docker CLI's would."""
+        status line the engine sends and ``on_bytes(done, total)`` with the bytes
+        downloaded over all layers (``PullProgress``) whenever they change.
+
+        Credentials, first found: ``auth``; the entry of ``registries`` (config
+        ``docker.registries``, keyed by registry host) for the image's registry; the
+        Docker client's config file (``auths`` of ``$DOCKER_CONFIG/config.json``), as the
+        docker CLI's would. They travel only in the ``X-Registry-Auth`` header.
+        """
         repository, tag = split_image(image)
         headers = {}
-        auth = await trio.to_thread.run_sync(_registry_auth, repository)
-        if auth:
-            headers["X-Registry-Auth"] = auth
+        registry = registry_of(repository)
+        credentials = auth or _configured(registries or {}, registry)
+        if credentials is not None:
+            headers["X-Registry-Auth"] = _auth_header(
+                credentials.username, credentials.password, registry
+            )
+        else:
+            found = await trio.to_thread.run_sync(_registry_auth, repository)
+            if found:
+                headers["X-Registry-Auth"] = found
         params = {"fromImage": repository, "tag": tag}
+        meter = PullProgress()
         async with self._open_stream(
             "POST", "/images/create", params=params, headers=headers, read=self.timeout
         ) as response:
             async for item in JsonLines(response):
                 if "error" in item:
-                    raise DockerError(str(item["error"]))
+                    raise DockerError(_short(Exception(str(item["error"]))))
                 status = item.get("status")
                 if status and progress is not None:
                     progress(str(status))
+                if meter.feed(item) and on_bytes is not None:
+                    on_bytes(meter.done, meter.total)
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -331,11 +609,28 @@ class DockerEngine:
         Attaching before ``start`` loses no output; one attach serves both the console
         reader and the stdin writer.
         """
+        path = f"/containers/{_quote(container_id)}/attach"
+        params = {"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1"}
+        async with self._upgraded(path, params=params) as stream:
+            yield stream
+
+    @asynccontextmanager
+    async def _upgraded(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[AttachStream]:
+        """``POST path`` upgraded to a raw stream (attach, exec start): the engine's
+        multiplexed stdio, closed on exit. A refusal is the engine's error (404:
+        ``DockerNotFound``); an answer without the upgrade is a ``DockerError``."""
         http, prefix = self._streams()
         request = http.build_request(
             "POST",
-            f"{prefix}/containers/{_quote(container_id)}/attach",
-            params={"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1"},
+            f"{prefix}{path}",
+            params=params,
+            json=json,
             headers={"Connection": "Upgrade", "Upgrade": "tcp"},
             timeout=httpx.Timeout(self.timeout, read=None),
         )
@@ -345,11 +640,10 @@ class DockerEngine:
             self._probe_now.set()
             raise DockerUnavailable() from exc
         try:
-            if response.status_code == 404:
-                raise DockerNotFound(f"No such container: {container_id}")
+            if response.status_code >= 400:
+                raise _refusal(response.status_code, await response.aread())
             if response.status_code != 101:
-                body = (await response.aread()).decode("utf-8", "replace")
-                raise DockerError(_short(Exception(body or f"attach: {response.status_code}")))
+                raise DockerError(f"{path}: HTTP {response.status_code} (no upgrade)")
             stream = AttachStream(response.extensions["network_stream"])
             try:
                 yield stream
@@ -630,6 +924,37 @@ def call_name(method: str, path: str) -> str:
     return f"{method} {path}"
 
 
+def _signal_exec(pid: int, container_id: str) -> bool:
+    """SIGKILL host process ``pid`` and its process group, once it is known to be a
+    process of container ``container_id`` (its cgroup names it). True when killed or
+    already gone; False when it could not be checked."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True  # ended meanwhile
+    except (OSError, AttributeError):
+        return False
+    try:
+        try:
+            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+            # Still the process the pidfd pins (else /proc/<pid> was another's).
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        if not container_id or container_id not in cgroups:
+            return False
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    finally:
+        os.close(pidfd)
+
+
 def _engine_info(raw: Mapping[str, Any]) -> EngineInfo:
     return EngineInfo(
         version=str(raw.get("Version", "")),
@@ -664,8 +989,7 @@ def _registry_auth(repository: str) -> str | None:
             user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        document = {"username": user, "password": password, "serveraddress": name}
-        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
+        return _auth_header(user, password, name)
     return None
 
 

@@ -15,7 +15,9 @@ Modules, bottom up:
 * ``resolve``: ``openat2(RESOLVE_BENEATH)``, or the ``O_NOFOLLOW`` component walk where
   the kernel lacks it, and ``rename_noreplace``;
 * ``tree``: walk, copy and all-or-nothing merge of trees, on folder descriptors;
-* ``root``: ``Root``, the volume root object every plugin works through.
+* ``root``: ``Root``, the volume root object every plugin works through;
+* ``tarball``: a tree as a streamed tar (``tar_pieces``) and the safe extraction of a tar
+  stream (``extract_tar``), shared by the plugins that write or read tar archives.
 
 This module is part of the public surface: plugins (built-in and third-party) import
 the names below from ``lightd.files`` and nothing from its submodules. Everything here
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from .errors import (
     API_STATUS,
+    BadArchive,
     FileError,
     FileExists,
     FileOperationFailed,
@@ -36,12 +39,14 @@ from .errors import (
     NotAFolder,
     PathEscapes,
     PathNotFound,
+    QuotaExceeded,
     VolumeNotFound,
     api_status,
 )
 from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse, parse_owner
-from .resolve import openat2_available
+from .resolve import openat2_available, rename_exchange
 from .root import AtomicFile, DirEntry, Root, Usage
+from .tarball import entry_path, extract_tar, link_stays_inside, tar_pieces
 from .tree import (
     CHUNK,
     MAX_DEPTH,
@@ -62,6 +67,7 @@ __all__ = [
     "ROOT",
     "TEMP_PREFIX",
     "AtomicFile",
+    "BadArchive",
     "DirEntry",
     "FileError",
     "FileExists",
@@ -74,6 +80,7 @@ __all__ = [
     "Owner",
     "PathEscapes",
     "PathNotFound",
+    "QuotaExceeded",
     "RelPath",
     "Root",
     "ScanEntry",
@@ -82,8 +89,13 @@ __all__ = [
     "WalkEntry",
     "api_status",
     "copy_data",
+    "entry_path",
+    "extract_tar",
+    "link_stays_inside",
     "merge_tree",
     "openat2_available",
     "parse",
     "parse_owner",
+    "rename_exchange",
+    "tar_pieces",
 ]

@@ -7,10 +7,12 @@
     │   └── PathEscapes     400  Invalid path: path escapes volume
     ├── NotAFile            400  Not a file: <path>
     ├── NotAFolder          400  Not a folder: <path>
+    ├── BadArchive          400  Invalid archive: <reason>   (tarball: refused entries)
     ├── PathNotFound        404  Path not found: <path>
     ├── VolumeNotFound      404  Volume not found   (the volume's folder vanished)
     ├── FileExists          409  File already exists at path: <path>
     ├── FolderExists        409  A folder exists at path: <path>
+    ├── QuotaExceeded       409  Disk quota exceeded   (the volume's size_limit, §15)
     ├── NoSpace             500  No space left in the volume
     └── FileOperationFailed 500  File operation failed: <OS reason>
 
@@ -35,6 +37,7 @@ from ..errors import AgentError
 
 __all__ = [
     "API_STATUS",
+    "BadArchive",
     "FileError",
     "FileExists",
     "FileOperationFailed",
@@ -45,6 +48,7 @@ __all__ = [
     "NotAFolder",
     "PathEscapes",
     "PathNotFound",
+    "QuotaExceeded",
     "VolumeNotFound",
     "api_status",
     "from_os_error",
@@ -130,6 +134,16 @@ class NotAFile(FileError):
         super().__init__(f"Not a file: {path}")
 
 
+class QuotaExceeded(FileError):
+    """A write would take the volume over its ``size_limit`` (contract §15); raised before
+    anything is written where the size is known, else after the partial output is gone."""
+
+    code = "disk_quota_exceeded"
+
+    def __init__(self) -> None:
+        super().__init__("Disk quota exceeded")
+
+
 class NoSpace(FileError):
     """The file system (or the volume's quota) is full; nothing was left half-written."""
 
@@ -149,6 +163,17 @@ class FileOperationFailed(FileError):
         self.errno = exc.errno
 
 
+class BadArchive(FileError):
+    """An archive being extracted holds an entry the file layer refuses (absolute, ``..``,
+    a device, a link leaving the destination), is corrupt, or exceeds its limits."""
+
+    code = "invalid_archive"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Invalid archive: {reason}")
+        self.reason = reason
+
+
 #: The HTTP status the API answers for each error class (see the tree above).
 API_STATUS: Final[Mapping[type[FileError], int]] = MappingProxyType(
     {
@@ -156,10 +181,12 @@ API_STATUS: Final[Mapping[type[FileError], int]] = MappingProxyType(
         InvalidPath: 400,
         NotAFile: 400,
         NotAFolder: 400,
+        BadArchive: 400,
         PathNotFound: 404,
         VolumeNotFound: 404,
         FileExists: 409,
         FolderExists: 409,
+        QuotaExceeded: 409,
         NoSpace: 500,
         FileOperationFailed: 500,
     }

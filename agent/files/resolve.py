@@ -55,6 +55,7 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 #: A folder opened for reading (listing, fchmod, fsync).
 DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -136,6 +137,24 @@ def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
     if lstat_at(dst_dir, dst) is not None:
         raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
     os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+
+
+def rename_exchange(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    """Swap two names atomically (``renameat2(RENAME_EXCHANGE)``): at no moment is either
+    missing. ``OSError`` (``EINVAL``/``ENOSYS`` where the kernel or file system lacks it:
+    there is no safe fallback, the caller decides)."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    result = _renameat2(
+        ctypes.c_int(src_dir),
+        ctypes.c_char_p(os.fsencode(src)),
+        ctypes.c_int(dst_dir),
+        ctypes.c_char_p(os.fsencode(dst)),
+        ctypes.c_uint(_RENAME_EXCHANGE),
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:

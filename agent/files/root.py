@@ -646,16 +646,24 @@ class Root:
         *,
         skip: Callable[[os.stat_result], bool] = lambda st: False,
         checkpoint: Callable[[], None] = noop,
+        prune: Callable[[str], bool] | None = None,
     ) -> Iterator[WalkEntry]:
         """Every entry at and below ``rel``, parents before children, names sorted.
 
         Links are reported, never followed; a folder swapped for a link while we walk is
-        reported as found, not entered. ``skip(stat)`` drops an entry (and its subtree).
+        reported as found, not entered. ``skip(stat)`` drops an entry (and its subtree),
+        and so does ``prune(path)`` for an entry below ``rel`` (``path`` as reported).
         The root itself is not reported when ``rel`` is the root.
         """
         with self._errors(rel):
             parent_fd, name = self._locate(rel.parts, follow_last=False)
-        below = partial(walk_below, skip=skip, checkpoint=checkpoint, error=self._error_for(rel))
+        below = partial(
+            walk_below,
+            skip=skip,
+            checkpoint=checkpoint,
+            error=self._error_for(rel),
+            prune=prune,
+        )
         try:
             if name is None:
                 with self._errors(rel):

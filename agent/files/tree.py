@@ -146,12 +146,14 @@ def walk_below(
     skip: Callable[[os.stat_result], bool],
     checkpoint: Callable[[], None],
     error: Callable[[OSError], FileError],
+    prune: Callable[[str], bool] | None = None,
 ) -> Iterator[WalkEntry]:
     """Every entry below the open folder ``top_fd`` (closed when the walk ends), parents
     before children, names sorted; ``prefix`` is the folder's path (``""``: the root).
 
     Links are reported, never followed; a folder swapped for a link while we walk is
-    reported as found, not entered. ``skip(stat)`` drops an entry and its subtree. An
+    reported as found, not entered. ``skip(stat)`` drops an entry and its subtree, and so
+    does ``prune(path)`` (a backup's ``ignore`` globs). An
     ``OSError`` entering a folder becomes ``error(exc)``; a tree deeper than ``MAX_DEPTH``
     is ``InvalidPath("folder tree too deep")``.
     """
@@ -168,6 +170,8 @@ def walk_below(
             if st is None or skip(st):
                 continue
             path = f"{prefix}/{child}" if prefix else child
+            if prune is not None and prune(path):
+                continue
             entry = WalkEntry(path, kind_of(st.st_mode), st, dir_fd, child)
             yield entry
             if entry.kind != "directory":

@@ -13,14 +13,22 @@ from pathlib import Path
 import trio
 
 from .app import PanelState, node_name, serve_panel
+from .drive import Fleet
 
 TOKEN_ENV = "PANEL_MOCK_TOKEN"
+AGENT_TOKEN_ENV = "PANEL_AGENT_TOKEN"
 
 EPILOG = f"""\
 tokens: give one --token per node, optionally named: --token edge-1=lightd_…;
 without --token the tokens come from ${TOKEN_ENV} (comma-separated, same forms).
 Point an agent at it with remote.url = http://HOST:PORT{{prefix}} and remote.token = one of
 the tokens, then open http://HOST:PORT/ in a browser.
+
+driving nodes: give one --agent per node the panel manages, named like its --token so
+the heartbeat and the node's own answers share a row: --agent edge-1=http://10.0.0.5:8070
+(the URL must work from the browser too: the console and file transfers go there). The
+nodes' master tokens come from ${AGENT_TOKEN_ENV} (one token for all, or NAME=TOKEN,…);
+they stay in the panel: the browser only ever gets scoped temporary tokens.
 
 failure behaviour (also switchable on the page): --fail-503 answers 503 to /health and
 /update and records nothing; --delay S answers S seconds late (the update is recorded
@@ -37,6 +45,33 @@ def parse_tokens(values: Sequence[str]) -> dict[str, str]:
             raise ValueError("an empty token")
         tokens[token] = name.strip() if sep and name.strip() else node_name(token)
     return tokens
+
+
+def parse_agents(values: Sequence[str], tokens: str) -> dict[str, tuple[str, str]]:
+    """``[NAME=]URL`` items and ``TOKEN`` or ``NAME=TOKEN,…`` → ``{name: (url, token)}``."""
+    by_name: dict[str, str] = {}
+    shared = None
+    for item in (t.strip() for t in tokens.split(",")):
+        if not item:
+            continue
+        name, sep, token = item.rpartition("=")
+        if sep:
+            by_name[name.strip()] = token.strip()
+        else:
+            shared = item
+    agents: dict[str, tuple[str, str]] = {}
+    for value in values:
+        name, sep, url = value.strip().partition("=")
+        if not sep:
+            name, url = "", value.strip()
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        name = name.strip() or url.split("//", 1)[1].rstrip("/")
+        master = by_name.get(name) or shared
+        if master is None:
+            raise ValueError(f"no master token for {name} in ${AGENT_TOKEN_ENV}")
+        agents[name] = (url.rstrip("/"), master)
+    return agents
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--delay", type=float, default=0.0, metavar="S", help="answer S s late")
     parser.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="[NAME=]URL",
+        help=f"a node to drive (its master token in ${AGENT_TOKEN_ENV})",
+    )
+    parser.add_argument(
         "--data", type=Path, metavar="FILE", help="keep accepted updates in this JSON-lines file"
     )
     return parser
 
 
-async def _run(state: PanelState, host: str, port: int, prefix: str) -> None:
+async def _run(state: PanelState, host: str, port: int, prefix: str, fleet: Fleet | None) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
 
@@ -83,11 +125,14 @@ async def _run(state: PanelState, host: str, port: int, prefix: str) -> None:
                 host=host,
                 port=port,
                 prefix=prefix,
+                fleet=fleet,
                 shutdown_trigger=stop.wait,
                 task_status=task_status,
             )
         )
         print(f"panel mock: page at {urls[0]}/ ; agents report to {urls[0]}{prefix}", flush=True)
+        if fleet is not None:
+            print(f"panel mock: driving {', '.join(fleet.nodes)}", flush=True)
         await stop.wait()
         nursery.cancel_scope.deadline = trio.current_time() + 2
 
@@ -106,10 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.delay < 0:
         parser.error("--delay must be >= 0")
     fail = args.fail_status if args.fail_status is not None else (503 if args.fail_503 else None)
+    try:
+        agents = parse_agents(args.agent, os.environ.get(AGENT_TOKEN_ENV, ""))
+    except ValueError as exc:
+        parser.error(f"--agent: {exc}")
     state = PanelState(tokens=tokens, fail_status=fail, delay=args.delay, data_file=args.data)
     state.load()
+    fleet = Fleet.of(agents) if agents else None
     try:
-        trio.run(_run, state, args.host, args.port, args.prefix)
+        trio.run(_run, state, args.host, args.port, args.prefix, fleet)
     except OSError as exc:
         print(f"panel mock: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,11 @@ For people (no auth; bind it to loopback): ``GET /`` the live page, ``GET /api/s
 its JSON (nodes → containers → latest status), ``GET /api/updates`` every accepted update
 in arrival order, ``POST /api/control`` ``{"fail_status": 503|null, "delay": seconds}`` to
 switch failure behaviour on and off while it runs.
+
+With a :class:`~.drive.Fleet` (nodes given with their URL and master token) it also drives
+them: the pages ``/servers``, ``/servers/new`` and ``/servers/<node>/<id>`` (static HTML and
+a little JavaScript in ``static/``) and their JSON routes ``/panel/api/...`` (``drive.py``),
+which call each node through ``client.py``.
 """
 
 from __future__ import annotations
@@ -41,9 +46,15 @@ __all__ = [
     "serve_panel",
 ]
 
+from .drive import Fleet, create_panel_api
+
 log = logging.getLogger("panel_mock")
 
 PAGE = Path(__file__).with_name("page.html")
+STATIC = Path(__file__).with_name("static")
+#: Pages (under ``static/``) and the assets they load: nothing else is served from there.
+PAGES = {"servers": "servers.html", "new": "new.html", "server": "server.html"}
+ASSETS = {"panel.css": "text/css; charset=utf-8", "panel.js": "text/javascript; charset=utf-8"}
 STATUSES = frozenset({"installing", "ready", "starting", "running", "stopping", "offline"})
 MAX_DELAY = 600.0
 
@@ -134,6 +145,10 @@ class PanelState:
 
     def _apply(self, entry: Mapping[str, Any]) -> None:
         node = self.node(entry["node"])
+        if entry["event"] != "update":  # an hour of usage (§22): kept, no state change
+            node.last_seen = entry["received_at"]
+            self.version += 1
+            return
         server = entry["server"]
         failed = "error" in entry
         status = "failed" if failed else entry["status"]
@@ -150,12 +165,27 @@ class PanelState:
         node.last_seen = entry["received_at"]
         self.version += 1
 
+    def forget(self, node: str, server: str) -> None:
+        """A node deleted ``server``: it leaves the page (its updates stay recorded)."""
+        known = self.nodes.get(node)
+        if known is not None and known.containers.pop(server, None) is not None:
+            self.version += 1
+
+    def heartbeat(self, node: str) -> dict[str, Any]:
+        """What remote sync heard from ``node``: its last health check and update."""
+        known = self.nodes.get(node)
+        if known is None:
+            return {"last_health": None, "last_seen": None}
+        return {"last_health": known.last_health, "last_seen": known.last_seen}
+
     def statuses(self, server: str, node: str | None = None) -> list[str]:
         """Statuses received about ``server`` in arrival order (``failed`` for errors)."""
         return [
             "failed" if "error" in e else e["status"]
             for e in self.received
-            if e["server"] == server and (node is None or e["node"] == node)
+            if e["event"] == "update"
+            and e["server"] == server
+            and (node is None or e["node"] == node)
         ]
 
     def snapshot(self) -> dict[str, Any]:
@@ -222,11 +252,15 @@ def _validate(body: Any) -> str | None:
     """Why ``body`` is not an update of contract §9, or ``None`` when it is one."""
     if not isinstance(body, dict):
         return "body must be a JSON object"
-    if body.get("event") != "update":
-        return 'event: must be "update"'
+    if body.get("event") not in ("update", "usage", "backup"):
+        return 'event: must be "update", "usage" or "backup"'
+    if body["event"] == "backup":
+        return _validate_backup(body)
     server = body.get("server")
     if not isinstance(server, str) or not server:
         return "server: must be a non-empty string"
+    if body["event"] == "usage":
+        return _validate_usage(body)
     if "error" in body:
         if body["error"] != "failed":
             return 'error: must be "failed"'
@@ -244,8 +278,36 @@ def _validate(body: Any) -> str | None:
     return None
 
 
-def create_app(state: PanelState, *, prefix: str = "") -> QuartTrio:
-    """The mock panel app; the panel API lives under ``prefix`` (e.g. ``/api``)."""
+def _validate_backup(body: dict[str, Any]) -> str | None:
+    """Why ``body`` is not a finished backup of contract §16 (about a volume, not a server)."""
+    for name in ("volume_id", "backup_id", "event_id"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            return f"{name}: must be a non-empty string"
+    if body.get("status") not in ("done", "failed"):
+        return "status: must be done or failed"
+    return None
+
+
+USAGE_FIGURES = ("memory_gb_hours", "cpu_vcpu_hours", "disk_gb_hours", "egress_gb")
+
+
+def _validate_usage(body: dict[str, Any]) -> str | None:
+    """Why ``body`` is not a usage event of contract §22 (one hour of one server)."""
+    start = body.get("start")
+    if not isinstance(start, int) or isinstance(start, bool) or start % 3600:
+        return "start: must be the unix time of an hour"
+    for name in USAGE_FIGURES:
+        value = body.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            return f"{name}: must be a number >= 0"
+    if not isinstance(body.get("event_id"), str):
+        return "event_id: must be a string"
+    return None
+
+
+def create_app(state: PanelState, *, prefix: str = "", fleet: Fleet | None = None) -> QuartTrio:
+    """The mock panel app; the panel API lives under ``prefix`` (e.g. ``/api``). With a
+    ``fleet`` it also drives those nodes (pages and ``/panel/api``)."""
     app = QuartTrio("panel_mock")
     if isinstance(app.json, DefaultJSONProvider):  # it is; the check tells the type checker
         app.json.sort_keys = False
@@ -314,6 +376,42 @@ def create_app(state: PanelState, *, prefix: str = "") -> QuartTrio:
         html = await trio.Path(PAGE).read_text(encoding="utf-8")
         return Response(html, content_type="text/html; charset=utf-8")
 
+    async def static_file(name: str, content_type: str) -> Response:
+        body = await trio.Path(STATIC / name).read_bytes()
+        response = Response(body, content_type=content_type)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @app.get("/static/<name>")
+    async def asset(name: str) -> Response:
+        if name not in ASSETS:
+            return _error(404, "Not found")
+        return await static_file(name, ASSETS[name])
+
+    @app.get("/servers")
+    async def servers_page() -> Response:
+        return await static_file(PAGES["servers"], "text/html; charset=utf-8")
+
+    @app.get("/servers/new")
+    async def new_page() -> Response:
+        return await static_file(PAGES["new"], "text/html; charset=utf-8")
+
+    @app.get("/servers/<node>/<internal_id>")
+    async def server_page(node: str, internal_id: str) -> Response:
+        return await static_file(PAGES["server"], "text/html; charset=utf-8")
+
+    if fleet is not None:
+        fleet.on_deleted = state.forget
+        app.register_blueprint(create_panel_api(fleet, state.heartbeat))
+
+        @app.before_serving
+        async def drive() -> None:
+            app.nursery.start_soon(fleet.run)
+
+        @app.after_serving
+        async def park() -> None:
+            fleet.stop()
+
     @app.get("/api/state")
     async def snapshot() -> dict[str, Any]:
         return state.snapshot()
@@ -356,6 +454,7 @@ async def serve_panel(
     port: int = 8080,
     prefix: str = "",
     fd: int | None = None,
+    fleet: Fleet | None = None,
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -372,7 +471,7 @@ async def serve_panel(
     config.errorlog = logging.getLogger("panel_mock.hypercorn")
     config.include_server_header = False
     await hypercorn.trio.serve(
-        create_app(state, prefix=prefix),
+        create_app(state, prefix=prefix, fleet=fleet),
         config,
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,

@@ -43,12 +43,14 @@ from typing import Any, TypedDict, TypeVar
 import attrs
 import trio
 from lightd import (
+    DISK,
     VOLUMES,
     Agent,
     BadRequest,
     ContainersSettings,
     NotFound,
     StashKey,
+    disk_writing,
     field_check,
     hookimpl,
 )
@@ -223,19 +225,21 @@ class ChmodBody:
 
 class VolumeUsage(TypedDict):
     """``bytes`` of the volume's regular files and how many entries that are not folders
-    (``files``), counted by a walk that follows no link."""
+    (``files``), counted by a walk that follows no link (cached by the disk service and
+    adjusted by the API's writes; under a kernel project quota, the quota's bytes and
+    inodes)."""
 
     bytes: int
     files: int
 
 
 class VolumeDetail(TypedDict):
-    """A volume with its usage; ``size_limit`` is ``null`` until volumes have limits."""
+    """A volume with its usage; ``size_limit`` in bytes, 0 = none (contract §15)."""
 
     volume_id: str
     path: str
     created_at: int
-    size_limit: int | None
+    size_limit: int
     usage: VolumeUsage
 
 
@@ -370,12 +374,20 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
     def owner() -> Any:
         return agent.config.section_or_default(ContainersSettings).owner
 
+    def _stale(volume_id: str) -> None:
+        """Files went: the disk service measures the volume again (in the background)."""
+        disk = agent.stash.get(DISK)
+        if disk is not None:
+            disk.stale(volume_id)
+
     @bp.get("/volumes/<volume_id>")
     @describe(
         "Show a volume and its usage",
         description="`usage` counts the bytes of the volume's regular files and its "
-        "entries that are not folders, by a walk that follows no link. `size_limit` is "
-        "`null` (no limit).",
+        "entries that are not folders, by a walk that follows no link, cached (measured "
+        "again at most every `disk.check_interval`, adjusted by the API's own writes in "
+        "between; under a kernel project quota, read from the quota). `size_limit` in "
+        "bytes, 0 = none.",
         tags=("files",),
     )
     @requires("read")
@@ -385,13 +397,19 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
             raise NotFound("Volume not found", code="volume_not_found")
         volume = await volumes.get(volume_id)
         folder = await folder_of(volume.volume_id)
-        used = await run(ops.usage, folder)
+        disk = agent.stash.get(DISK)
+        if disk is None:  # the disk plugin is disabled: a walk
+            walked = await run(ops.usage, folder)
+            size_limit, used, files = 0, walked.bytes, walked.files
+        else:
+            usage = await disk.usage(volume.volume_id)
+            size_limit, used, files = usage.size_limit, usage.bytes, usage.files
         return {
             "volume_id": volume.volume_id,
             "path": str(folder),
             "created_at": volume.created_at,
-            "size_limit": None,
-            "usage": {"bytes": used.bytes, "files": used.files},
+            "size_limit": size_limit,
+            "usage": {"bytes": used, "files": files},
         }
 
     @bp.get("/volumes/<volume_id>/files/content")
@@ -461,23 +479,30 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         expected = request.content_length
         if expected is not None and expected > limit:
             return _error(413, "Upload too large", "upload_too_large")
-        upload = await blocking(ops.Upload, folder, rel, owner(), config.fsync_uploads)
-        finished = False  # committed (or its commit failed and cleaned up after itself)
-        try:
-            received = 0
-            async for batch in body_batches():  # ~1 MiB at a time, the next one arriving
-                received += sum(map(len, batch))  # meanwhile, up to HIGH_WATER ahead
-                if received > limit:
-                    return _error(413, "Upload too large", "upload_too_large")
-                await blocking(upload.write, batch)
-            if expected is not None and received != expected:
-                raise BadRequest("Upload incomplete", code="upload_incomplete")
-            finished = True
-            size = await blocking(upload.commit)
-        finally:
-            if not finished:  # refused, failed, or the client went: no temporary file left
-                with trio.CancelScope(shield=True):
-                    await blocking(upload.abort)
+        async with disk_writing(agent.stash.get(DISK), folder.name) as budget:
+            budget.charge(expected or 0)  # a known size: refused before a byte is written
+            charged = expected or 0
+            upload = await blocking(ops.Upload, folder, rel, owner(), config.fsync_uploads)
+            finished = False  # committed (or its commit failed and cleaned up after itself)
+            try:
+                received = 0
+                async for batch in body_batches():  # ~1 MiB at a time, the next one arriving
+                    received += sum(map(len, batch))  # meanwhile, up to HIGH_WATER ahead
+                    if received > limit:
+                        return _error(413, "Upload too large", "upload_too_large")
+                    if received > charged:  # no (or a wrong) length: charged as it comes
+                        budget.charge(received - charged)
+                        charged = received
+                    await blocking(upload.write, batch)
+                if expected is not None and received != expected:
+                    raise BadRequest("Upload incomplete", code="upload_incomplete")
+                finished = True
+                size = await blocking(upload.commit)
+                budget.freed(upload.replaced)
+            finally:
+                if not finished:  # refused, failed, or the client went: no temp file left
+                    with trio.CancelScope(shield=True):
+                        await blocking(upload.abort)
         return {"message": "File uploaded successfully", "path": str(rel), "size": size}
 
     @bp.post("/volumes/<volume_id>/files/delete")
@@ -497,7 +522,10 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         paths = [parse(p) for p in body.paths]
         if any(not p.parts for p in paths):
             raise BadRequest("Invalid path: cannot delete the volume root", code="root_path")
-        count = await run(ops.delete, folder, paths)
+        try:
+            count = await run(ops.delete, folder, paths)
+        finally:
+            _stale(folder.name)
         return {"message": f"Deleted {count} paths", "deleted_count": count}
 
     @bp.post("/volumes/<volume_id>/files/rename")

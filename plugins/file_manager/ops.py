@@ -20,6 +20,7 @@ from typing import TypedDict
 from lightd.files import (
     ROOT,
     AtomicFile,
+    FileError,
     FileExists,
     InvalidPath,
     NotAFile,
@@ -124,7 +125,10 @@ class Upload:
             self._root.close()
             raise
         self._fd = self._out.file.fileno()
+        self._rel = rel
         self.size = 0
+        #: Bytes of the file the upload replaced (known after ``commit``).
+        self.replaced = 0
 
     def write(self, chunks: Sequence[bytes]) -> None:
         """Append ``chunks``: one ``writev`` for a batch (more if the disk takes less)."""
@@ -141,6 +145,10 @@ class Upload:
 
     def commit(self) -> int:
         try:
+            with contextlib.suppress(FileError):  # what the new file replaces (disk budget)
+                st = self._root.stat(self._rel)
+                if stat.S_ISREG(st.st_mode):
+                    self.replaced = st.st_size
             self._cm.__exit__(None, None, None)
         finally:
             self._root.close()

@@ -49,10 +49,13 @@ import httpcore
 import httpx
 import trio
 from lightd import (
+    DISK,
     JOBS,
     Agent,
     BadRequest,
     ContainersSettings,
+    DiskBudget,
+    DiskService,
     Forbidden,
     JobContext,
     JobFailed,
@@ -60,6 +63,7 @@ from lightd import (
     JobStarted,
     TooManyRequests,
     __version__,
+    disk_writing,
 )
 from lightd.api import describe, read_json, requires
 from lightd.files import (
@@ -572,8 +576,14 @@ class _Pull:
     allowed: tuple[IPNetwork, ...]
     max_bytes: int
     owner: Owner | None
+    #: The volume's disk budget (contract §15): the file counts against its limit.
+    disk: DiskService | None = None
 
     async def run(self, job: JobContext) -> None:
+        async with disk_writing(self.disk, self.folder.name) as budget:
+            await self._run(job, budget)
+
+    async def _run(self, job: JobContext, budget: DiskBudget) -> None:
         tmp = await job.temp_path(self.dest.parent)
         sink = await trio.to_thread.run_sync(_Sink, self.folder, self.dest, tmp, self.owner)
         committed = False
@@ -587,7 +597,7 @@ class _Pull:
                 network_backend=backend,
             ) as pool:
                 try:
-                    await self._fetch(job, pool, sink)
+                    await self._fetch(job, pool, sink, budget)
                 except httpcore.TimeoutException as exc:
                     raise JobFailed(f"Download failed: {_reason(exc)}") from None
                 except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
@@ -602,7 +612,11 @@ class _Pull:
         job.result = {"path": self.dest.text, "size": size}
 
     async def _fetch(
-        self, job: JobContext, pool: httpcore.AsyncConnectionPool, sink: _Sink
+        self,
+        job: JobContext,
+        pool: httpcore.AsyncConnectionPool,
+        sink: _Sink,
+        budget: DiskBudget,
     ) -> None:
         url = self.url
         credentials = url.userinfo
@@ -629,7 +643,7 @@ class _Pull:
                     continue
                 if not 200 <= response.status < 300:
                     raise JobFailed(f"Download failed: HTTP {response.status}")
-                await self._receive(job, response, sink)
+                await self._receive(job, response, sink, budget)
                 return
         raise JobFailed("Too many redirects")
 
@@ -645,10 +659,14 @@ class _Pull:
         # credentials in a Location are never used: only the first URL's, to its origin
         return target.copy_with(username=None, password=None)
 
-    async def _receive(self, job: JobContext, response: httpcore.Response, sink: _Sink) -> None:
+    async def _receive(
+        self, job: JobContext, response: httpcore.Response, sink: _Sink, budget: DiskBudget
+    ) -> None:
         total = _content_length(response.headers)
         if total is not None and total > self.max_bytes:
             raise JobFailed("File too large")
+        budget.charge(total or 0)  # a known size is refused before a byte is written
+        charged = total or 0
         job.progress(0, total)
         done = 0
         pending = bytearray()
@@ -658,6 +676,9 @@ class _Pull:
             if done > self.max_bytes:
                 raise JobFailed("File too large")
             pending += chunk
+            if done > charged:  # more than announced (or no length): charged as it comes
+                budget.charge(done - charged)
+                charged = done
             if len(pending) >= WRITE_SIZE:
                 data, pending = bytes(pending), bytearray()
                 await trio.to_thread.run_sync(sink.write, data)
@@ -732,7 +753,7 @@ def add_routes(
         if not config.pulls_enabled:  # after the checks: a bad request is still told so
             raise Forbidden("Pulls are disabled on this node", code="pulls_disabled")
         owner = agent.config.section_or_default(ContainersSettings).owner
-        job = _Pull(url, folder, dest, allowed, config.max_pull_bytes, owner)
+        job = _Pull(url, folder, dest, allowed, config.max_pull_bytes, owner, agent.stash.get(DISK))
         key = volume_id.lower()
         try:
             view = await agent.stash[JOBS].submit(

@@ -14,14 +14,21 @@ address works in a URL path: ``/network/ports/::1/25565``); a ``both`` entry ser
 address (IPv4, then IPv6, numerically), then port.
 
 Hooks: ``lightd_add_config_sections`` (``network``), ``lightd_add_migrations``,
-``lightd_configure`` (publishes the pool), ``lightd_add_services`` (the firewall, when
-on), ``lightd_add_routes``, ``lightd_container_deleted`` (frees what a deleted container
-still held: a safety net, the containers core releases first), ``lightd_config_reloaded``.
+``lightd_configure`` (publishes the pool; hands it to the firewall with
+``manage_firewall``), ``lightd_add_routes``, ``lightd_container_deleted`` (frees what a
+deleted container still held: a safety net, the containers core releases first),
+``lightd_config_reloaded``.
 
-Config section ``network``: ``manage_firewall`` (default false) keeps one iptables ACCEPT
-rule per pool port in a chain of the agent's own (``firewall.py``); ``iptables``,
-``ip6tables``, ``firewall_chain``, ``firewall_parent``, ``firewall_timeout``. Changes take
-effect at the next start.
+Config section ``network``: ``manage_firewall`` (default false) gates the traffic Docker
+forwards to pool ports, in the ``firewall`` plugin's chain (hooked into ``DOCKER-USER``,
+where published ports are filtered; never ``INPUT``): ACCEPT for an entry a container
+holds, DROP for a free one, nothing for one marked in use by hand (``PortPool.port_access``
+says which; every change of the pool tells the firewall, ``PortFirewallService``). How
+iptables is run is the ``firewall`` section's (``iptables``, ``ipv6``, ``chain``,
+``parent``, ``timeout``, ``command_prefix``); ``firewall.enabled`` need not be on. The
+keys of the INPUT-chain version (``iptables``, ``ip6tables``, ``firewall_chain``,
+``firewall_parent``, ``firewall_timeout``) are accepted and ignored with a warning
+(``model.DEPRECATED_KEYS``). Changes take effect at the next start.
 
 Routes (§6; [ext] = additive to the docs)::
 
@@ -45,19 +52,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable
 
-from lightd import PORT_POOL, Agent, Config, Migration, Service, StashKey, hookimpl
+from lightd import PORT_FIREWALL, PORT_POOL, Agent, Config, Migration, StashKey, hookimpl
 from quart import Blueprint
 
-from .firewall import Firewall
-from .model import NetworkConfig
+from .model import DEPRECATED_KEYS, NetworkConfig
 from .pool import MIGRATIONS, Entry, PortPool, PortPoolError
 from .routes import make_blueprint
 
 __all__ = [
-    "FIREWALL",
     "POOL",
     "Entry",
-    "Firewall",
     "NetworkConfig",
     "PortPool",
     "PortPoolError",
@@ -67,8 +71,6 @@ log = logging.getLogger(__name__)
 
 #: The concrete pool (``PORT_POOL`` is the same object, typed as the interface).
 POOL: StashKey[PortPool] = StashKey("port_pool.pool")
-#: The firewall reconciler, present only with ``network.manage_firewall``.
-FIREWALL: StashKey[Firewall] = StashKey("port_pool.firewall")
 
 
 @hookimpl
@@ -85,18 +87,26 @@ def lightd_add_migrations() -> list[Migration]:
 def lightd_configure(agent: Agent) -> None:
     pool = PortPool(agent.store, agent.clock)
     section: NetworkConfig = agent.config.section(NetworkConfig)
+    for key in section.deprecated():
+        log.warning(
+            "config: network.%s is deprecated and ignored: the pool's firewall rules are"
+            " applied by the firewall plugin in DOCKER-USER (see %s)",
+            key,
+            DEPRECATED_KEYS[key],
+        )
     if section.manage_firewall:
-        firewall = Firewall(section, pool.rule_targets)
-        pool.on_change = firewall.kick
-        agent.stash[FIREWALL] = firewall
+        # The firewall plugin's configure runs first (tryfirst) and offers the service.
+        firewall = agent.stash.get(PORT_FIREWALL)
+        if firewall is None:
+            log.warning(
+                "network.manage_firewall is on but the firewall plugin is not loaded:"
+                " pool ports get no firewall rules"
+            )
+        else:
+            firewall.follow_ports(pool.port_access)
+            pool.on_change = firewall.ports_changed
     agent.stash[POOL] = pool
     agent.stash[PORT_POOL] = pool
-
-
-@hookimpl
-def lightd_add_services(agent: Agent) -> list[Service]:
-    firewall = agent.stash.get(FIREWALL)
-    return [] if firewall is None else [Service("port_pool_firewall", firewall.serve)]
 
 
 @hookimpl

@@ -22,12 +22,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
-import re
 
 import attrs
-from lightd import BadRequest, ValidationError, field_check
+from lightd import BadRequest, ValidationError
 
 __all__ = [
+    "DEPRECATED_KEYS",
     "PROTOCOLS",
     "NetworkConfig",
     "covers",
@@ -46,7 +46,6 @@ PROTOCOLS = ("tcp", "udp", "both")
 #: another).
 PROTOCOL_BITS = {"tcp": 1, "udp": 2, "both": 3}
 _ECHO_LIMIT = 100
-_CHAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,27}")
 
 
 def echo(value: object) -> str:
@@ -132,33 +131,32 @@ def display(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _chain_name(value: str) -> bool:
-    return bool(_CHAIN.fullmatch(value))
+#: The ``network`` keys of the INPUT-chain firewall of earlier versions, and what replaced
+#: each. They are accepted and ignored, with a warning at start.
+DEPRECATED_KEYS = {
+    "iptables": "firewall.iptables",
+    "ip6tables": "firewall.iptables and firewall.ipv6",
+    "firewall_chain": "firewall.chain",
+    "firewall_parent": "firewall.parent",
+    "firewall_timeout": "firewall.timeout",
+}
 
 
 @attrs.frozen
 class NetworkConfig:
     """The ``network`` section of config.json (every key optional)."""
 
-    #: Keep one iptables ACCEPT rule per pool port (per protocol) in ``firewall_chain``.
+    #: Gate Docker-published traffic to pool ports in the firewall plugin's chain (hooked
+    #: into ``DOCKER-USER``): ACCEPT an entry a container holds, DROP a free one. The
+    #: ``firewall`` section says how iptables is run; ``firewall.enabled`` need not be on.
     manage_firewall: bool = False
-    #: The iptables and ip6tables programs (names looked up on PATH, or paths). A missing
-    #: one is a warning at start, and that address family gets no rules.
-    iptables: str = "iptables"
-    ip6tables: str = "ip6tables"
-    #: The chain the agent owns: it holds the pool's rules and nothing else; at start it
-    #: is made to match the pool exactly (rules of the chain that no pool port explains
-    #: are deleted).
-    firewall_chain: str = attrs.field(
-        default="LIGHTD-PORTS",
-        validator=field_check(_chain_name, "must be 1-28 characters of A-Z a-z 0-9 _ . -"),
-    )
-    #: The chain that jumps to ``firewall_chain`` (the jump is inserted first).
-    firewall_parent: str = attrs.field(
-        default="INPUT",
-        validator=field_check(_chain_name, "must be 1-28 characters of A-Z a-z 0-9 _ . -"),
-    )
-    #: Seconds one iptables call may take (it waits for the xtables lock meanwhile).
-    firewall_timeout: float = attrs.field(
-        default=10.0, validator=field_check(lambda v: v > 0, "must be > 0")
-    )
+    #: Deprecated (see ``DEPRECATED_KEYS``): accepted, ignored, warned about.
+    iptables: str | None = None
+    ip6tables: str | None = None
+    firewall_chain: str | None = None
+    firewall_parent: str | None = None
+    firewall_timeout: float | None = None
+
+    def deprecated(self) -> list[str]:
+        """The deprecated keys the file sets."""
+        return [key for key in DEPRECATED_KEYS if getattr(self, key) is not None]

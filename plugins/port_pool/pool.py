@@ -26,6 +26,7 @@ from lightd import (
     Migration,
     NotFound,
     PoolPort,
+    PortAccess,
     PortRequest,
     StoreError,
 )
@@ -220,7 +221,8 @@ class PortPool:
     def __init__(self, store: Store, clock: Callable[[], float]) -> None:
         self._store = store
         self._clock = clock
-        #: Called after a commit that added or removed entries (never blocks).
+        #: Called after a commit that may have changed what ``port_access`` answers:
+        #: entries added or removed, reserved, freed, marked (never blocks).
         self.on_change: Callable[[], None] = lambda: None
 
     # --- running changes ----------------------------------------------------------------
@@ -246,7 +248,9 @@ class PortPool:
         wants = [_want(r) for r in requests]
         if not wants:
             return []
-        return await self._submit(lambda conn: _take(conn, owner, wants, replace=False))
+        taken = await self._submit(lambda conn: _take(conn, owner, wants, replace=False))
+        self.on_change()
+        return taken
 
     async def replace(self, owner: str, requests: Sequence[PortRequest]) -> list[PoolPort]:
         """Make ``requests`` the whole set ``owner`` holds, atomically (rebind).
@@ -256,12 +260,16 @@ class PortPool:
         """
         _check_owner(owner)
         wants = [_want(r) for r in requests]
-        return await self._submit(lambda conn: _take(conn, owner, wants, replace=True))
+        taken = await self._submit(lambda conn: _take(conn, owner, wants, replace=True))
+        self.on_change()
+        return taken
 
     async def release(self, owner: str) -> list[PoolPort]:
         """Free everything ``owner`` holds; returns what was freed, in pool order."""
         _check_owner(owner)
         rows = await self._submit(lambda conn: conn.execute(_FREE_OWNER, (owner,)).fetchall())
+        if rows:
+            self.on_change()
         return _sorted_ports(rows)
 
     async def held(self) -> dict[str, list[PoolPort]]:
@@ -361,7 +369,9 @@ class PortPool:
             )
             return attrs.evolve(entry, in_use=in_use)
 
-        return await self._submit(update)
+        entry = await self._submit(update)
+        self.on_change()
+        return entry
 
     async def delete(self, ip: str, port: int) -> None:
         """Delete an entry: ``404`` if unknown, ``409`` if a container holds it."""
@@ -403,12 +413,17 @@ class PortPool:
             self.on_change()
         return deleted, skipped
 
-    async def rule_targets(self) -> list[tuple[str, int, str]]:
-        """Every entry as ``(ip, port, protocol)``: what the firewall opens."""
-        rows = await self._store.read(
-            lambda conn: conn.execute("SELECT ip, port, protocol FROM port_pool_ports").fetchall()
-        )
-        return [(row[0], row[1], row[2]) for row in rows]
+    async def port_access(self) -> list[PortAccess]:
+        """What ``network.manage_firewall`` asks of the firewall: an entry a container
+        holds is open, a free one closed; one marked in use by hand is left to the host
+        (no rule: the agent does not know what uses it)."""
+        sql = "SELECT ip, port, protocol, owner FROM port_pool_ports WHERE owner IS NOT NULL"
+        sql += " OR in_use = 0"
+        try:
+            rows = await self._store.read(lambda conn: conn.execute(sql).fetchall())
+        except (StoreError, sqlite3.Error) as exc:
+            raise PortPoolError(f"the port pool could not be read: {exc!r}") from exc
+        return [PortAccess(row[0], row[1], row[2], row[3] is not None) for row in rows]
 
 
 _ABSENT = object()

@@ -15,6 +15,7 @@ Hooks: ``lightd_add_migrations`` (the ``remote_sync_outbox`` table), ``lightd_co
 (the ``RemoteSync`` object in ``agent.stash[REMOTE_SYNC]``), ``lightd_add_services``,
 ``lightd_add_routes``, ``lightd_container_state_changed`` (records),
 ``lightd_container_deleted`` (forgets the container's last state),
+``lightd_panel_update`` (queues another plugin's update, e.g. a finished backup),
 ``lightd_config_reloaded`` (applies a changed ``remote`` section live).
 
 Config (``remote``): ``enabled``, ``url``, ``token``, ``heartbeat_interval`` (30 s),
@@ -31,7 +32,8 @@ dead panel never holds up the agent's start.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
 from lightd import Agent, Config, Migration, Service, hookimpl
 from lightd.api import describe
@@ -92,6 +94,13 @@ def lightd_container_state_changed(
     agent: Agent, internal_id: str, state: str, error: str | None
 ) -> Awaitable[None] | None:
     return agent.stash[REMOTE_SYNC].record(internal_id, state, error)
+
+
+@hookimpl
+def lightd_panel_update(
+    agent: Agent, key: str, update: Mapping[str, Any]
+) -> Awaitable[None] | None:
+    return agent.stash[REMOTE_SYNC].record_update(key, update)
 
 
 @hookimpl

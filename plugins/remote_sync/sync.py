@@ -28,7 +28,7 @@ import math
 import random
 import sqlite3
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
@@ -302,10 +302,26 @@ class RemoteSync:
             return None
         return self._enqueue(internal_id, state, error)
 
+    def record_update(self, key: str, update: Mapping[str, Any]) -> Awaitable[None] | None:
+        """Queue another plugin's update (``lightd_panel_update``), with ``event_id`` (kept
+        when the update has one: a deterministic id) and ``timestamp`` added; ``None``
+        while remote sync is disabled."""
+        if not self.config.enabled:
+            return None
+        event_id = str(update.get("event_id") or uuid.uuid4())
+        timestamp = int(self.agent.clock())
+        body = {**update, "event_id": event_id, "timestamp": timestamp}
+        return self._put(key, str(update.get("event", "update")), body, event_id, timestamp)
+
     async def _enqueue(self, internal_id: str, state: str, error: str | None) -> None:
         event_id = str(uuid.uuid4())
         timestamp = int(self.agent.clock())
         body = update_body(internal_id, state, error, event_id=event_id, timestamp=timestamp)
+        await self._put(internal_id, state, body, event_id, timestamp)
+
+    async def _put(
+        self, internal_id: str, state: str, body: Mapping[str, Any], event_id: str, timestamp: int
+    ) -> None:
         try:
             result = await self.outbox.put(
                 internal_id,

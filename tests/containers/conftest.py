@@ -80,7 +80,12 @@ async def start_node(
                 await running.stop()
         finally:
             # Whatever a test left behind goes, so the engine stays clean for the next one.
-            for c in engine.containers.list(all=True, filters={"label": "lightd.managed=true"}):
+            # ignore_removed: a container removed while docker-py inspects the listing
+            # (the agent's own removal, at the same moment) is skipped, not a NotFound.
+            listed = engine.containers.list(
+                all=True, filters={"label": "lightd.managed=true"}, ignore_removed=True
+            )
+            for c in listed:
                 if c.labels.get("lightd.internal_id", "").startswith(prefix):
                     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                         c.remove(force=True)  # the agent may be removing it at the same moment

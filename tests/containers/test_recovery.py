@@ -215,7 +215,9 @@ async def check_consistent(
     assert all(c["install_state"] != "installing" for c in containers)
 
     async def settled() -> bool:
-        for internal_id, c in known.items():
+        # Read again each time: a server that should run (§17) is being started meanwhile.
+        now = {c["internal_id"]: c for c in (await api.get("/containers")).json()["containers"]}
+        for internal_id, c in now.items():
             docker_says = await in_thread(lambda i=internal_id: docker_state(engine, i))
             if (c["state"] == "running") != (docker_says == "running"):
                 return False

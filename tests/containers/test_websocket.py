@@ -522,6 +522,7 @@ STATS_FIELDS = {
     "network_tx",
     "block_read",
     "block_write",
+    "disk_bytes",  # §15: the volume's usage
     "state",
     "uptime",
 }

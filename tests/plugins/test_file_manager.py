@@ -52,7 +52,7 @@ async def test_volume_detail_counts_usage_without_following_links(
     body = response.json()
     assert list(body) == ["volume_id", "path", "created_at", "size_limit", "usage"]
     assert body["volume_id"] == volume_id and body["path"] == str(folder)
-    assert body["size_limit"] is None
+    assert body["size_limit"] == 0  # no limit (contract §15: 0 = none)
     assert body["usage"] == {"bytes": 1024, "files": 4}
 
 

@@ -677,11 +677,12 @@ async def test_the_network_section_has_defaults(client: httpx.AsyncClient) -> No
     response = await client.get("/remote/config")
     assert response.json()["network"] == {
         "manage_firewall": False,
-        "iptables": "iptables",
-        "ip6tables": "ip6tables",
-        "firewall_chain": "LIGHTD-PORTS",
-        "firewall_parent": "INPUT",
-        "firewall_timeout": 10.0,
+        # deprecated, ignored (the firewall plugin's section says how iptables runs)
+        "iptables": None,
+        "ip6tables": None,
+        "firewall_chain": None,
+        "firewall_parent": None,
+        "firewall_timeout": None,
     }
 
 
