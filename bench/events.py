@@ -30,15 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,60 +40,11 @@ import docker
 import httpx
 import trio
 
+from bench.websocket import TOKEN, VENDOR, agent_process
+
 IMAGE = os.environ.get("LIGHTD_TEST_IMAGE", "lightd/busybox:latest")
-VENDOR = "Application/vnd.pkglatv1+json"
-TOKEN = "lightd_" + "e" * 32
 PREFIX = "evbench"
 HEADERS = {"Accept": VENDOR, "Authorization": f"Bearer {TOKEN}"}
-
-
-def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lightd", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-@asynccontextmanager
-async def agent_process(folder: Path) -> AsyncIterator[str]:
-    config = folder / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "server": {"host": "127.0.0.1", "port": 0},
-                "authorization": {"token": TOKEN},
-                "storage": {"base_path": str(folder / "storage")},
-                "containers": {"stop_timeout": 2},
-            }
-        )
-    )
-    log = folder / "agent.log"
-    proc = await trio.to_thread.run_sync(_spawn, config, log)
-    ok = False
-    try:
-        url = ""
-        with trio.fail_after(60):
-            while not url:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the agent exited:\n{log.read_text()[-3000:]}")
-                found = re.search(r"listening on (\S+)", log.read_text())
-                url = found[1] if found else ""
-                await trio.sleep(0.05)
-        yield url
-        ok = True
-    finally:
-        if not ok:
-            print(f"agent log (tail):\n{log.read_text()[-4000:]}", file=sys.stderr)
-        proc.send_signal(signal.SIGINT)
-        try:
-            await trio.to_thread.run_sync(proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def wait_all(client: httpx.AsyncClient, ids: list[str], **expected: Any) -> None:
@@ -213,8 +158,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="evbench-") as tmp:
             async with (
-                agent_process(Path(tmp)) as url,
-                httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=120) as client,
+                agent_process(Path(tmp), {}) as agent,
+                httpx.AsyncClient(base_url=agent.url, headers=HEADERS, timeout=120) as client,
             ):
                 ids = [f"{PREFIX}-{n:03d}" for n in range(args.containers)]
                 volumes = []
@@ -246,7 +191,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async with trio.open_nursery() as nursery:
                     for reader in readers:
                         ready = trio.Event()
-                        nursery.start_soon(reader.run, url, ready)
+                        nursery.start_soon(reader.run, agent.url, ready)
                         await ready.wait()
                     t0 = time.perf_counter()
                     await in_parallel(

@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -40,52 +36,27 @@ import trio
 
 from bench.websocket import (
     PREFIX,
-    TOKEN,
     AgentProcess,
-    _spawn,
     api,
     running_container,
     sweep,
     wait_until,
 )
+from bench.websocket import (
+    agent_process as websocket_agent,
+)
 
 COMMAND = "while :; do echo tick; sleep 1; done"
 
 
-@asynccontextmanager
-async def agent_process(folder: Path, *, metering: bool) -> AsyncIterator[AgentProcess]:
+def agent_process(folder: Path, *, metering: bool) -> AbstractAsyncContextManager[AgentProcess]:
     """The agent as its own process on ``folder``'s storage, metering on or off."""
-    config = folder / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "server": {"host": "127.0.0.1", "port": 0},
-                "authorization": {"token": TOKEN},
-                "storage": {"base_path": str(folder / "storage")},
-                "containers": {"stop_timeout": 2},
-                "plugins": {"disabled": [] if metering else ["metering"]},
-            }
-        )
+    return websocket_agent(
+        folder,
+        {},
+        extra={"plugins": {"disabled": [] if metering else ["metering"]}},
+        log_name=f"agent-{'on' if metering else 'off'}.log",
     )
-    log = folder / f"agent-{'on' if metering else 'off'}.log"
-    log.unlink(missing_ok=True)
-    proc = await trio.to_thread.run_sync(_spawn, config, log)
-    try:
-        url = ""
-        with trio.fail_after(120):
-            while not url:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the agent exited:\n{log.read_text()[-3000:]}")
-                found = re.search(r"listening on (\S+)", log.read_text())
-                url = found[1] if found else ""
-                await trio.sleep(0.05)
-        yield AgentProcess(proc, url, config)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            await trio.to_thread.run_sync(proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 async def measure(

@@ -104,7 +104,15 @@ def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 @asynccontextmanager
-async def agent_process(folder: Path, console: dict[str, Any]) -> AsyncIterator[AgentProcess]:
+async def agent_process(
+    folder: Path,
+    console: dict[str, Any],
+    *,
+    extra: dict[str, Any] | None = None,
+    log_name: str = "agent.log",
+) -> AsyncIterator[AgentProcess]:
+    """The agent as its own process on ``folder``'s storage (``extra``: more config
+    sections), its output in ``folder/log_name``."""
     config = folder / "config.json"
     config.write_text(
         json.dumps(
@@ -114,10 +122,12 @@ async def agent_process(folder: Path, console: dict[str, Any]) -> AsyncIterator[
                 "storage": {"base_path": str(folder / "storage")},
                 "containers": {"stop_timeout": 2},
                 "console": console,
+                **(extra or {}),
             }
         )
     )
-    log = folder / "agent.log"
+    log = folder / log_name
+    log.unlink(missing_ok=True)
     proc = await trio.to_thread.run_sync(_spawn, config, log)
     ok = False
     try:

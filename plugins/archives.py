@@ -79,6 +79,7 @@ from lightd.files import (
     CHUNK,
     TEMP_PREFIX,
     BadArchive,
+    BoundedTarInfo,
     FileExists,
     FileOperationFailed,
     FolderExists,
@@ -138,8 +139,6 @@ _ZIP64_LOCATOR = struct.Struct("<4sLQL")  # zip64 end of central directory locat
 _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record (56)
 _CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header (46)
 _UTF8_FLAG = 0x800
-#: Largest GNU long-name or pax header we parse (tarfile reads them whole into memory).
-MAX_HEADER_BYTES = 1 << 20
 MAX_LINK_TARGET = 4095
 GZIP_LEVEL = 6  # what gzip(1) and zip(1) use by default; tarfile's own default is 9
 #: Seconds between two looks of a job at its worker thread's progress.
@@ -252,27 +251,10 @@ def _reading(fn: Callable[[], T]) -> T:
     """Call into zipfile/tarfile; whatever they raise means the archive is bad."""
     try:
         return fn()
+    except BadArchive as exc:  # the file layer's own refusals (an oversized tar header)
+        raise InvalidArchive(exc.reason) from None
     except _CORRUPT as exc:
         raise _corrupt(exc) from None
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses the headers tarfile would read whole into memory when they are huge."""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
-        if (
-            self.type
-            in (
-                tarfile.GNUTYPE_LONGNAME,
-                tarfile.GNUTYPE_LONGLINK,
-                tarfile.XHDTYPE,
-                tarfile.XGLTYPE,
-                tarfile.SOLARIS_XHDTYPE,
-            )
-            and self.size > MAX_HEADER_BYTES
-        ):
-            raise InvalidArchive("oversized header")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
 # --- extraction ------------------------------------------------------------------------------
@@ -449,7 +431,7 @@ class _Extractor:
         cost a whole second decompression."""
 
         def open_tar() -> tarfile.TarFile:
-            return _open_tar(fh, "r:", tarinfo=_BoundedTarInfo)
+            return _open_tar(fh, "r:", tarinfo=BoundedTarInfo)
 
         count = total = 0
         with _reading(open_tar) as tf:
@@ -468,7 +450,7 @@ class _Extractor:
         mode = {"tar": "r:", "tar.gz": "r:gz", "tar.bz2": "r:bz2", "tar.xz": "r:xz"}[fmt]
 
         def open_tar() -> tarfile.TarFile:
-            return _open_tar(fh, mode, tarinfo=_BoundedTarInfo, copybufsize=CHUNK)
+            return _open_tar(fh, mode, tarinfo=BoundedTarInfo, copybufsize=CHUNK)
 
         with _reading(open_tar) as tf:
             while True:

@@ -46,7 +46,7 @@ from .errors import (
 from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse, parse_owner
 from .resolve import openat2_available, rename_exchange
 from .root import AtomicFile, DirEntry, Root, Usage
-from .tarball import entry_path, extract_tar, link_stays_inside, tar_pieces
+from .tarball import BoundedTarInfo, entry_path, extract_tar, link_stays_inside, tar_pieces
 from .tree import (
     CHUNK,
     MAX_DEPTH,
@@ -68,6 +68,7 @@ __all__ = [
     "TEMP_PREFIX",
     "AtomicFile",
     "BadArchive",
+    "BoundedTarInfo",
     "DirEntry",
     "FileError",
     "FileExists",

@@ -49,6 +49,7 @@ from .tree import CHUNK, TEMP_PREFIX, WalkEntry, noop
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_LINK_TARGET",
+    "BoundedTarInfo",
     "entry_path",
     "extract_tar",
     "link_stays_inside",
@@ -193,7 +194,7 @@ def link_stays_inside(link: RelPath, target: str) -> bool:
     return True
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
+class BoundedTarInfo(tarfile.TarInfo):
     """Refuses the headers tarfile would read whole into memory when they are huge."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
@@ -448,7 +449,7 @@ def extract_tar(
     try:
         opener: Callable[..., tarfile.TarFile] = tarfile.TarFile
         try:
-            with opener(fileobj=source, mode="r", tarinfo=_BoundedTarInfo, copybufsize=CHUNK) as tf:
+            with opener(fileobj=source, mode="r", tarinfo=BoundedTarInfo, copybufsize=CHUNK) as tf:
                 _extract_members(tf, tree, out, source)
         except (tarfile.TarError, EOFError):
             raise BadArchive("corrupt or unreadable data") from None
