@@ -7,8 +7,8 @@ every built-in. What a plugin needs from another feature it asks the core for, t
 hook or one of the service interfaces below (``agent.stash[VOLUMES]``).
 
 Layering of the core, bottom up (docs/architecture.md): ``errors``, ``converter`` →
-``files``, ``config``, ``logs``, ``store``, ``docker`` → ``hookspecs``, ``plugin_manager``,
-``runtime``, ``metrics``, ``interfaces``, ``jobs``, ``events`` →
+``files``, ``config``, ``logs``, ``store``, ``docker``, ``outbound`` → ``hookspecs``,
+``plugin_manager``, ``runtime``, ``metrics``, ``interfaces``, ``jobs``, ``events`` →
 ``containers`` → ``api`` → ``server`` → ``cli``.
 """
 
@@ -42,6 +42,7 @@ from .interfaces import (
     DISK,
     PORT_FIREWALL,
     PORT_POOL,
+    TOKEN_SERVICE,
     VOLUMES,
     BackupDownload,
     BackupTarget,
@@ -55,6 +56,8 @@ from .interfaces import (
     PortFirewallService,
     PortPoolService,
     PortRequest,
+    TokenGrant,
+    TokenService,
     VolumeService,
     disk_writing,
 )
@@ -70,16 +73,30 @@ from .jobs import (
     JobView,
 )
 from .metrics import Metrics
+from .outbound import (
+    DESTINATION_NOT_ALLOWED,
+    DestinationNotAllowed,
+    GuardedBackend,
+    IPAddress,
+    IPNetwork,
+    address_permitted,
+    is_public_address,
+    literal_address,
+    parse_networks,
+    valid_cidrs,
+)
 from .runtime import Agent, Service, StashKey
 from .store import Migration, Store, StoreError
 
 __all__ = [
     "CONTAINER_SERVICE",
+    "DESTINATION_NOT_ALLOWED",
     "DISK",
     "EVENT_TYPES",
     "JOBS",
     "PORT_FIREWALL",
     "PORT_POOL",
+    "TOKEN_SERVICE",
     "VOLUMES",
     "Agent",
     "AgentError",
@@ -93,6 +110,7 @@ __all__ = [
     "Conflict",
     "ContainerService",
     "ContainersSettings",
+    "DestinationNotAllowed",
     "DiskBudget",
     "DiskService",
     "DiskUsage",
@@ -103,6 +121,9 @@ __all__ = [
     "EventsSettings",
     "FieldError",
     "Forbidden",
+    "GuardedBackend",
+    "IPAddress",
+    "IPNetwork",
     "InstallJob",
     "InstallRun",
     "JobBody",
@@ -129,14 +150,21 @@ __all__ = [
     "StatsSample",
     "Store",
     "StoreError",
+    "TokenGrant",
+    "TokenService",
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedMedia",
     "ValidationError",
     "VolumeService",
     "__version__",
+    "address_permitted",
     "disk_writing",
     "field_check",
     "hookimpl",
+    "is_public_address",
+    "literal_address",
+    "parse_networks",
+    "valid_cidrs",
     "valid_image",
 ]

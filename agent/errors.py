@@ -31,6 +31,7 @@
         ├── NotFound            404  unknown resource or route
         ├── MethodNotAllowed    405
         ├── Conflict            409  the resource is in a state that forbids the request
+        │                            (OffsetMismatch: a transfer chunk out of step, transfer)
         ├── PayloadTooLarge     413
         ├── UnsupportedMedia    415  a body that is not JSON
         ├── TooManyRequests     429  (JobLimitReached: a key's job limit, lightd.jobs)
@@ -39,6 +40,8 @@
 
     FieldError (a ValueError)   a config or body field failed its check; the converter turns
                                 it into ConfigError or ValidationError naming the field
+    DestinationNotAllowed       (an Exception) a transfer's target resolves to an address
+                                that is not allowed (transfer plugin: the job fails so)
 
 Plugins raise these (or subclasses) from their routes; the app turns ApiError and FileError
 into responses. Anything else that escapes a route is a bug: it is logged with its

@@ -106,14 +106,16 @@ def seq_origin(clock: Callable[[], float] = time.time) -> int:
 
 class NodeEvent:
     """One published event, encoded once: ``json`` (bytes), and on first use ``text``
-    (for WebSocket frames) and ``sse`` (the Server-Sent Events frame)."""
+    (for WebSocket frames) and ``sse`` (the Server-Sent Events frame). ``published`` is
+    the clock at ``publish`` unrounded (the delivery-lag metric measures from it)."""
 
-    __slots__ = ("_sse", "_text", "json", "seq", "type")
+    __slots__ = ("_sse", "_text", "json", "published", "seq", "type")
 
-    def __init__(self, seq: int, type: str, encoded: bytes) -> None:
+    def __init__(self, seq: int, type: str, encoded: bytes, published: float = 0.0) -> None:
         self.seq = seq
         self.type = type
         self.json = encoded
+        self.published = published
         self._text: str | None = None
         self._sse: bytes | None = None
 
@@ -274,7 +276,8 @@ class NodeEvents:
         if type not in EVENT_TYPES:
             raise ValueError(f"unknown node event type {type!r}")
         seq = self.head + 1
-        event = NodeEvent(seq, type, _encode(seq, type, data, round(self._clock(), 3)))
+        now = self._clock()
+        event = NodeEvent(seq, type, _encode(seq, type, data, round(now, 3)), now)
         self._slots[seq % len(self._slots)] = event
         self.head = seq
         if self._lot:
@@ -294,11 +297,12 @@ class NodeEvents:
     def resync_event(self, since: int) -> NodeEvent:
         """The event a reader at ``since`` gets when the ring no longer covers it."""
         data = {"since": since, "first": self.first}
+        now = self._clock()
         encoded = json.dumps(
-            {"seq": self.head, "type": RESYNC, "data": data, "timestamp": round(self._clock(), 3)},
+            {"seq": self.head, "type": RESYNC, "data": data, "timestamp": round(now, 3)},
             separators=(",", ":"),
         ).encode()
-        return NodeEvent(self.head, RESYNC, encoded)
+        return NodeEvent(self.head, RESYNC, encoded, now)
 
     def resize(self, buffer: int) -> None:
         """Keep the last ``buffer`` events from now on (a config reload)."""

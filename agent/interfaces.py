@@ -11,10 +11,10 @@ The other way round, the core offers plugins what they may know of containers
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -25,6 +25,7 @@ __all__ = [
     "DISK",
     "PORT_FIREWALL",
     "PORT_POOL",
+    "TOKEN_SERVICE",
     "VOLUMES",
     "BackupDownload",
     "BackupTarget",
@@ -38,6 +39,8 @@ __all__ = [
     "PortFirewallService",
     "PortPoolService",
     "PortRequest",
+    "TokenGrant",
+    "TokenService",
     "VolumeRecord",
     "VolumeService",
     "disk_writing",
@@ -160,6 +163,13 @@ class VolumeService(Protocol):
         when there is no such volume (including a malformed id)."""
         ...
 
+    async def adopt(self, volume_id: str, folder: Path) -> None:
+        """Register ``folder`` (a folder beside the volumes, on the same file system, e.g.
+        a staging folder a transfer filled) as the new volume ``volume_id``: moved into
+        place with one rename, or nothing changes. ``BadRequest("Invalid volume_id")`` for
+        an id that is not a UUID v4, ``Conflict("Volume already exists")`` when taken."""
+        ...
+
 
 class ContainerService(Protocol):
     """The node's containers, as plugins may use them (the core's containers plugin puts
@@ -191,10 +201,39 @@ class ContainerService(Protocol):
         when it is not running or is gone."""
         ...
 
+    def volume_of(self, internal_id: str) -> str:
+        """The id of the volume the container mounts; ``NotFound("Container not found")``
+        for an unknown container."""
+        ...
+
     def published_ports(self, internal_id: str) -> list[PoolPort]:
         """The host ports the container's record publishes (``ip``, ``port``, ``protocol``
         ``tcp|udp|both``); ``NotFound("Container not found")`` for an unknown container.
         Changes are told by ``lightd_container_network_changed``."""
+        ...
+
+    def export_record(self, internal_id: str) -> dict[str, Any]:
+        """The container's record as JSON (its stored form), to recreate it on another
+        node (contract §20); ``NotFound("Container not found")``."""
+        ...
+
+    async def check_import(self, exported: Any, ports: Sequence[Mapping[str, Any]]) -> None:
+        """Would ``import_record`` take ``exported`` with ``ports`` now? The same checks
+        and errors, nothing kept."""
+        ...
+
+    async def import_record(self, exported: Any, ports: Sequence[Mapping[str, Any]]) -> str:
+        """Recreate a container another node exported (``export_record``), on its volume
+        (already registered here), with ``ports`` (entries as a create's ``ports``:
+        ``{"ip","port","protocol","container_port"}``) reserved from this node's pool:
+        ``ready``, offline, no install run. Checked as a create (``BadRequest`` naming
+        ``record.<field>``, ``Conflict("Container already exists")``, the pool's errors).
+        Returns its ``internal_id``."""
+        ...
+
+    async def mark_transferred(self, internal_id: str) -> None:
+        """Mark the container as moved to another node (``"transferred": true``,
+        persisted); it no longer should run. ``NotFound`` for an unknown container."""
         ...
 
 
@@ -342,8 +381,39 @@ def disk_writing(
     return disk.writing(volume_id)
 
 
+@attrs.frozen
+class TokenGrant:
+    """A token ``TokenService.authorize`` accepted: ``kind`` ``master`` or ``temporary``;
+    a temporary one's public ``token_id`` and ``expires_at`` (unix seconds)."""
+
+    kind: str
+    token_id: str | None = None
+    expires_at: float | None = None
+
+
+class TokenService(Protocol):
+    """API tokens as a service that speaks another protocol checks them (the ``sftp``
+    plugin: a password is a token), ``agent.stash[TOKEN_SERVICE]`` (the core's essential
+    ``token_access``, same rules as ``lightd.api.auth``)."""
+
+    async def authorize(self, token: str, permission: str, volume_id: str) -> TokenGrant | None:
+        """Whether ``token`` (the master token, or a live temporary token with
+        ``permission`` and ``volume_id`` in its scope) may act on the volume; ``None`` if
+        not, and always while ``authorization.enabled`` is false. A single-use token is
+        spent by a successful call."""
+        ...
+
+    def on_revoked(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(token_id)`` (on the event loop, synchronously: never block) for
+        every temporary token revoked from now on (by id, all, by container, or a new
+        master token); returns the function that stops it. Expiry is not told: a holder
+        of a grant ends it at ``expires_at``."""
+        ...
+
+
 CONTAINER_SERVICE: StashKey[ContainerService] = StashKey("container_service")
 DISK: StashKey[DiskService] = StashKey("disk")
 PORT_FIREWALL: StashKey[PortFirewallService] = StashKey("port_firewall")
 PORT_POOL: StashKey[PortPoolService] = StashKey("port_pool")
+TOKEN_SERVICE: StashKey[TokenService] = StashKey("token_service")
 VOLUMES: StashKey[VolumeService] = StashKey("volumes")

@@ -62,6 +62,7 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
     "health": "lightd.api.health",
     "openapi": "lightd.api.openapi",
     "tokens": "lightd.api.tokens",
+    "token_access": "lightd.api.access",
     "volumes": "lightd.plugins.volumes",
     "disk": "lightd.plugins.disk",
     "archives": "lightd.plugins.archives",
@@ -73,9 +74,11 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
     "images": "lightd.plugins.images",
     "metering": "lightd.plugins.metering",
     "firewall": "lightd.plugins.firewall",
+    "sftp": "lightd.plugins.sftp",
+    "transfer": "lightd.plugins.transfer",
 }
 
-ESSENTIAL_PLUGINS = frozenset({"system", "health", "tokens", "jobs", "containers"})
+ESSENTIAL_PLUGINS = frozenset({"system", "health", "tokens", "token_access", "jobs", "containers"})
 
 
 def make_plugin_manager(

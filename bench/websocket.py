@@ -5,8 +5,11 @@ Prints, each beside its baseline or target:
 1. raw Docker attach read rate of a container printing ``--lines`` (200 000) lines as fast
    as it can (``busybox yes | busybox head``): the baseline, lines/s;
 2. with the throttle off, console lines/s delivered to 1 client (target ≥ 50 % of raw) and to
-   each of ``--clients`` (20) clients (target ≥ 25 % of raw per client), with the agent's CPU
-   seconds per 100k lines delivered;
+   each of ``--clients`` (20) clients reading as fast as they can (targets: each receives
+   ≥ 99 % of the lines, at ≥ 50 % of raw per client), then the same with ``--stalled`` (5)
+   more clients connected that never read (target: the readers lose nothing and keep their
+   rate, the agent's memory stays bounded), with the agent's CPU seconds per 100k lines
+   delivered and its peak RSS over its RSS before;
 3. with the default throttle (2000 lines / 100 ms), the share of lines each of 20 clients
    receives from a container printing just under that rate (target 100 %);
 4. ``--containers`` (100) running containers, one client each, stats flowing: the agent's
@@ -20,11 +23,12 @@ memory are its own; the clients run in this process. The raw baseline attaches f
 process with the agent's own attach code (``agent.docker``) to an identical container:
 the same image, the same command loop, the same producer, started the same way.
 
-Run: ``.venv/bin/python -m bench.websocket [--lines 200000] [--clients 20] [--containers 100]
-[--runs 3] [--window 20]``. Needs the engine of ``scripts/docker-engine.sh`` (``DOCKER_HOST``)
-and its test image. Every container it makes is removed at the end, whatever happens.
-On a 2-core machine the agent, dockerd, the producer and the clients share the cores:
-figures are noisy when other work runs at the same time; ``--runs`` gives the spread.
+Run: ``.venv/bin/python -m bench.websocket [--lines 200000] [--clients 20] [--stalled 5]
+[--containers 100] [--runs 3] [--window 20]``. Needs the engine of
+``scripts/docker-engine.sh`` (``DOCKER_HOST``) and its test image. Every container it makes
+is removed at the end, whatever happens. On a 2-core machine the agent, dockerd, the
+producer and the clients share the cores: figures are noisy when other work runs at the
+same time; ``--runs`` gives the spread.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -81,13 +85,15 @@ class AgentProcess:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def ws(self, internal_id: str) -> Any:
+    def ws(self, internal_id: str, *, stalled: bool = False) -> Any:
+        """A client; ``stalled``: one whose application never reads (its library stops
+        reading the socket once one message waits)."""
         url = "ws" + self.url.removeprefix("http") + f"/ws/{internal_id}?token={TOKEN}"
         return trio_websocket.open_websocket_url(
             url,
-            message_queue_size=64,
+            message_queue_size=1 if stalled else 64,
             max_message_size=8 << 20,
-            receive_buffer_size=256 * 1024,
+            receive_buffer_size=4096 if stalled else 256 * 1024,
             disconnect_timeout=5,
         )
 
@@ -230,11 +236,17 @@ class Delivery(NamedTuple):
     #: CPU seconds of the agent, and of this process (the clients), meanwhile.
     agent_cpu: float
     client_cpu: float
+    #: The agent's RSS before the command, and the most it reached until the last marker.
+    rss_before: int
+    rss_peak: int
 
 
-async def deliver(agent: AgentProcess, internal_id: str, clients: int, producer: str) -> Delivery:
-    """Run ``producer`` in the container with ``clients`` connected; per-client readers,
-    the elapsed seconds from the command to the last marker, and the agent's CPU seconds."""
+async def deliver(
+    agent: AgentProcess, internal_id: str, clients: int, producer: str, *, stalled: int = 0
+) -> Delivery:
+    """Run ``producer`` in the container with ``clients`` connected (and ``stalled`` more
+    that never read); per-client readers, the elapsed seconds from the command to the last
+    marker, the agent's CPU seconds and its RSS."""
     marker = f"{MARKER}-{time.monotonic_ns()}"  # leftovers of an earlier run never match
     first = trio.Event()
     readers = [Reader(marker, first) for _ in range(clients)]
@@ -242,8 +254,12 @@ async def deliver(agent: AgentProcess, internal_id: str, clients: int, producer:
         sockets: list[Any] = []
         for _ in range(clients):
             sockets.append(await nursery.start(_hold, agent, internal_id))
+        for _ in range(stalled):
+            await nursery.start(_hold, agent, internal_id, True)
         for ws in sockets:
             await skip_greeting(ws)
+        rss = [agent.rss()]
+        nursery.start_soon(_sample_rss, agent, rss)
         cpu, mine = agent.cpu(), own_cpu()
         started = time.perf_counter()
         await sockets[0].send_message(
@@ -256,10 +272,17 @@ async def deliver(agent: AgentProcess, internal_id: str, clients: int, producer:
                 readers_nursery.start_soon(_remark, sockets[0], readers, marker, first)
         cpu, mine = agent.cpu() - cpu, own_cpu() - mine
         elapsed = max(r.done_at or 0 for r in readers) - started
+        rss.append(agent.rss())
         nursery.cancel_scope.cancel()
     for reader in readers:
         reader.done_at = (reader.done_at or started) - started
-    return Delivery(readers, elapsed, cpu, mine)
+    return Delivery(readers, elapsed, cpu, mine, rss[0], max(rss))
+
+
+async def _sample_rss(agent: AgentProcess, into: list[int]) -> None:
+    while True:
+        await trio.sleep(0.02)
+        into.append(agent.rss())
 
 
 async def _remark(ws: Any, readers: list[Reader], marker: str, first: trio.Event) -> None:
@@ -274,9 +297,13 @@ async def _remark(ws: Any, readers: list[Reader], marker: str, first: trio.Event
 
 
 async def _hold(
-    agent: AgentProcess, internal_id: str, *, task_status: trio.TaskStatus[Any]
+    agent: AgentProcess,
+    internal_id: str,
+    stalled: bool = False,
+    *,
+    task_status: trio.TaskStatus[Any],
 ) -> None:
-    async with agent.ws(internal_id) as ws:
+    async with agent.ws(internal_id, stalled=stalled) as ws:
         task_status.started(ws)
         await trio.sleep_forever()
 
@@ -399,57 +426,113 @@ async def throughput(
     internal_id: str,
 ) -> dict[str, Any]:
     producer = f"busybox yes line-0123456789 | busybox head -n {args.lines}"
-    raws, ones, manys, cpu_one, cpu_many, lost = [], [], [], [], [], []
+    raws, ones, cpu_one = [], [], []
+    many = Phase(args.clients, args.lines)
+    stalled = Phase(args.clients, args.lines)
     for run in range(args.runs):
         raws.append(await raw_attach_rate(engine, raw, producer))
         one = await deliver(agent, internal_id, 1, producer)
         readers = one.readers
         ones.append(readers[0].lines / readers[0].done_at)
         cpu_one.append(one.agent_cpu / (readers[0].lines / 100_000))
-        many = await deliver(agent, internal_id, args.clients, producer)
-        readers, cpu = many.readers, many.agent_cpu
-        per_client = [r.lines / r.done_at for r in readers]
-        manys.append(per_client)
-        delivered = sum(r.lines for r in readers)
-        cpu_many.append(cpu / (delivered / 100_000))
-        lost.append(1 - delivered / (args.lines * args.clients))
-        print(
+        many.add(await deliver(agent, internal_id, args.clients, producer), raws[-1])
+        line = (
             f"  run {run + 1}: raw {raws[-1]:,.0f}/s · 1 client {ones[-1]:,.0f}/s · "
-            f"{args.clients} clients min {min(per_client):,.0f}/s each, "
-            f"{lost[-1] * 100:.1f} % lost to slow clients; in {many.elapsed:.2f} s the agent "
-            f"used {many.agent_cpu:.2f} CPU s and the clients {many.client_cpu:.2f}",
-            flush=True,
+            f"{args.clients} clients {many.describe()}"
         )
+        if args.stalled:
+            stalled.add(
+                await deliver(agent, internal_id, args.clients, producer, stalled=args.stalled),
+                raws[-1],
+            )
+            line += f" · with {args.stalled} stalled: {stalled.describe()}"
+        print(line, flush=True)
     base = statistics.median(raws)
     one = statistics.median(ones)
-    worst = statistics.median(min(p) for p in manys)
-    middle = statistics.median(statistics.median(p) for p in manys)
     print(f"\nconsole, throttle off, {args.lines:,} lines (medians of {args.runs} runs)")
     print(f"  raw Docker attach (baseline)        {base:12,.0f} lines/s")
     print(f"  1 client                            {one:12,.0f} lines/s  {pct(one, base)} (≥ 50 %)")
     print(
-        f"  {args.clients} clients, slowest client         {worst:12,.0f} lines/s  "
-        f"{pct(worst, base)} (≥ 25 %)"
-    )
-    print(
-        f"  {args.clients} clients, median client          {middle:12,.0f} lines/s  "
-        f"{pct(middle, base)}"
-    )
-    print(
         f"  agent CPU per 100k lines delivered: 1 client {statistics.median(cpu_one):.3f} s, "
-        f"{args.clients} clients {statistics.median(cpu_many):.3f} s"
+        f"{args.clients} clients {statistics.median(many.cpu):.3f} s"
     )
-    return {
+    results: dict[str, Any] = {
         "raw_lines_per_s": base,
         "one_client_lines_per_s": one,
-        "many_clients_slowest_lines_per_s": worst,
-        "many_clients_median_lines_per_s": middle,
         "one_client_ratio": one / base,
-        "many_clients_slowest_ratio": worst / base,
         "cpu_s_per_100k_one": statistics.median(cpu_one),
-        "cpu_s_per_100k_many": statistics.median(cpu_many),
-        "lost_share_many": statistics.median(lost),
     }
+    results["many"] = many.report(f"{args.clients} clients", base)
+    if args.stalled:
+        label = f"{args.clients} clients + {args.stalled} stalled"
+        results["stalled"] = stalled.report(label, base)
+        cost = stalled.median_rate() / many.median_rate()
+        print(f"  readers' rate with the stalled clients vs without: {cost:.2f} (target ≈ 1)")
+        results["stalled_vs_without"] = cost
+    return results
+
+
+class Phase:
+    """The deliveries of one phase (N clients, with or without stalled ones) over the runs."""
+
+    def __init__(self, clients: int, lines: int) -> None:
+        self.clients = clients
+        self.lines = lines
+        self.rates: list[list[float]] = []  # per run, per client lines/s
+        self.shares: list[list[float]] = []  # per run, per client share of lines
+        self.cpu: list[float] = []  # agent CPU s per 100k lines delivered
+        self.rss_growth: list[int] = []  # agent peak RSS over its RSS before, bytes
+        self.paired: list[float] = []  # per run, slowest client's rate / that run's raw rate
+        self.last: Delivery | None = None
+
+    def add(self, delivery: Delivery, raw: float) -> None:
+        readers = delivery.readers
+        self.rates.append([r.lines / r.done_at for r in readers])
+        self.paired.append(min(self.rates[-1]) / raw)
+        self.shares.append([r.lines / self.lines for r in readers])
+        self.cpu.append(delivery.agent_cpu / (sum(r.lines for r in readers) / 100_000))
+        self.rss_growth.append(delivery.rss_peak - delivery.rss_before)
+        self.last = delivery
+
+    def describe(self) -> str:
+        assert self.last is not None
+        return (
+            f"min {min(self.rates[-1]):,.0f}/s each, min share {min(self.shares[-1]) * 100:.1f} %"
+            f" (in {self.last.elapsed:.2f} s: agent {self.last.agent_cpu:.2f} CPU s, clients "
+            f"{self.last.client_cpu:.2f}; RSS +{self.rss_growth[-1] / 2**20:.1f} MB)"
+        )
+
+    def median_rate(self) -> float:
+        return statistics.median(statistics.median(p) for p in self.rates)
+
+    def report(self, label: str, base: float) -> dict[str, Any]:
+        worst = statistics.median(min(p) for p in self.rates)
+        middle = self.median_rate()
+        share = statistics.median(min(p) for p in self.shares)
+        growth = max(self.rss_growth) / 2**20
+        print(f"  {label}:")
+        print(
+            f"    slowest client                    {worst:12,.0f} lines/s  {pct(worst, base)} "
+            "(≥ 50 %)"
+        )
+        print(f"    median client                     {middle:12,.0f} lines/s  {pct(middle, base)}")
+        paired = statistics.median(self.paired)
+        print(
+            f"    slowest client / raw of the same run, median   {paired * 100:5.1f} %  "
+            f"(runs: {', '.join(f'{p * 100:.0f}' for p in self.paired)})"
+        )
+        print(f"    lines received, least of any client        {share * 100:6.2f} %  (≥ 99 %)")
+        print(f"    agent RSS growth, most of any run          {growth:6.1f} MB")
+        return {
+            "slowest_lines_per_s": worst,
+            "median_lines_per_s": middle,
+            "slowest_ratio": worst / base,
+            "median_ratio": middle / base,
+            "paired_slowest_ratio": paired,
+            "min_share": share,
+            "rss_growth_mb": growth,
+            "cpu_s_per_100k": statistics.median(self.cpu),
+        }
 
 
 async def under_throttle(
@@ -460,7 +543,8 @@ async def under_throttle(
         f"i=0; while [ $i -lt {bursts} ]; do busybox seq 1 {per_burst}; "
         "busybox usleep 100000; i=$((i+1)); done"
     )
-    readers, elapsed, _cpu, _mine = await deliver(agent, internal_id, args.clients, producer)
+    delivery = await deliver(agent, internal_id, args.clients, producer)
+    readers, elapsed = delivery.readers, delivery.elapsed
     expected = bursts * per_burst
     shares = [r.lines / expected for r in readers]
     rate = expected / elapsed
@@ -557,12 +641,16 @@ async def many_containers(
 
 
 def sweep(raw: docker.DockerClient) -> None:
-    """Remove every container this bench made, whatever state it was left in."""
-    for c in raw.containers.list(all=True, filters={"label": f"lightd.bench={PREFIX}"}):
-        c.remove(force=True)
-    for c in raw.containers.list(all=True, filters={"label": "lightd.managed=true"}):
-        if c.labels.get("lightd.internal_id", "").startswith(PREFIX):
-            c.remove(force=True)
+    """Remove every container this bench made, whatever state it was left in (others'
+    containers come and go meanwhile: the list is read sparse, a vanished one is skipped)."""
+    mine = raw.containers.list(all=True, sparse=True, filters={"label": f"lightd.bench={PREFIX}"})
+    managed = raw.containers.list(all=True, sparse=True, filters={"label": "lightd.managed=true"})
+    for c in mine + managed:
+        if c in mine or (c.attrs.get("Labels") or {}).get("lightd.internal_id", "").startswith(
+            PREFIX
+        ):
+            with suppress(docker.errors.NotFound):
+                c.remove(force=True)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -575,8 +663,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 engine = DockerEngine(docker_url("/var/run/docker.sock"))
                 await nursery.start(engine.serve)
                 await engine.wait_available()
+                console: dict[str, Any] = {"throttle_lines": 0}
+                if args.hold_share is not None:
+                    console["hold_share"] = args.hold_share
+                extra = {}
+                if args.queue_bytes is not None:
+                    extra["websocket"] = {"queue_bytes": args.queue_bytes}
                 async with (
-                    agent_process(folder, {"throttle_lines": 0}) as agent,
+                    agent_process(folder, console, extra=extra) as agent,
                     api(agent) as client,
                 ):
                     volume = (await client.post("/volumes")).json()["volume_id"]
@@ -608,8 +702,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=200_000, help="0 skips phases 1 to 3")
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument(
+        "--stalled", type=int, default=5, help="clients that never read, beside --clients"
+    )
     parser.add_argument("--containers", type=int, default=100, help="0 skips that phase")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--hold-share", type=float, help="console.hold_share (agent default)")
+    parser.add_argument("--queue-bytes", type=int, help="websocket.queue_bytes (agent default)")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured")
     parser.add_argument("--stats-sample", type=int, default=20, help="containers; 0 skips")
     parser.add_argument("--stats-seconds", type=float, default=10.0)

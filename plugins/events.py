@@ -26,9 +26,13 @@ past gets ``resync``. Every ``events.keepalive`` seconds without an event the SS
 sends a comment line (``: keep-alive``) so proxies keep it open. When the agent stops,
 every stream ends (SSE: the response ends; WebSocket: close 1001).
 
-Hooks: ``lightd_add_config_sections`` (section ``events``), ``lightd_add_services`` (ends
-the streams at stop), ``lightd_add_routes``, ``lightd_config_reloaded`` (``buffer``
-applies live), the notifications above.
+Metric: ``lightd_events_delivery_seconds{transport="sse"|"ws"}``, a histogram of the
+seconds from an event's ``publish`` to its frame written to a live reader's connection:
+the agent's own share of the lag a panel sees (``bench.events`` reads it).
+
+Hooks: ``lightd_add_config_sections`` (section ``events``), ``lightd_configure`` (the
+metric), ``lightd_add_services`` (ends the streams at stop), ``lightd_add_routes``,
+``lightd_config_reloaded`` (``buffer`` applies live), the notifications above.
 
 Config section ``events``: ``buffer`` (10 000) events kept for ``since``, ``keepalive``
 (15) seconds between SSE keep-alive comments.
@@ -36,19 +40,24 @@ Config section ``events``: ``buffer`` (10 000) events kept for ``since``, ``keep
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypedDict
 
 import trio
 from lightd import (
+    EVENT_TYPES,
     Agent,
     BadRequest,
     Config,
     EventsSettings,
     Forbidden,
     JobView,
+    Metrics,
+    NodeEvent,
     NodeEvents,
     Service,
+    StashKey,
     hookimpl,
 )
 from lightd.api import current_auth, describe, read_timeout, requires
@@ -91,6 +100,60 @@ def settings(agent: Agent) -> EventsSettings:
     return agent.config.section_or_default(EventsSettings)
 
 
+# -- the delivery lag ---------------------------------------------------------------------
+
+#: Upper bounds (seconds) of the delivery-lag histogram's buckets (the target is 50 ms).
+DELIVERY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class Delivery:
+    """``lightd_events_delivery_seconds{transport="sse"|"ws"}``: seconds from an event's
+    ``publish`` to its frame written to a reader's connection (the agent's own share of
+    the lag a panel sees: its event loop's delay, never the network's or the client's).
+    Live events only: a replay's age is not a delay."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        histogram = metrics.histogram(
+            "lightd_events_delivery_seconds",
+            "Seconds from a node event's publish to its frame written to a reader's "
+            "connection, by transport (live events, not replays).",
+            ("transport",),
+            buckets=DELIVERY_BUCKETS,
+        )
+        self.sse: Callable[[float], None] = histogram.labels("sse").observe
+        self.ws: Callable[[float], None] = histogram.labels("ws").observe
+
+
+DELIVERY: StashKey[Delivery] = StashKey("events.delivery")
+
+
+def _sent(observe: Callable[[float], None], batch: Sequence[NodeEvent], live_after: int) -> None:
+    """Record the lag of the events of ``batch`` published after ``live_after`` (a seq)."""
+    now = time.time()
+    for event in batch:
+        if event.seq > live_after and event.type in EVENT_TYPES:
+            observe(now - event.published)
+
+
 # -- publishing ---------------------------------------------------------------------------
 
 
@@ -129,6 +192,11 @@ def lightd_add_config_sections() -> dict[str, type]:
 
 
 @hookimpl
+def lightd_configure(agent: Agent) -> None:
+    agent.stash[DELIVERY] = Delivery(agent.metrics)
+
+
+@hookimpl
 def lightd_config_reloaded(agent: Agent, old: Config, new: Config) -> None:
     agent.events.resize(new.section_or_default(EventsSettings).buffer)
 
@@ -152,13 +220,21 @@ _END_BEFORE = 5.0
 
 
 async def _sse(
-    events: NodeEvents, cursor: int, keepalive: float, lasts: float
+    events: NodeEvents,
+    cursor: int,
+    keepalive: float,
+    lasts: float,
+    observe: Callable[[float], None],
 ) -> AsyncIterator[bytes]:
     """The stream of one SSE response. It ends by itself after ``lasts`` seconds: the
     server drops a connection that sends nothing for its read timeout, and an SSE client
     never sends; a clean end (``retry`` says in 1 s) has the client reconnect with
-    ``Last-Event-ID`` and lose nothing, where a cut would look like a failure."""
+    ``Last-Event-ID`` and lose nothing, where a cut would look like a failure.
+
+    Each batch is one chunk; the server asks for the next one once it has written this
+    one to the connection, which is when its lag is recorded (``observe``)."""
     end = trio.current_time() + lasts
+    live_after = events.head
     with events.subscribe(cursor) as reader:
         # The headers go out now, not with the first event.
         yield b": lightd node events\nretry: 1000\n\n"
@@ -171,6 +247,7 @@ async def _sse(
                     return
             if batch is not None:
                 yield b"".join(event.sse for event in batch)
+                _sent(observe, batch, live_after)
             elif trio.current_time() < end:
                 yield b": keep-alive\n\n"
 
@@ -218,6 +295,7 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
                 cursor,
                 settings(agent).keepalive,
                 max(1.0, read_timeout(agent) - _END_BEFORE),
+                agent.stash[DELIVERY].sse,
             ),
             content_type="text/event-stream",
         )
@@ -249,12 +327,14 @@ def lightd_add_routes(agent: Agent) -> list[Blueprint]:
         since = parse_since(websocket.args.get("since"))
         cursor = events.head if since is None else since
         await websocket.accept()
+        observe, live_after = agent.stash[DELIVERY].ws, events.head
         with events.subscribe(cursor) as reader:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_ignore_incoming)
                 async for batch in reader:
                     for event in batch:
                         await websocket.send(event.text)
+                    _sent(observe, batch, live_after)
                 await websocket.close(CLOSE_GOING_AWAY)
                 nursery.cancel_scope.cancel()
 

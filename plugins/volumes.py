@@ -78,7 +78,7 @@ from lightd import (
     hookimpl,
 )
 from lightd.api import describe, read_json, requires, wants_job
-from lightd.files import FileError, Owner, RelPath, Root, parse
+from lightd.files import FileError, Owner, RelPath, Root, parse, rename_noreplace
 from quart import Blueprint, request
 
 __all__ = [
@@ -232,6 +232,33 @@ class VolumeRegistry:
         volumes[volume.volume_id] = volume
         return volume
 
+    async def adopt(self, volume_id: str, folder: Path) -> None:
+        """Register ``folder`` (beside the volumes, same file system) as the new volume
+        ``volume_id``, moved into place with one rename (``lightd.VolumeService``)."""
+        canonical = valid_volume_id(volume_id)
+        if canonical is None:
+            raise BadRequest("Invalid volume_id", code="invalid_volume_id")
+        volumes = await self._loaded()
+        if canonical in volumes:
+            raise Conflict("Volume already exists", code="volume_exists")
+        volume = Volume(canonical, int(self._clock()))
+        volumes[canonical] = volume  # taken before the first await
+        try:
+            moved = await trio.to_thread.run_sync(_adopt_folder, self.root, folder, canonical)
+            if not moved:
+                raise Conflict("Volume already exists", code="volume_exists")
+            try:
+                await self._store.execute(
+                    "INSERT INTO volumes_registry VALUES (?, ?)", (canonical, volume.created_at)
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_rename_aside, self.root, canonical, folder.name)
+                raise
+        except BaseException:
+            volumes.pop(canonical, None)
+            raise
+
     async def delete(
         self, volume_id: str, in_use: Callable[[str], str | None] = lambda _: None
     ) -> None:
@@ -315,6 +342,24 @@ def _trash_names(root: Path) -> list[str]:
             for e in it
             if e.name.startswith(_TRASH_PREFIX) and e.is_dir(follow_symlinks=False)
         ]
+
+
+def _adopt_folder(root: Path, folder: Path, name: str) -> bool:
+    """Move ``folder`` (a folder in ``root``) to ``name`` there, never over anything;
+    ``False`` when ``name`` exists."""
+    if folder.parent != root:
+        raise ValueError("a volume can only be adopted from a folder beside the volumes")
+    with Root.open(root) as volumes_dir:
+        try:
+            rename_noreplace(volumes_dir.fd, folder.name, volumes_dir.fd, name)
+        except FileExistsError:
+            return False
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=volumes_dir.fd)
+        try:
+            os.fchmod(fd, 0o755)  # as a new volume: the container user must enter it
+        finally:
+            os.close(fd)
+    return True
 
 
 def _rename_aside(root: Path, name: str, new_name: str) -> bool:

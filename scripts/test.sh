@@ -13,6 +13,12 @@ if ! command -v openssl >/dev/null 2>&1; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; } >&2 ||
         echo "test.sh: openssl could not be installed" >&2
 fi
+# The SFTP tests drive OpenSSH's sftp client (and ssh-keyscan); bench.sftp also runs sshd.
+if ! command -v sftp >/dev/null 2>&1 || ! [ -x /usr/sbin/sshd ]; then
+    { apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-client openssh-server; } >&2 ||
+        echo "test.sh: openssh-client/openssh-server could not be installed" >&2
+fi
 # The example plugin is installed like a third-party one (editable; again when its pyproject
 # changes), so its own tests, in pytest's testpaths, run against an agent that finds it
 # through its entry point. (tests/test_plugin_kit.py installs the template's output itself.)

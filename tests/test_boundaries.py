@@ -24,7 +24,14 @@ PUBLIC = frozenset({"lightd", "lightd.api", "lightd.files"})
 #: The core's layers, bottom up; a module imports only from its own layer or below.
 LAYERS: list[set[str]] = [
     {"lightd._version", "lightd.errors", "lightd.converter"},
-    {"lightd.files", "lightd.config", "lightd.logs", "lightd.store", "lightd.docker"},
+    {
+        "lightd.files",
+        "lightd.config",
+        "lightd.logs",
+        "lightd.store",
+        "lightd.docker",
+        "lightd.outbound",
+    },
     {
         "lightd.hookspecs",
         "lightd.plugin_manager",

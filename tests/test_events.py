@@ -464,6 +464,48 @@ async def test_websocket_replays_and_follows(node: RunningAgent) -> None:
     assert closed.value.reason.code == 1001
 
 
+def _delivered(node: RunningAgent, transport: str) -> tuple[float, float]:
+    """(count, sum) of the delivery-lag histogram for ``transport``, from the registry."""
+    registry = node.agent.metrics.registry
+    labels = {"transport": transport}
+    count = registry.get_sample_value("lightd_events_delivery_seconds_count", labels)
+    total = registry.get_sample_value("lightd_events_delivery_seconds_sum", labels)
+    return count or 0.0, total or 0.0
+
+
+async def test_the_delivery_lag_of_live_events_is_measured_not_of_replays(
+    node: RunningAgent,
+) -> None:
+    events = node.agent.events
+    start = events.head
+    events.publish("volume.created", {"volume_id": "old"})  # replayed: not a lag
+    async with sse(node, since=start) as stream:
+        await stream.take(1)
+        assert _delivered(node, "sse") == (0.0, 0.0)
+        events.publish("volume.deleted", {"volume_id": "old"})
+        events.publish("backup.done", {"backup_id": "b"})
+        await stream.take(2)
+        # recorded once the chunk is written, right after the client could read it
+        await wait_for(lambda: _true(_delivered(node, "sse")[0] == 2))
+    count, total = _delivered(node, "sse")
+    assert count == 2 and 0 <= total < 5
+    async with trio_websocket.open_websocket_url(_ws(node, f"?token={MASTER}")) as ws:
+        await wait_for(lambda: _true(events.readers == 1))
+        events.publish("volume.created", {"volume_id": "w"})
+        await ws.get_message()
+        await wait_for(lambda: _true(_delivered(node, "ws")[0] == 1))
+    text = (await _scrape(node)).splitlines()
+    assert 'lightd_events_delivery_seconds_count{transport="sse"} 2.0' in text
+    assert 'lightd_events_delivery_seconds_count{transport="ws"} 1.0' in text
+
+
+async def _scrape(node: RunningAgent) -> str:
+    async with api_client(node.url) as api:
+        response = await api.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
 # --- jobs --------------------------------------------------------------------------------
 
 

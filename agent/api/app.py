@@ -16,7 +16,7 @@ from quart import (
     request,
     websocket,
 )
-from quart.globals import websocket_ctx
+from quart.globals import request_ctx, websocket_ctx
 from quart.json.provider import DefaultJSONProvider
 from quart.typing import ResponseTypes
 from quart_trio import QuartTrio
@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from ..errors import ApiError
 from ..files import FileError, api_status
 from ..runtime import Agent
-from .auth import authenticate, authenticate_http, cors_headers, preflight
+from .auth import authenticate, authenticate_http, cors_headers, preflight, scope_header
 from .fastpath import fast_reads
 from .metrics import label_routes, observe
 from .ratelimit import add_headers as add_rate_limit_headers
@@ -56,11 +56,14 @@ async def _drain_body() -> None:
     """Read what is left of a request body the view answered without reading (a 404 before
     the body mattered), so the kept-alive connection is ready for the client's next
     request; a body over the size limit is left alone (its connection is closed)."""
-    length = request.content_length
+    conn = request_ctx.request
+    if scope_header(conn, b"content-length") is None:
+        return  # the usual GET: werkzeug's content_length would look up two missing headers
+    length = conn.content_length
     if not length or length > (current_app.config["MAX_CONTENT_LENGTH"] or 0):
         return
     with contextlib.suppress(HTTPException):
-        await request.get_data(cache=True)
+        await conn.get_data(cache=True)
 
 
 def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
@@ -80,11 +83,12 @@ def create_app(agent: Agent, blueprints: Iterable[Blueprint]) -> QuartTrio:
 
     @app.before_request
     async def check_access() -> Response | None:
-        if request.method == "OPTIONS":
+        conn = request_ctx.request  # (once: every ``request.x`` goes through a proxy)
+        if conn.method == "OPTIONS":
             return preflight(agent)
-        if request.routing_exception is not None:
+        if conn.routing_exception is not None:
             return None  # unknown route or method: answered as JSON 404/405 without auth
-        view = app.view_functions.get(request.endpoint or "")
+        view = app.view_functions.get(conn.endpoint or "")
         if getattr(view, PUBLIC_ATTR, False):
             g.lightd_auth = AuthInfo("public")
             return None

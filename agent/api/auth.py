@@ -42,7 +42,13 @@ from ..runtime import Agent
 from .ratelimit import MASTER_KEY
 from .ratelimit import check as check_rate
 from .tokens import TOKENS, TemporaryToken
-from .views import CONTAINER_SCOPED_ATTR, PERMISSION_ATTR, QUERY_TOKEN_ATTR, AuthInfo
+from .views import (
+    CONTAINER_SCOPED_ATTR,
+    OPT_IN_PERMISSIONS,
+    PERMISSION_ATTR,
+    QUERY_TOKEN_ATTR,
+    AuthInfo,
+)
 
 __all__ = [
     "VENDOR_MEDIA_TYPE",
@@ -53,6 +59,7 @@ __all__ = [
     "is_master",
     "preflight",
     "required_permission",
+    "scope_header",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,13 +86,25 @@ def bearer_token(header: str) -> str | None:
     return token.strip() or None
 
 
+def scope_header(conn: BaseRequestWebsocket, name: bytes) -> str | None:
+    """The first ``name`` header (lower-case) of ``conn``, as ``conn.headers.get`` gives it
+    (latin-1), read from the ASGI scope: a werkzeug ``Headers`` lookup of a header that is
+    not there raises and catches a ``KeyError``, a cost every request paid for ``Origin``."""
+    for key, value in conn.scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def origin_allowed(agent: Agent, origin: str | None) -> bool:
     allowed = agent.config.server.allowed_origins
     return not allowed or origin is None or origin in allowed
 
 
 def _check_origin(agent: Agent, conn: BaseRequestWebsocket) -> None:
-    if not origin_allowed(agent, conn.headers.get("Origin")):
+    if agent.config.server.allowed_origins and not origin_allowed(
+        agent, scope_header(conn, b"origin")
+    ):
         raise Forbidden("Origin not allowed", code="origin_not_allowed")
 
 
@@ -173,10 +192,10 @@ async def authenticate(
         raise Unauthorized(INVALID_TOKEN)
     _check_origin(agent, conn)
     permission = required_permission(view, getattr(conn, "method", "GET"))
-    if (
-        permission is not None
-        and record.permissions is not None
-        and (permission not in record.permissions)
+    if permission is not None and (
+        permission not in record.permissions
+        if record.permissions is not None
+        else permission in OPT_IN_PERMISSIONS  # never had without asking (``transfer``)
     ):
         raise Forbidden(f"Token lacks permission: {permission}", code="permission_denied")
     if record.remove_on_use:
@@ -197,8 +216,8 @@ def link_token(view: Callable[..., Any] | None) -> str | None:
     """The ``?token=`` of a browser link, when this request is one: a ``GET`` of a view
     marked ``query_token``, without an ``Authorization`` header."""
     if (
-        request.method != "GET"
-        or not getattr(view, QUERY_TOKEN_ATTR, False)
+        not getattr(view, QUERY_TOKEN_ATTR, False)
+        or request.method != "GET"
         or "Authorization" in request.headers
     ):
         return None
@@ -206,17 +225,18 @@ def link_token(view: Callable[..., Any] | None) -> str | None:
 
 
 async def authenticate_http(agent: Agent, view: Callable[..., Any] | None) -> AuthInfo:
+    conn = request_ctx.request
     link = link_token(view)
     if link is not None:
-        return await authenticate(agent, link, view, request_ctx.request, temporary_only=True)
-    if not has_vendor_type(request.headers.get("Accept", "")):
+        return await authenticate(agent, link, view, conn, temporary_only=True)
+    if not has_vendor_type(scope_header(conn, b"accept") or ""):
         raise Forbidden("Invalid vendor header", code="invalid_vendor", details=[VENDOR_DETAIL])
-    token = bearer_token(request.headers.get("Authorization", ""))
-    return await authenticate(agent, token, view, request_ctx.request)
+    token = bearer_token(scope_header(conn, b"authorization") or "")
+    return await authenticate(agent, token, view, conn)
 
 
 def cors_headers(agent: Agent, response: Response) -> None:
-    origin = request.headers.get("Origin")
+    origin = scope_header(request_ctx.request, b"origin")
     if origin is None or not origin_allowed(agent, origin):
         return
     response.headers["Access-Control-Allow-Origin"] = (

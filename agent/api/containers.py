@@ -129,6 +129,8 @@ class ContainerView(TypedDict):
     #: Desired state (§17): started through the API and not stopped or killed since; such
     #: a container is started again when the agent or the engine comes back.
     should_run: bool
+    #: Moved to another node (contract §20): kept offline until deleted; a start is a 409.
+    transferred: bool
     state: RuntimeState
     exit_code: int | None
     #: Unix seconds; ``None`` while offline.

@@ -28,7 +28,6 @@ from importlib import resources
 from typing import Any
 
 import attrs
-import msgspec
 from quart import Blueprint, Quart, Response, current_app
 
 from ..errors import NotFound
@@ -173,6 +172,8 @@ def _schema_ok(tp: Any) -> bool:
     """Whether msgspec can describe ``tp`` and the description says something."""
     if tp is None or opaque(tp):
         return False
+    import msgspec  # here and below: only the first /openapi.json needs it
+
     try:
         msgspec.json.schema(tp)
     except (TypeError, ValueError, NameError):
@@ -251,6 +252,8 @@ class _Schemas:
 
     def resolve(self) -> None:
         unique = list({id(tp): tp for tp in self._types}.values())
+        import msgspec
+
         schemas, self.components = msgspec.json.schema_components(unique, ref_template=REF)
         self._refs = {id(tp): schema for tp, schema in zip(unique, schemas, strict=True)}
 

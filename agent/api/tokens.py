@@ -42,7 +42,7 @@ from ..errors import BadRequest, NotFound, Unauthorized
 from ..hookspecs import hookimpl
 from ..runtime import Agent, Service, StashKey
 from ..store import Migration, Store
-from .views import PERMISSIONS, Message, current_auth, describe, read_json
+from .views import OPT_IN_PERMISSIONS, PERMISSIONS, Message, current_auth, describe, read_json
 
 __all__ = ["TOKENS", "TemporaryToken", "TokenRegistry", "master_fingerprint", "parse_ttl"]
 
@@ -153,7 +153,11 @@ class TemporaryToken:
             "remove_on_use": self.remove_on_use,
             "containers": None if self.containers is None else sorted(self.containers),
             "volumes": None if self.volumes is None else sorted(self.volumes),
-            "permissions": [p for p in PERMISSIONS if permissions is None or p in permissions],
+            "permissions": [
+                p
+                for p in PERMISSIONS
+                if (p not in OPT_IN_PERMISSIONS if permissions is None else p in permissions)
+            ],
             "created_at": self.created_at,
         }
 
@@ -175,6 +179,8 @@ class TokenRegistry:
         self._watchers: dict[str, set[trio.Event]] = {}
         #: The current master token's fingerprint.
         self.master = master
+        #: Told the id of every revoked token (``on_revoked``: SFTP sessions end).
+        self._revoked: list[Callable[[str], None]] = []
 
     def _now(self) -> float:
         return self._clock()
@@ -291,6 +297,8 @@ class TokenRegistry:
         for record in (*doomed, *spent):
             for event in self._watchers.get(record.id, ()):
                 event.set()
+            for listener in list(self._revoked):
+                listener(record.id)
         if doomed:
             hashes = [(r.token_hash,) for r in doomed]
             await self._store.write(
@@ -305,6 +313,12 @@ class TokenRegistry:
         """A (maybe) new master token fingerprint: revoke every token minted under another."""
         self.master = master
         return await self.revoke(lambda r: r.master != master)
+
+    def on_revoked(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(token_id)`` for every token revoked from now on (synchronously,
+        inside ``revoke``: never block); returns the function that stops it."""
+        self._revoked.append(listener)
+        return lambda: self._revoked.remove(listener) if listener in self._revoked else None
 
     @contextmanager
     def watch(self, token_id: str) -> Iterator[trio.Event]:

@@ -14,6 +14,7 @@ from ..errors import BadRequest, UnsupportedMedia
 
 __all__ = [
     "DOC_ATTR",
+    "OPT_IN_PERMISSIONS",
     "PERMISSIONS",
     "AuthInfo",
     "Message",
@@ -37,8 +38,11 @@ PERMISSION_ATTR = "_lightd_permission"
 QUERY_TOKEN_ATTR = "_lightd_query_token"
 DOC_ATTR = "_lightd_doc"
 
-#: What a temporary token may be allowed to do (contract §12), in canonical order.
-PERMISSIONS = ("read", "console", "power", "files", "manage")
+#: What a temporary token may be allowed to do (contract §12, §20), in canonical order.
+PERMISSIONS = ("read", "console", "power", "files", "manage", "transfer")
+#: Permissions a token has only when minted with them (a token minted without
+#: ``permissions`` has the others): ``transfer`` lets a node receive a server (§20).
+OPT_IN_PERMISSIONS = frozenset({"transfer"})
 
 
 def public(view: F) -> F:
@@ -180,8 +184,11 @@ class AuthInfo:
         return internal_id in self.containers
 
     def may(self, permission: str) -> bool:
-        """Does this caller hold ``permission``? (Master and disabled auth hold all.)"""
-        return self.permissions is None or permission in self.permissions
+        """Does this caller hold ``permission``? (Master and disabled auth hold all; a
+        temporary token minted without ``permissions`` all but ``OPT_IN_PERMISSIONS``.)"""
+        if self.permissions is None:
+            return self.kind != "temporary" or permission not in OPT_IN_PERMISSIONS
+        return permission in self.permissions
 
 
 def current_auth() -> AuthInfo:

@@ -6,7 +6,9 @@ container is an HTTP 404 from the view, also before the upgrade.
 
 A connection is a subscriber of the container's event hub plus three tasks in one
 nursery: the sender (the socket's only writer, draining the subscription's bounded queue,
-so a slow client only ever delays itself), the receiver (inbound frames, rate-limited,
+so a slow client only ever delays itself; a socket that can read is a *paced* subscriber:
+while it keeps up, the console reader waits for it rather than make it lose lines, within
+the bounds of ``containers/hub.py``), the receiver (inbound frames, rate-limited,
 handled one at a time) and, for temporary tokens, the token watch (expiry, revocation).
 Every close goes through the sender: the subscription is ``finish``-ed with a close code
 and the last frames to send (``Token expired`` or ``Token revoked`` before 4001), so no
@@ -36,7 +38,7 @@ from quart.globals import websocket_ctx
 from wsproto.utilities import LocalProtocolError
 
 from ..containers.console import TokenBucket
-from ..containers.hub import Subscription
+from ..containers.hub import QUEUE_BYTES, Subscription
 from ..converter import field_check
 from ..errors import AgentError, ApiError, DockerUnavailable
 from .tokens import TOKENS
@@ -90,7 +92,7 @@ class WebSocketSettings:
         default=256, validator=field_check(lambda v: v >= 4, "must be >= 4")
     )
     queue_bytes: int = attrs.field(
-        default=1024 * 1024, validator=field_check(lambda v: v >= 65536, "must be >= 65536")
+        default=QUEUE_BYTES, validator=field_check(lambda v: v >= 65536, "must be >= 65536")
     )
     #: Open sockets one temporary token may hold at once, all containers together (the
     #: master token is not capped: the panel holds one per server it shows).
@@ -219,7 +221,9 @@ class Session:
         reads = self.auth.may("read")
         # Without ``read`` the hub subscription is only a sign of the container's end.
         size = settings.queue_frames if reads else 4
-        with hub.subscribe(size, max_bytes=settings.queue_bytes if reads else None) as hub_sub:
+        with hub.subscribe(
+            size, max_bytes=settings.queue_bytes if reads else None, paced=reads
+        ) as hub_sub:
             sub = hub_sub if reads else Subscription(settings.queue_frames, settings.queue_bytes)
             if reads:
                 sub.put({"event": "status", "data": status_of(self.supervisor)})

@@ -72,6 +72,15 @@ class ConsoleSettings:
     history_bytes: int = attrs.field(
         default=1024 * 1024, validator=field_check(lambda v: v >= FRAME_MAX, "must be >= 65536")
     )
+    #: [ext] The share of the time the console may be held for clients that keep up (the
+    #: hub's pacing, ``hub.py``): a flood still runs at ``1 - hold_share`` of its speed at
+    #: least. 0 (the default, as §8 promises that no client slows the server): never held,
+    #: a client loses whatever its queue cannot hold. Holding the reader holds the game
+    #: server too once Docker's attach buffer (1 MB) is full: a node whose consoles must be
+    #: lossless for slow viewers may trade that, e.g. 0.5.
+    hold_share: float = attrs.field(
+        default=0.0, validator=field_check(lambda v: 0 <= v <= 0.9, "must be 0 to 0.9")
+    )
 
 
 class Frame(dict[str, Any]):

@@ -17,7 +17,7 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from .. import files
-from ..converter import converter
+from ..converter import converter, structure
 from ..docker import ContainerSpec, DockerError, DockerNotFound
 from ..errors import AgentError, BadRequest, Conflict, DockerUnavailable, NotFound
 from ..interfaces import DISK, PORT_POOL, VOLUMES, PoolPort, PortRequest
@@ -33,7 +33,14 @@ from ..logs import container_logger
 from ..store import Migration, Store
 from .hub import CLOSE_SERVICE_RESTART, EventHub
 from .install import InstallFailed, InstallJob, InstallRun, run_install, write_executable
-from .models import ContainerRecord, CreateRequest, PortBinding, PortSpec
+from .models import (
+    RESERVED_IDS,
+    ContainerRecord,
+    CreateRequest,
+    PortBinding,
+    PortSpec,
+    Resources,
+)
 from .network import AgentNetwork
 from .settings import ContainersSettings
 from .specs import (
@@ -245,6 +252,10 @@ class Containers:
         if supervisor is not None:
             with contextlib.suppress(Conflict):
                 supervisor.submit("stop")
+
+    def volume_of(self, internal_id: str) -> str:
+        """The volume the container mounts (``ContainerService``); ``NotFound``."""
+        return self.get(internal_id).record.volume_id
 
     def published_ports(self, internal_id: str) -> list[PoolPort]:
         """The host ports the record publishes (``ContainerService``); ``NotFound``."""
@@ -834,3 +845,122 @@ class Containers:
         supervisor.log.info("deleted")
         supervisor.hub.close()
         await self.agent.hooks.container_deleted(self.agent, internal_id)
+
+    # -- transfers (contract §20) -------------------------------------------------------
+
+    def export_record(self, internal_id: str) -> dict[str, Any]:
+        """The container's record as JSON, to recreate it on another node
+        (``ContainerService``); ``NotFound`` for an unknown container."""
+        return dict(converter.unstructure(self.get(internal_id).record))
+
+    def _imported(
+        self, exported: Any, ports: Sequence[Mapping[str, Any]]
+    ) -> tuple[CreateRequest, Resources]:
+        """An exported record as a create of this node would take it (every check of a
+        create, with its messages), and its resources: a record from another node is not
+        trusted."""
+        if not isinstance(exported, dict):
+            raise BadRequest("record: must be an object", code="invalid_field")
+        fields = (
+            "internal_id", "image", "volume_id", "startup_command", "start_pattern", "limits",
+            "mount", "install_script", "environment", "stop_command", "install_image",
+            "restart_policy",
+        )  # fmt: skip
+        body = {k: exported[k] for k in fields if k in exported and exported[k] is not None}
+        body["ports"] = [dict(p) for p in ports]
+        request = structure(body, CreateRequest, root="record")
+        if request.internal_id in RESERVED_IDS:
+            raise BadRequest("record.internal_id: Invalid internal_id", code="invalid_field")
+        self.check_create(request)
+        resources = structure(exported.get("resources") or {}, Resources, root="record.resources")
+        return request, resources
+
+    async def check_import(self, exported: Any, ports: Sequence[Mapping[str, Any]]) -> None:
+        """Would ``import_record`` take this record and these ports now? The same checks,
+        nothing kept (the ports are reserved and released again)."""
+        request, _ = self._imported(exported, ports)
+        internal_id = request.internal_id
+        if internal_id in self._supervisors or internal_id in self._claims:
+            raise Conflict("Container already exists", code="container_exists")
+        await self.check_mounts(request.mount)
+        self._claims[internal_id] = request.volume_id.lower()
+        try:
+            await self.reserve_ports(internal_id, request.ports)
+        finally:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._release(internal_id)
+            finally:
+                del self._claims[internal_id]
+
+    async def import_record(self, exported: Any, ports: Sequence[Mapping[str, Any]]) -> str:
+        """Recreate a container exported by another node (``ContainerService``): checked as
+        a create, on its volume (registered already), ``ports`` reserved from this node's
+        pool; ``ready`` and offline, no install run. Its ``internal_id``."""
+        request, resources = self._imported(exported, ports)
+        internal_id = request.internal_id
+        if internal_id in self._supervisors or internal_id in self._claims:
+            raise Conflict("Container already exists", code="container_exists")
+        self._claims[internal_id] = request.volume_id.lower()
+        try:
+            await self.check_mounts(request.mount)
+            folder = await self.volume_path(request.volume_id)
+            bindings = await self.reserve_ports(internal_id, request.ports)
+            limits = request.limits
+            if limits.memory is None:
+                limits = attrs.evolve(limits, memory=self.settings.default_memory)
+            now = int(time.time())
+            created = exported.get("created_at")
+            record = ContainerRecord(
+                internal_id=internal_id,
+                image=request.image,
+                volume_id=folder.name,
+                startup_command=request.startup_command,
+                start_pattern=request.start_pattern,
+                ports=bindings,
+                limits=limits,
+                mount=normal_mounts(request.mount),
+                install_script=request.install_script,
+                environment=dict(request.environment),
+                stop_command=request.stop_command,
+                install_image=request.install_image,
+                restart_policy=request.restart_policy,
+                resources=resources,
+                install_state="ready",
+                container_id=None,
+                error=None,
+                created_at=created if isinstance(created, int) else now,
+                updated_at=now,
+            )
+            try:
+                inserted = await self.repo.insert(record)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._release(internal_id)
+                raise
+            if not inserted:
+                raise Conflict("Container already exists", code="container_exists")
+            self.agent.events.publish(
+                "container.created",
+                {
+                    "internal_id": record.internal_id,
+                    "image": record.image,
+                    "volume_id": record.volume_id,
+                },
+            )
+            supervisor = await self._start_supervisor(record)
+        finally:
+            del self._claims[internal_id]
+        supervisor.log.info("imported from another node (volume %s)", record.volume_id)
+        await self.network_changed(internal_id, record.ports)
+        await self.notify(internal_id, "ready")
+        return internal_id
+
+    async def mark_transferred(self, internal_id: str) -> None:
+        """Record that the container now lives on another node (``ContainerService``)."""
+        supervisor = self.get(internal_id)
+        if not supervisor.record.transferred:
+            supervisor.record = attrs.evolve(
+                supervisor.record, transferred=True, should_run=False, updated_at=int(time.time())
+            )
+            await self.repo.save(supervisor.record)

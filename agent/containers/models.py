@@ -530,6 +530,8 @@ class ContainerRecord:
     #: A ``PATCH`` changed what the Docker container is made of (image, environment,
     #: startup command, memory): the next start recreates it.
     recreate_pending: bool = False
+    #: Moved to another node (contract §20): kept offline until the panel deletes it.
+    transferred: bool = False
 
     def describe(self) -> dict[str, Any]:
         """The contract's ``GET /containers/:id`` body, minus the runtime fields."""
@@ -564,4 +566,5 @@ class ContainerRecord:
             "stop_command": self.stop_command,
             "install_image": self.install_image,
             "should_run": self.should_run,
+            "transferred": self.transferred,
         }

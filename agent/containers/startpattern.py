@@ -40,7 +40,6 @@ import re
 import time
 from collections.abc import Sequence
 
-import regex
 import trio
 
 __all__ = ["BUDGET", "INLINE", "StartPattern", "check_start_pattern"]
@@ -61,6 +60,8 @@ _limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("sta
 
 def check_start_pattern(pattern: str) -> str | None:
     """Why ``pattern`` is refused at create (``re``'s message, as before), or ``None``."""
+    import regex  # here: only servers with a start pattern need it (1.4 MB at rest)
+
     try:
         re.compile(pattern)
         regex.compile(pattern)
@@ -84,6 +85,8 @@ class StartPattern:
     def __init__(self, pattern: str, *, budget: float = BUDGET) -> None:
         self.pattern = pattern
         self.budget = budget
+        import regex  # (see check_start_pattern)
+
         self._compiled = regex.compile(pattern)
         #: The same pattern for the joined lines of a batch (None: not usable so).
         self._joined = (

@@ -4,11 +4,22 @@ Why cgroup files first: the engine's stats API costs 1 to 2 s per call (one shar
 collector with a 1 s tick; ``one_shot`` is 1 s when called back to back or for a batch),
 and a long-lived stream per container costs a thread in the agent plus the engine's own
 sampling work. The cgroup files give the same numbers (``memory.usage_in_bytes``,
-``cpuacct.usage``…) with no thread and no engine work. Measured here with
+``cpuacct.usage``…) with no thread per container and no engine work. Measured here with
 ``bench/websocket.py`` (20 running containers): one sample of all the fields costs
 0.05 ms from the files, against 0.8 ms in the agent plus 1.5 ms in dockerd from a stream
-(see also ../shared/notes/docker-under-trio.md §12). The files are read inline on the
-event loop: kernel pseudo-files never block on a disk, and a thread hop costs more.
+(see also ../shared/notes/docker-under-trio.md §12).
+
+The files are read in a worker thread (at most ``READ_THREADS`` at once), never on the
+event loop: kernel pseudo-files never wait for a disk, but they do wait for the kernel's
+cgroup locks, which the engine holds while it creates and removes containers' cgroups.
+Measured with ``bench.events`` (100 containers started and killed, 10 at a time): single
+reads of ``cpuacct.usage`` or ``memory.usage_in_bytes``, and ``locate_cgroup``'s stat
+calls, blocked for 10 to 190 ms, and each such read held every task of the agent up (the
+node events' delivery among them). A thread hop costs more than the read itself (about
+0.4 ms round trip on the loaded 2-core test machine, of which the loop spends tens of
+microseconds): one per sample, a sample a second per watched container. The cgroup is
+looked for once the engine has started the container, not from the attach that comes
+before the start (polling it there cost a hop every half second of a slow start).
 
 A host where the files are elsewhere (systemd cgroup driver) or shaped differently
 (cgroup v2) is handled by ``locate_cgroup``; where none is found, the reader falls back to
@@ -27,9 +38,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -53,11 +65,28 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Seconds a running container may go without its cgroup being found before the reader
 #: falls back to the Docker API.
 LOCATE_GRACE = 3.0
+#: Runtime states in which the engine has started the container.
+_UP = frozenset({"running", "stopping"})
+#: Worker threads reading cgroup files at once, for all the containers of the agent.
+READ_THREADS = 2
+_READ_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("stats_reads")
+
+
+async def off_loop(read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)`` in a worker thread (one of ``READ_THREADS``); a cancel does not wait
+    for it (the read's result is dropped)."""
+    try:
+        limiter = _READ_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(READ_THREADS)
+        _READ_LIMITER.set(limiter)
+    return await trio.to_thread.run_sync(read, *args, limiter=limiter, abandon_on_cancel=True)
 
 
 @attrs.frozen
@@ -98,7 +127,8 @@ class Sample:
 
 
 class StatsSource(Protocol):
-    """Where samples come from; ``read`` is cheap and never blocks."""
+    """Where samples come from; ``read`` is cheap but may wait for the kernel (the reader
+    calls it in a worker thread, the Docker API's source excepted)."""
 
     name: str
 
@@ -319,6 +349,13 @@ class ApiStats:
             await trio.sleep(5)  # the stream ended (the container stopped?): retry
 
 
+def _returning(read: Callable[[], Sample | None]) -> Callable[[], Awaitable[Sample | None]]:
+    async def call() -> Sample | None:
+        return read()
+
+    return call
+
+
 def sample_of(item: dict[str, Any]) -> Sample | None:
     """A Docker stats item → ``Sample`` (CPU compared against the host's CPU clock)."""
     try:
@@ -412,13 +449,15 @@ class StatsReader:
         self.container_id = container_id
         while True:
             settings = self.settings()
-            if settings.source != "api":
-                self.source = self.locate(container_id)
+            started = self.owner.started_at
+            running = started is not None and started >= began
+            # The console (and this reader) opens before the start: the cgroup is there
+            # once the engine has started the container (or it ran before: adopted).
+            if settings.source != "api" and (running or self.owner.state in _UP):
+                self.source = await off_loop(self.locate, container_id)
             if self.source is not None:
                 await self._publish(self.source, began)
                 return
-            started = self.owner.started_at
-            running = started is not None and started >= began
             if settings.source == "api" or (
                 settings.source == "auto"
                 and started is not None
@@ -435,6 +474,10 @@ class StatsReader:
             await self._publish(api, began)
 
     async def _publish(self, source: StatsSource, began: float) -> None:
+        if isinstance(source, ApiStats):  # the latest item of its stream: no I/O
+            read: Callable[[], Awaitable[Sample | None]] = _returning(source.read)
+        else:
+            read = partial(off_loop, source.read)
         previous: Sample | None = None
         last: dict[str, Any] | None = None
         next_tick = next_idle = trio.current_time()
@@ -449,10 +492,10 @@ class StatsReader:
                     next_tick >= next_idle or self.owner.state == "stopping"
                 ):
                     next_idle = next_tick + settings.idle_interval
-                    if (idle := source.read()) is not None:
+                    if (idle := await read()) is not None:
                         sampled(self.container_id, idle)
                 continue
-            sample = source.read()
+            sample = await read()
             if sample is not None and sampled is not None:
                 sampled(self.container_id, sample)
             if sample is None or sample == previous:

@@ -638,8 +638,10 @@ class ContainerSupervisor:
     # -- power --------------------------------------------------------------------------
 
     async def _ensure_container(self) -> str:
-        """The server container a start runs, (re)created when it must be: it vanished, or
-        a PATCH changed what it is made of. The start pattern is the record's too."""
+        """The server container a start runs, (re)created when it must be: a PATCH changed
+        what it is made of, or there is none. The start pattern is the record's too.
+        Whether the engine still has it is not asked here (an engine call per start):
+        the attach that follows says so, and ``_vanished`` makes it anew."""
         if self._pattern_source != self.record.start_pattern:
             self._pattern_source = self.record.start_pattern
             self._pattern = _start_pattern(self.record)
@@ -648,12 +650,13 @@ class ContainerSupervisor:
             self.log.info("recreating the Docker container (changed by a PATCH)")
             return await self._recreate()
         if container_id:
-            try:
-                await self.host.docker.inspect_container(container_id)
-                return container_id
-            except DockerNotFound:
-                self.log.info("Docker container vanished; recreating it")
-                await self._set_record(container_id=None)
+            return container_id
+        return await self._recreate()
+
+    async def _vanished(self) -> str:
+        """The record's Docker container is gone (removed behind the agent's back)."""
+        self.log.info("Docker container vanished; recreating it")
+        await self._set_record(container_id=None)
         return await self._recreate()
 
     async def _do_start(self) -> None:
@@ -667,7 +670,11 @@ class ContainerSupervisor:
         self._exited = trio.Event()
         self._exit_seen = False
         # Attached first: no output is lost, and stdin works from the first "starting".
-        await self._attach(container_id)
+        try:
+            await self._attach(container_id)
+        except DockerNotFound:
+            container_id = await self._vanished()
+            await self._attach(container_id)
         try:
             await self._set_state("starting")
             await self.host.check_mounts(self.record.mount)  # Docker resolves them now
@@ -833,6 +840,7 @@ class ContainerSupervisor:
         while (chunk := await stream.receive()) is not None:
             if lines := splitter.feed(chunk):
                 await self._lines(lines)
+                await self.hub.pace()  # clients that keep up get every line (hub.py)
         if lines := splitter.close():
             await self._lines(lines)
 
@@ -860,6 +868,7 @@ class ContainerSupervisor:
         crashed = not self._stop_asked
         # The attach ends by itself right after the process; let it deliver the last
         # lines (what a crash printed) before the exit is told, but never wait long.
+        self.hub.release()  # read at once, not paced for slow clients (hub.py)
         with trio.move_on_after(0.5):
             await self._console_done.wait()
         self._close_console()

@@ -6,6 +6,7 @@ description of a container, mapped to the Engine API's create body by ``create_b
 ``AttachStream`` (``streams``) is a container's attached stdio.
 """
 
+from . import _no_httpx_cli  # noqa: F401  (first: before anything imports httpx)
 from .engine import (
     Credentials,
     DockerConflict,

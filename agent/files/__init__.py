@@ -44,7 +44,7 @@ from .errors import (
     api_status,
 )
 from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse, parse_owner
-from .resolve import openat2_available, rename_exchange
+from .resolve import openat2_available, rename_exchange, rename_noreplace
 from .root import AtomicFile, DirEntry, Root, Usage
 from .tarball import BoundedTarInfo, entry_path, extract_tar, link_stays_inside, tar_pieces
 from .tree import (
@@ -98,5 +98,6 @@ __all__ = [
     "parse",
     "parse_owner",
     "rename_exchange",
+    "rename_noreplace",
     "tar_pieces",
 ]

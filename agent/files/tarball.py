@@ -90,16 +90,17 @@ def _header(info: tarfile.TarInfo) -> bytes:
 def tar_pieces(
     root: Root,
     *,
+    top: str = "",
     prune: Callable[[str], bool] | None = None,
     checkpoint: Callable[[], None] = noop,
     progress: Callable[[int], None] = lambda n: None,
 ) -> Iterator[bytes | memoryview]:
-    """The PAX tar of everything below ``root`` (entry names relative to it, no top
-    folder), as pieces: a header, or up to ``CHUNK`` bytes of file data. File data comes
-    as a view of one buffer, read into again for the next piece: use (or copy) a piece
-    before asking for the next. ``prune(path)`` leaves an entry (and its subtree) out;
-    ``progress(n)`` is told of file bytes read. The caller keeps ``root`` open while it
-    iterates."""
+    """The PAX tar of everything below ``root`` (entry names relative to it; with ``top``,
+    a folder entry ``top`` first and every name under it), as pieces: a header, or up to
+    ``CHUNK`` bytes of file data. File data comes as a view of one buffer, read into again
+    for the next piece: use (or copy) a piece before asking for the next. ``prune(path)``
+    (``path`` relative to ``root``) leaves an entry (and its subtree) out; ``progress(n)``
+    is told of file bytes read. The caller keeps ``root`` open while it iterates."""
     written = 0
     hardlinks: dict[tuple[int, int], str] = {}
     buffer = memoryview(bytearray(CHUNK))
@@ -109,9 +110,16 @@ def tar_pieces(
             if not _is_temp(entry.path):
                 yield entry
 
+    if top:
+        info = _info(top, os.fstat(root.fd))
+        info.type = tarfile.DIRTYPE
+        head = _header(info)
+        written += len(head)
+        yield head
     for entry in entries():
         st = entry.stat
-        info = _info(entry.path, st)
+        name = f"{top}/{entry.path}" if top else entry.path
+        info = _info(name, st)
         if entry.kind == "directory":
             info.type = tarfile.DIRTYPE
         elif entry.kind == "symlink":
@@ -150,7 +158,7 @@ def tar_pieces(
                         written += pad
                         yield bytes(pad)
                 if st.st_nlink > 1:
-                    hardlinks[key] = entry.path
+                    hardlinks[key] = name
                 continue
         else:
             continue  # FIFOs, sockets, device nodes: not data, not archived

@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
-import zstandard
 from lightd.files import (
     CHUNK,
     BadArchive,
@@ -139,6 +138,8 @@ def write_backup(
     """Archive the volume at ``folder`` into ``sink``; ``(size, sha256 hex)``. A helper
     thread walks, reads and compresses; this one (``sink`` and ``checkpoint`` may need
     the calling worker thread: ``trio.from_thread``) hashes and hands on the pieces."""
+    import zstandard  # here and below: only a backup or a restore needs it
+
     prune = ignore_matcher(ignore)
     with Root.open_volume(folder) as root:
         pipe = _Pipe(OUT_PIECES)
@@ -317,6 +318,8 @@ def _decompress_and_extract(
     """This thread reads, hashes and decompresses (``read`` and ``checkpoint`` may need
     the calling worker thread: ``trio.from_thread``); a helper thread extracts. The whole
     archive is read, past the tar's end too (the zstd frame's checksum, the sha256)."""
+    import zstandard
+
     pipe = _Pipe(PIPE_PIECES)
     failure: list[BaseException] = []
 

@@ -21,14 +21,12 @@ import errno
 import logging
 import os
 import secrets
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from urllib.parse import quote
 
 import attrs
 import httpx
 import trio
-from httpx_auth import AWS4Auth
 from lightd import JobFailed, NotFound, field_check
 
 __all__ = ["LocalTarget", "S3Config", "S3Target"]
@@ -190,6 +188,8 @@ _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
 def _xml_text(body: bytes, tag: str) -> str | None:
+    import xml.etree.ElementTree as ET  # here: only an s3 target needs it
+
     try:
         root = ET.fromstring(body)
     except ET.ParseError:
@@ -289,6 +289,8 @@ class S3Target:
     """Archives in an S3-compatible bucket."""
 
     def __init__(self, config: S3Config) -> None:
+        from httpx_auth import AWS4Auth  # here: only an s3 target needs it
+
         self.config = config
         self._auth = AWS4Auth(
             access_id=config.access_key,

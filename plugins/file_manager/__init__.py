@@ -53,6 +53,7 @@ from lightd import (
     disk_writing,
     field_check,
     hookimpl,
+    valid_cidrs,
 )
 from lightd.api import body_batches, describe, query_token, read_json, requires, streams_body
 from lightd.files import CHUNK, RelPath, parse
@@ -81,7 +82,7 @@ class FilesConfig:
     fsync_uploads: bool = False
     #: Networks a pull may reach besides public addresses (``["10.1.0.0/16"]``; see pull).
     pull_allowed_cidrs: tuple[str, ...] = attrs.field(
-        default=(), validator=field_check(pull.valid_cidrs, "must be a list of CIDRs")
+        default=(), validator=field_check(valid_cidrs, "must be a list of CIDRs")
     )
     #: The largest pulled file, in bytes.
     max_pull_bytes: int = attrs.field(

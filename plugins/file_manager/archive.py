@@ -12,15 +12,13 @@ descriptors with it).
 
 Formats: ``zip`` (the default: what a browser user opens with a double click) and
 ``tar.gz``. Zip is written by ``zipfile`` to a stream it cannot seek, so each entry's
-sizes and CRC follow its data (a data descriptor, which every unzip reads); tar is written
-header by header (``TarInfo.tobuf``, PAX format) through one gzip compressor. Links are
+sizes and CRC follow its data (a data descriptor, which every unzip reads); tar is
+``lightd.files.tar_pieces`` (PAX format, the same writer backups use) through one gzip
+compressor. Links are
 stored as links (a zip entry with the Unix link mode, a tar ``SYMTYPE``); FIFOs, sockets
 and device nodes are left out; the agent's own temporary files (``TEMP_PREFIX``: an
 upload in progress) are left out. A folder ``P`` is archived under its own name (entries
 ``<name>/...``); the volume root is archived without a top folder.
-
-The entry logic mirrors ``plugins/archives.py`` (which writes archives to files): plugins
-may not import each other, and its writers are private.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import logging
 import os
 import re
 import stat
-import tarfile
 import time
 import zipfile
 import zlib
@@ -41,7 +38,7 @@ from urllib.parse import quote
 import trio
 from lightd import BadRequest
 from lightd.api import describe, query_token, requires
-from lightd.files import CHUNK, ROOT, TEMP_PREFIX, RelPath, Root, WalkEntry, parse
+from lightd.files import CHUNK, ROOT, TEMP_PREFIX, RelPath, Root, WalkEntry, parse, tar_pieces
 from quart import Blueprint, Response, request
 
 __all__ = ["FORMATS", "ArchiveQuery", "ArchiveStream", "add_routes", "archive_chunks"]
@@ -184,70 +181,13 @@ def _zip_chunks(
     yield sink.take()
 
 
-def _tar_info(name: str, st: os.stat_result) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.mode = stat.S_IMODE(st.st_mode)
-    info.mtime = int(st.st_mtime)
-    info.uid, info.gid = st.st_uid, st.st_gid
-    return info
-
-
-def _tar_gz_chunks(
-    folder: Root, top: str, top_stat: os.stat_result, checkpoint: Callable[[], None]
-) -> Iterator[bytes]:
+def _tar_gz_chunks(folder: Root, top: str, checkpoint: Callable[[], None]) -> Iterator[bytes]:
     sink = _Sink()
     gzip = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
-    written = 0  # uncompressed tar bytes
-
-    def put(data: bytes) -> None:
-        nonlocal written
-        written += len(data)
-        sink.write(gzip.compress(data))
-
-    def header(info: tarfile.TarInfo) -> None:
-        put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-
-    if top:
-        info = _tar_info(top, top_stat)
-        info.type = tarfile.DIRTYPE
-        header(info)
-    hardlinks: dict[tuple[int, int], str] = {}
-    for entry in _entries(folder, checkpoint):
-        st = entry.stat
-        name = f"{top}/{entry.path}" if top else entry.path
-        info = _tar_info(name, st)
-        if entry.kind == "directory":
-            info.type = tarfile.DIRTYPE
-            header(info)
-        elif entry.kind == "symlink":
-            target = Root.read_link(entry)
-            if target is None:
-                continue
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            header(info)
-        elif entry.kind == "file":
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in hardlinks:
-                info.type, info.linkname = tarfile.LNKTYPE, hardlinks[key]
-                header(info)
-                continue
-            fh = Root.open_entry(entry)
-            if fh is None:
-                continue
-            with fh:
-                info.size = os.fstat(fh.fileno()).st_size
-                header(info)
-                for data in _read_exactly(fh.fileno(), info.size):
-                    put(data)
-                    if sink.size >= PIECE:
-                        yield sink.take()
-                put(bytes(-info.size % tarfile.BLOCKSIZE))
-            if st.st_nlink > 1:
-                hardlinks[key] = name
+    for piece in tar_pieces(folder, top=top, checkpoint=checkpoint):
+        sink.write(gzip.compress(piece))
         if sink.size >= PIECE:
             yield sink.take()
-    put(bytes(2 * tarfile.BLOCKSIZE))  # end of archive
-    put(bytes(-written % tarfile.RECORDSIZE))  # a whole record, as tar(1) writes
     sink.write(gzip.flush())
     yield sink.take()
 
@@ -265,7 +205,7 @@ def archive_chunks(
     top_stat = os.fstat(folder.fd)
     if fmt == "zip":
         return _zip_chunks(folder, top, top_stat, checkpoint)
-    return _tar_gz_chunks(folder, top, top_stat, checkpoint)
+    return _tar_gz_chunks(folder, top, checkpoint)
 
 
 def open_folder(volume: Path, rel: RelPath) -> Root:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from .config import RemoteConfig
 from .outbox import Outbox, QueuedUpdate
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator
 
 __all__ = [
@@ -76,6 +78,13 @@ WARN_EVERY = 300.0
 DETAIL_CHARS = 200
 
 _HEALTHY = {"status": 200, "endpoint": "active"}
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The TLS settings of both services' clients, as httpx's default (the CA bundle,
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made once: each costs 40 ms and 1 MB."""
+    return httpx.create_ssl_context()
 
 
 def join_url(base: str, path: str) -> str:
@@ -397,7 +406,9 @@ class RemoteSync:
         """The HTTP client of one service: no base URL and no auth of its own, since both
         are taken from the current config for every request."""
         headers = {"User-Agent": f"lightd/{self.agent.version}", "Accept": "application/json"}
-        async with httpx.AsyncClient(headers=headers, follow_redirects=False) as client:
+        async with httpx.AsyncClient(
+            headers=headers, follow_redirects=False, verify=_tls_context()
+        ) as client:
             yield client
 
     async def _request(

@@ -3,6 +3,7 @@ the throttle, slow subscribers, and the parsing of inbound WebSocket frames."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -20,7 +21,13 @@ from lightd.containers.console import (
     LineSplitter,
     TokenBucket,
 )
-from lightd.containers.hub import EventHub, Subscription
+from lightd.containers.hub import (
+    HOLD_BURST,
+    STALL_MAX_SECONDS,
+    STALL_SECONDS,
+    EventHub,
+    Subscription,
+)
 
 
 class FakeClock:
@@ -228,6 +235,152 @@ def test_subscribing_to_a_closed_hub_ends_at_once() -> None:
         sub.put({"event": "status", "data": "offline"})
         with pytest.raises(trio.EndOfChannel):
             sub.receive_nowait()
+
+
+# -- pacing: every line to the subscribers that keep up, bounded memory ------------------
+
+#: A chunk of console output as the console reader hands it over: 300 lines, ~30 KB.
+CHUNK = [f"{n:06d} " + "x" * 93 + "\n" for n in range(300)]
+BUDGET = 256 * 1024
+#: Pacing on, as a node that asks for lossless consoles configures it (the default is off).
+HOLD_SHARE = 0.5
+UNTHROTTLED = ConsoleSettings(throttle_lines=0, hold_share=HOLD_SHARE)
+
+
+async def produce(hub: EventHub, megabytes: int) -> int:
+    """Write chunks as fast as the hub lets the console reader go; the lines written."""
+    chunks = megabytes * 1024 * 1024 // len("".join(CHUNK))
+    for _ in range(chunks):
+        hub.console(CHUNK)
+        await hub.pace()
+    return chunks * len(CHUNK)
+
+
+async def read(sub: Subscription, into: list[str], per_frame: float) -> None:
+    """A client that keeps reading, ``per_frame`` seconds a frame."""
+    while True:
+        try:
+            frame = await sub.receive()
+        except trio.EndOfChannel:
+            return
+        if frame["event"] == "console":
+            into.append(frame["data"])
+        await trio.sleep(per_frame)
+
+
+async def test_a_reader_that_keeps_up_gets_every_line_and_stalled_ones_cost_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = EventHub(console=UNTHROTTLED, queue_bytes=BUDGET)
+    got: list[list[str]] = [[], []]
+    with (
+        hub.subscribe(paced=True) as fast,
+        hub.subscribe(paced=True) as slower,
+        hub.subscribe(paced=True) as stalled,  # connected, never reads
+        hub.subscribe(paced=True) as another_stalled,
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, fast, got[0], 0.0005)
+            nursery.start_soon(read, slower, got[1], 0.002)  # ~15 MB/s: slower than the server
+            started = trio.current_time()
+            written = await produce(hub, 8)
+            elapsed = trio.current_time() - started
+            hub.close()
+    # Both readers got every line, in order, and never more than their budget queued.
+    for lines, sub in zip(got, (fast, slower), strict=True):
+        assert "".join(lines) == "".join(CHUNK) * (written // len(CHUNK))
+        assert sub.dropped == 0
+        assert sub.peak_bytes <= BUDGET
+    # The stalled ones lost frames (told once) within their budget, and cost the readers
+    # one stall detection: the run took what the slower reader needs, plus at most that.
+    for sub in (stalled, another_stalled):
+        assert sub.dropped > 0
+        assert sub.peak_bytes <= BUDGET
+    assert hub.fell_behind == 2
+    needed = len(got[1]) * 0.002
+    assert needed <= elapsed <= needed + STALL_SECONDS + 0.05
+    assert hub.held <= elapsed
+
+
+async def test_without_peers_a_stalled_reader_is_given_up_after_the_longer_wait(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = EventHub(console=UNTHROTTLED, queue_bytes=BUDGET)
+    with hub.subscribe(paced=True) as stalled:
+        started = trio.current_time()
+        await produce(hub, 4)
+        elapsed = trio.current_time() - started
+        assert stalled.behind and stalled.dropped > 0
+    assert STALL_MAX_SECONDS <= elapsed <= STALL_MAX_SECONDS + 0.05
+
+
+async def test_a_reader_slower_than_half_the_server_cannot_hold_it_longer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = EventHub(console=UNTHROTTLED, queue_bytes=BUDGET)
+    got: list[str] = []
+    with hub.subscribe(paced=True) as slow:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, slow, got, 0.05)  # ~0.6 MB/s, yet never stalled
+            started = trio.current_time()
+            await produce(hub, 16)
+            elapsed = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+        assert not slow.behind  # it kept reading: waited for whenever the budget allowed
+    # Held for the burst, then half the time at most: this server (infinitely fast) is
+    # done once the hold allowance is spent; the slow reader lost the rest.
+    assert hub.held <= HOLD_BURST + HOLD_SHARE * elapsed + 0.05
+    assert elapsed <= HOLD_BURST / (1 - HOLD_SHARE) + 0.05
+    assert slow.dropped > 0
+    assert slow.peak_bytes <= BUDGET
+
+
+async def test_after_the_server_exits_its_last_lines_are_read_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = EventHub(console=UNTHROTTLED, queue_bytes=BUDGET)
+    with hub.subscribe(paced=True) as stalled:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce, hub, 4)  # held: nobody else to tell a stall by
+            await trio.sleep(STALL_SECONDS)
+            started = trio.current_time()
+            hub.release()  # the exit: what is held goes through now
+        assert trio.current_time() == started
+        assert not stalled.behind and stalled.dropped > 0
+        hub.event("starting")  # the next run is paced again: held until given up on
+        hub.console(CHUNK)
+        await hub.pace()
+        assert stalled.behind
+        assert trio.current_time() == pytest.approx(STALL_MAX_SECONDS)  # none taken since 0
+
+
+async def test_pacing_is_off_by_default(autojump_clock: trio.abc.Clock) -> None:
+    """§8: no client slows the server unless config asks for lossless consoles."""
+    settings = ConsoleSettings(throttle_lines=0)
+    hub = EventHub(console=settings, queue_bytes=BUDGET)
+    with hub.subscribe(paced=True) as stalled:
+        started = trio.current_time()
+        await produce(hub, 4)
+        assert trio.current_time() == started
+        assert stalled.dropped > 0 and stalled.peak_bytes <= BUDGET
+    assert hub.held == 0
+
+
+async def test_memory_is_bounded_by_the_per_socket_budget_and_frames_are_shared(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = EventHub(console=UNTHROTTLED, queue_bytes=BUDGET)
+    with contextlib.ExitStack() as stack:
+        subs = [stack.enter_context(hub.subscribe(paced=True)) for _ in range(20)]
+        subs.append(stack.enter_context(hub.subscribe()))  # an unpaced one too
+        await produce(hub, 32)
+        for sub in subs:
+            assert sub.peak_bytes <= BUDGET
+            assert 0 < sub.queued_bytes <= BUDGET
+        # 21 full queues hold the same frames: the agent keeps one budget, not 21.
+        assert sum(sub.queued_bytes for sub in subs) > 20 * BUDGET // 2
+        assert hub.retained_bytes <= BUDGET
+    assert hub.fell_behind == 20
 
 
 def test_frames_encode_their_json_once() -> None:

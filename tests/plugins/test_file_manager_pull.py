@@ -26,7 +26,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from lightd import JobFailed
+from lightd import outbound
 from lightd.files import TEMP_PREFIX
 from lightd.plugins.file_manager import pull
 
@@ -538,9 +538,9 @@ async def test_connection_checks_every_resolved_address_and_connects_to_it(
     name itself (``rebind.invalid``) never resolves, so any second lookup would fail."""
     origin.routes["/f"] = static(b"pinned")
 
-    class Fixed(pull.GuardedBackend):
+    class Fixed(outbound.GuardedBackend):
         def __init__(self, answers: list[str], allowed: list[str]) -> None:
-            super().__init__(pull.networks(allowed))
+            super().__init__(outbound.parse_networks(allowed))
             self.answers = answers
 
         async def resolve(self, host: str, port: int) -> list[str]:
@@ -558,7 +558,7 @@ async def test_connection_checks_every_resolved_address_and_connects_to_it(
     for answers in (["127.0.0.1", "10.0.0.1"], ["::ffff:10.0.0.1"], ["fe80::1%1"]):
         backend = Fixed(answers, ["127.0.0.0/8"])
         async with httpcore.AsyncConnectionPool(network_backend=backend) as pool:
-            with pytest.raises(JobFailed, match="Destination not allowed"):
+            with pytest.raises(outbound.DestinationNotAllowed):
                 await pool.request("GET", url)
         assert backend.connected == []
     assert len(origin.seen) == 1
@@ -771,29 +771,29 @@ async def test_bad_config_is_refused(agent_with: Agent) -> None:
 )  # fmt: skip
 def test_not_public(text: str) -> None:
     ip = ipaddress.ip_address(text)
-    assert not pull.is_public(ip)
-    assert not pull.permitted(ip, [])
+    assert not outbound.is_public_address(ip)
+    assert not outbound.address_permitted(ip, [])
 
 
 @pytest.mark.parametrize(
     "text", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "64:ff9b::808:808"]
 )
 def test_public(text: str) -> None:
-    assert pull.is_public(ipaddress.ip_address(text))
+    assert outbound.is_public_address(ipaddress.ip_address(text))
 
 
 def test_allowed_networks() -> None:
-    allowed = pull.networks(["127.0.0.1", "10.1.0.0/16", "fd00::/8"])
-    assert pull.permitted(ipaddress.ip_address("127.0.0.1"), allowed)
-    assert pull.permitted(ipaddress.ip_address("::ffff:127.0.0.1"), allowed)
-    assert not pull.permitted(ipaddress.ip_address("127.0.0.2"), allowed)
-    assert pull.permitted(ipaddress.ip_address("10.1.200.3"), allowed)
-    assert not pull.permitted(ipaddress.ip_address("10.2.0.1"), allowed)
-    assert pull.permitted(ipaddress.ip_address("fd00::5"), allowed)
-    assert not pull.permitted(ipaddress.ip_address("fe80::1"), allowed)
-    assert pull.valid_cidrs(["10.0.0.0/8", "::1"]) and pull.valid_cidrs(())
-    assert not pull.valid_cidrs(["nope"]) and not pull.valid_cidrs("10.0.0.0/8")
-    assert not pull.valid_cidrs([5])
+    allowed = outbound.parse_networks(["127.0.0.1", "10.1.0.0/16", "fd00::/8"])
+    assert outbound.address_permitted(ipaddress.ip_address("127.0.0.1"), allowed)
+    assert outbound.address_permitted(ipaddress.ip_address("::ffff:127.0.0.1"), allowed)
+    assert not outbound.address_permitted(ipaddress.ip_address("127.0.0.2"), allowed)
+    assert outbound.address_permitted(ipaddress.ip_address("10.1.200.3"), allowed)
+    assert not outbound.address_permitted(ipaddress.ip_address("10.2.0.1"), allowed)
+    assert outbound.address_permitted(ipaddress.ip_address("fd00::5"), allowed)
+    assert not outbound.address_permitted(ipaddress.ip_address("fe80::1"), allowed)
+    assert outbound.valid_cidrs(["10.0.0.0/8", "::1"]) and outbound.valid_cidrs(())
+    assert not outbound.valid_cidrs(["nope"]) and not outbound.valid_cidrs("10.0.0.0/8")
+    assert not outbound.valid_cidrs([5])
 
 
 @pytest.mark.parametrize(
@@ -811,7 +811,7 @@ def test_allowed_networks() -> None:
     ],
 )
 def test_literal_address(host: str, address: str | None) -> None:
-    found = pull.literal_address(host)
+    found = outbound.literal_address(host)
     assert (None if found is None else str(found)) == address
 
 
@@ -839,31 +839,31 @@ def test_every_ipv6_form_of_a_private_ipv4_is_blocked(v4: ipaddress.IPv4Address)
         ipaddress.IPv6Address(n),  # IPv4-compatible
         ipaddress.IPv6Address((0x20010000 << 96) | (0xFFFFFFFF ^ n)),  # Teredo client
     ]
-    assert not pull.is_public(v4)
+    assert not outbound.is_public_address(v4)
     for form in forms:
-        assert not pull.permitted(form, []), form
+        assert not outbound.address_permitted(form, []), form
 
 
 @given(st.integers(0, 2**32 - 1))
 def test_ipv4_public_only_if_global_and_a_form_keeps_the_verdict(n: int) -> None:
     v4 = ipaddress.IPv4Address(n)
-    if pull.is_public(v4):
+    if outbound.is_public_address(v4):
         assert v4.is_global and not v4.is_multicast
-        assert pull.is_public(ipaddress.IPv6Address((0x64FF9B << 96) | n))
-    assert not pull.is_public(ipaddress.IPv6Address((0xFFFF << 32) | n))
+        assert outbound.is_public_address(ipaddress.IPv6Address((0x64FF9B << 96) | n))
+    assert not outbound.is_public_address(ipaddress.IPv6Address((0xFFFF << 32) | n))
 
 
 @given(st.integers(0, 2**128 - 1))
 def test_ipv6_public_implies_global(n: int) -> None:
     ip = ipaddress.IPv6Address(n)
-    if pull.is_public(ip):
+    if outbound.is_public_address(ip):
         assert ip.is_global and not ip.is_multicast and not ip.is_link_local
-        inner = pull.embedded_ipv4(ip)
-        assert inner is None or pull.is_public(inner)
+        inner = outbound.embedded_ipv4(ip)
+        assert inner is None or outbound.is_public_address(inner)
 
 
 @given(st.ip_addresses())
 def test_a_network_of_its_own_always_permits(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
 ) -> None:
-    assert pull.permitted(ip, pull.networks([str(ip)]))
+    assert outbound.address_permitted(ip, outbound.parse_networks([str(ip)]))
