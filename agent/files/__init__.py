@@ -45,7 +45,14 @@ from .errors import (
 )
 from .paths import NAME_MAX, PATH_MAX, ROOT, RelPath, parse, parse_owner
 from .resolve import openat2_available, rename_exchange, rename_noreplace
-from .root import AtomicFile, DirEntry, Root, Usage
+from .root import (
+    AtomicFile,
+    DirEntry,
+    Root,
+    Usage,
+    remove_private_folder,
+    sweep_private_folders,
+)
 from .tarball import BoundedTarInfo, entry_path, extract_tar, link_stays_inside, tar_pieces
 from .tree import (
     CHUNK,
@@ -97,7 +104,9 @@ __all__ = [
     "openat2_available",
     "parse",
     "parse_owner",
+    "remove_private_folder",
     "rename_exchange",
     "rename_noreplace",
+    "sweep_private_folders",
     "tar_pieces",
 ]

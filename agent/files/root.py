@@ -67,7 +67,14 @@ from .tree import (
     walk_below,
 )
 
-__all__ = ["AtomicFile", "DirEntry", "Root", "Usage"]
+__all__ = [
+    "AtomicFile",
+    "DirEntry",
+    "Root",
+    "Usage",
+    "remove_private_folder",
+    "sweep_private_folders",
+]
 
 log = logging.getLogger(__name__)
 
@@ -731,3 +738,34 @@ class Root:
     @staticmethod
     def read_link(entry: WalkEntry) -> str | None:
         return link_target_at(entry.dir_fd, entry.name)
+
+
+def remove_private_folder(parent: str | os.PathLike[str], name: str, prefix: str) -> bool:
+    """Remove the agent's own folder ``name`` (it must start with ``prefix``: a staging
+    folder beside the volumes, never a volume) below the trusted folder ``parent``, with
+    everything in it, never following a link. Missing is fine. A failure is logged, not
+    raised: clean-up must not hide the error that led to it; ``False`` then."""
+    if not name.startswith(prefix) or "/" in name:
+        return False
+    try:
+        with Root.open(parent) as top:
+            if stat.S_ISDIR(os.lstat(name, dir_fd=top.fd).st_mode):
+                shutil.rmtree(name, dir_fd=top.fd)
+            else:  # not ours after all (a link, a file): removed itself, never followed
+                os.unlink(name, dir_fd=top.fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("could not remove the private folder %s in %s: %s", name, parent, exc)
+        return False
+    return True
+
+
+def sweep_private_folders(parent: str | os.PathLike[str], prefix: str) -> int:
+    """Remove every folder of ``parent`` named ``prefix…`` (what a crash left behind, at
+    start); how many were removed."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return 0
+    return sum(remove_private_folder(parent, name, prefix) for name in names)

@@ -28,7 +28,6 @@ import logging
 import os
 import queue
 import secrets
-import shutil
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +42,9 @@ from lightd.files import (
     Root,
     extract_tar,
     merge_tree,
+    remove_private_folder,
     rename_exchange,
+    sweep_private_folders,
     tar_pieces,
 )
 
@@ -407,24 +408,9 @@ def restore_swap(
 
 
 def remove_staging(parent: Path, name: str) -> None:
-    if not name.startswith(STAGING_PREFIX):
-        return
-    try:
-        with Root.open(parent) as top:
-            shutil.rmtree(name, dir_fd=top.fd)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.error("could not remove the restore staging folder %s: %s", name, exc)
+    remove_private_folder(parent, name, STAGING_PREFIX)
 
 
 def sweep_staging(parent: Path) -> int:
     """Remove staging folders a crash left in the volumes folder; how many."""
-    removed = 0
-    if not parent.is_dir():
-        return 0
-    for item in parent.iterdir():
-        if item.name.startswith(STAGING_PREFIX):
-            remove_staging(parent, item.name)
-            removed += 1
-    return removed
+    return sweep_private_folders(parent, STAGING_PREFIX)

@@ -21,12 +21,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from lightd.files import CHUNK, BadArchive, NoSpace, Owner, Root, extract_tar, tar_pieces
+from lightd.files import (
+    CHUNK,
+    BadArchive,
+    NoSpace,
+    Owner,
+    Root,
+    extract_tar,
+    remove_private_folder,
+    sweep_private_folders,
+    tar_pieces,
+)
 
 __all__ = ["STAGING_PREFIX", "produce", "remove_staging", "stage", "sweep_staging"]
 
@@ -167,22 +176,9 @@ class _Source:
 
 
 def remove_staging(parent: Path, name: str) -> None:
-    if not name.startswith(STAGING_PREFIX):
-        return
-    try:
-        with Root.open(parent) as top:
-            shutil.rmtree(name, dir_fd=top.fd)
-    except FileNotFoundError:
-        pass
+    remove_private_folder(parent, name, STAGING_PREFIX)
 
 
 def sweep_staging(parent: Path) -> int:
     """Remove staging folders a crash left beside the volumes; how many."""
-    removed = 0
-    if not parent.is_dir():
-        return 0
-    for item in parent.iterdir():
-        if item.name.startswith(STAGING_PREFIX):
-            remove_staging(parent, item.name)
-            removed += 1
-    return removed
+    return sweep_private_folders(parent, STAGING_PREFIX)

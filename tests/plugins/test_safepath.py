@@ -26,6 +26,8 @@ from lightd.files import (
     merge_tree,
     openat2_available,
     parse,
+    remove_private_folder,
+    sweep_private_folders,
 )
 from lightd.files import resolve as resolution
 from lightd.files.resolve import rename_noreplace
@@ -487,3 +489,26 @@ def test_merge_tree_conflicts_move_nothing(
         for fd in fds:
             os.close(fd)
     assert snapshot(tmp_path) == before
+
+
+def test_private_folders_are_removed_without_following_links(tmp_path: Path) -> None:
+    """Staging folders beside the volumes (backups' restore, transfers) go with their
+    contents; a link among them is removed as a link, and only ``prefix…`` names go."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    parent = tmp_path / "volumes"
+    parent.mkdir()
+    (parent / "volume-a").mkdir()
+    staging = parent / ".lightd-x-1"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "sub" / "f").write_text("data")
+    (staging / "sub" / "out").symlink_to(outside)
+    (parent / ".lightd-x-2").symlink_to(outside)
+
+    assert not remove_private_folder(parent, "volume-a", ".lightd-x-")
+    assert remove_private_folder(parent, ".lightd-x-missing", ".lightd-x-")
+    assert sweep_private_folders(parent, ".lightd-x-") == 2
+    assert sorted(p.name for p in parent.iterdir()) == ["volume-a"]
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert sweep_private_folders(tmp_path / "nothing-here", ".lightd-x-") == 0
