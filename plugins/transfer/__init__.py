@@ -66,6 +66,7 @@ import httpcore
 import trio
 from lightd import (
     CONTAINER_SERVICE,
+    DESTINATION_NOT_ALLOWED,
     DISK,
     JOBS,
     VOLUMES,
@@ -472,7 +473,7 @@ class Transfers:
         if literal is not None and not address_permitted(
             literal, parse_networks(self.config.allowed_cidrs)
         ):
-            raise BadRequest("Destination not allowed", code="destination_not_allowed")
+            raise BadRequest(DESTINATION_NOT_ALLOWED, code="destination_not_allowed")
         ports = None if body.ports is None else [attrs.asdict(p) for p in body.ports]
         out = Outgoing(
             internal_id=internal_id,
@@ -561,7 +562,7 @@ class Transfers:
                 extensions={"timeout": timeouts},
             )
         except DestinationNotAllowed:
-            raise JobFailed("Destination not allowed") from None
+            raise JobFailed(DESTINATION_NOT_ALLOWED) from None
         except (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError) as exc:
             raise _Retry(str(exc) or type(exc).__name__) from None
         try:
@@ -771,7 +772,7 @@ class Transfers:
                 "PUT", url, headers=headers, content=content, extensions={"timeout": timeouts}
             )
         except DestinationNotAllowed:
-            raise JobFailed("Destination not allowed") from None
+            raise JobFailed(DESTINATION_NOT_ALLOWED) from None
         except (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError) as exc:
             raise _Retry(str(exc) or type(exc).__name__) from None
         try:
