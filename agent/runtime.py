@@ -197,13 +197,19 @@ async def open_agent(
     extra_plugins: Iterable[tuple[str, object]] = (),
     load_entrypoints: bool = True,
     clock: Callable[[], float] = time.time,
+    on_config: Callable[[Config], object] | None = None,
 ) -> AsyncIterator[Agent]:
     """Build an agent from a config file: plugins, config sections, storage, store, Docker.
+
+    ``on_config`` is called with the core config as soon as it is read, before the plugins
+    are imported: the command line starts work there that can run beside that import.
 
     Raises ``ConfigError`` for a bad config (including plugin sections), ``PluginError`` for
     a broken plugin and ``StoreError`` for an unusable state store.
     """
     core = await trio.to_thread.run_sync(load_config, config_path)
+    if on_config is not None:
+        on_config(core.config)
     pm = make_plugin_manager(
         core.config.plugins.disabled, load_entrypoints=load_entrypoints, extra=extra_plugins
     )

@@ -27,7 +27,9 @@ import json
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -44,7 +46,14 @@ from ..runtime import Agent, Service, StashKey
 from ..store import Migration, Store
 from .views import OPT_IN_PERMISSIONS, PERMISSIONS, Message, current_auth, describe, read_json
 
-__all__ = ["TOKENS", "TemporaryToken", "TokenRegistry", "master_fingerprint", "parse_ttl"]
+__all__ = [
+    "TOKENS",
+    "TemporaryToken",
+    "TokenRegistry",
+    "fingerprint_early",
+    "master_fingerprint",
+    "parse_ttl",
+]
 
 PURGE_INTERVAL = 300.0
 MAX_TTL = 30 * 24 * 3600
@@ -90,6 +99,39 @@ def master_fingerprint(master: str) -> str:
         dklen=16,
     )
     return digest.hex()
+
+
+#: Fingerprints being computed ahead of the tokens service, by master token.
+_early: dict[str, Future[str]] = {}
+_early_lock = threading.Lock()
+
+
+def fingerprint_early(master: str) -> None:
+    """Start ``master_fingerprint`` in a thread of its own now, while the agent is still
+    importing its plugins (scrypt runs without the GIL), so that the tokens service finds
+    it done instead of making the start-up wait for it: 70 ms of one start measured."""
+    future: Future[str] = Future()
+    with _early_lock:
+        if master in _early:
+            return
+        _early[master] = future
+
+    def work() -> None:
+        try:
+            future.set_result(master_fingerprint(master))
+        except BaseException as exc:  # handed to whoever waits for it
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="lightd-master-fingerprint", daemon=True).start()
+
+
+async def _fingerprint(master: str) -> str:
+    """``master_fingerprint`` off the event loop, from ``fingerprint_early`` if it ran."""
+    with _early_lock:
+        future = _early.pop(master, None)
+    if future is None:
+        return await trio.to_thread.run_sync(master_fingerprint, master)
+    return await trio.to_thread.run_sync(future.result)
 
 
 def rfc3339(unix: float) -> str:
@@ -462,8 +504,7 @@ def lightd_add_services(agent: Agent) -> list[Service]:
         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         # Off the event loop: scrypt is slow on purpose.
-        token = agent.config.authorization.token
-        registry.master = await trio.to_thread.run_sync(master_fingerprint, token)
+        registry.master = await _fingerprint(agent.config.authorization.token)
         await registry.load()
         task_status.started()
         while True:

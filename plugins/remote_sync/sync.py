@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import sqlite3
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -80,11 +81,17 @@ DETAIL_CHARS = 200
 _HEALTHY = {"status": 200, "endpoint": "active"}
 
 
+_tls_lock = threading.Lock()
+
+
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """The TLS settings of both services' clients, as httpx's default (the CA bundle,
-    ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made once: each costs 40 ms and 1 MB."""
-    return httpx.create_ssl_context()
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made once: each costs 40 ms and 1 MB. Made in a
+    worker thread (reading the bundle releases the GIL), after the services said they are
+    ready, so the agent's start does not wait for it; the lock keeps it to one."""
+    with _tls_lock:
+        return httpx.create_ssl_context()
 
 
 def join_url(base: str, path: str) -> str:
@@ -406,9 +413,8 @@ class RemoteSync:
         """The HTTP client of one service: no base URL and no auth of its own, since both
         are taken from the current config for every request."""
         headers = {"User-Agent": f"lightd/{self.agent.version}", "Accept": "application/json"}
-        async with httpx.AsyncClient(
-            headers=headers, follow_redirects=False, verify=_tls_context()
-        ) as client:
+        tls = await trio.to_thread.run_sync(_tls_context)
+        async with httpx.AsyncClient(headers=headers, follow_redirects=False, verify=tls) as client:
             yield client
 
     async def _request(
@@ -531,8 +537,8 @@ class RemoteSync:
     ) -> None:
         """The heartbeat service: ready at once (a dead panel must not hold up the
         agent's start), then a health check now and every ``heartbeat_interval``."""
+        task_status.started()
         async with self.open_client() as client:
-            task_status.started()
             await run_periodically(
                 lambda: self.check_health(client),
                 lambda: self.config.heartbeat_interval,
@@ -543,9 +549,9 @@ class RemoteSync:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """The outbox sender service: delivers stored updates in order, for ever."""
+        self.pending = await self.outbox.count(self.cursor)
+        task_status.started()
         async with self.open_client() as client:
-            self.pending = await self.outbox.count(self.cursor)
-            task_status.started()
             try:
                 await self._deliver_forever(client)
             finally:
