@@ -212,8 +212,8 @@ def lightd_container_network_changed(
 
 @hookspec
 def lightd_container_starting(agent: Agent, internal_id: str, volume_id: str) -> None:
-    """Called before a start or restart of a container is queued (by the API, the
-    WebSocket or the boot of servers that should run), synchronously: an implementation
+    """Called before a start, restart or reinstall of a container is queued (by the API,
+    the WebSocket or the boot of servers that should run), synchronously: an implementation
     refuses the start by raising an ``ApiError`` (the disk plugin: ``409 Disk quota
     exceeded`` while the volume is over its limit), which the caller answers as it is.
     Keep it cheap: no I/O (read what your plugin keeps in memory).

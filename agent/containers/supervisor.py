@@ -394,6 +394,9 @@ class ContainerSupervisor:
         elif kind == "reinstall":
             if self.installing():
                 raise Conflict("Container is already being installed", code="installing")
+            # The install script runs on the volume as a start would: what holds the volume
+            # (a restore, a transfer reading it) or refuses to let it grow refuses this too.
+            self.host.check_start(self.internal_id, self.record.volume_id)
         elif kind == "patch":
             if self.installing():
                 raise Conflict(PATCH_INSTALLING, code="installing")

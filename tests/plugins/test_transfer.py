@@ -275,6 +275,9 @@ async def test_a_transfer_cut_half_way_resumes_after_the_source_restarts(
         start = await src.post(f"/containers/{sid}/start")
         assert start.status_code == 409
         assert start.json()["error"] == "Container is being transferred"
+        reinstall = await src.post(f"/containers/{sid}/reinstall", json={})
+        assert reinstall.status_code == 409  # the install script would change what is read
+        assert reinstall.json()["error"] == "Container is being transferred"
     await source.stop()
     cut_at = (await _receive_job(target))["progress"]["done"]
     assert 0 < cut_at < 41 << 20
