@@ -17,7 +17,8 @@ Modules, bottom up:
 * ``tree``: walk, copy and all-or-nothing merge of trees, on folder descriptors;
 * ``root``: ``Root``, the volume root object every plugin works through;
 * ``tarball``: a tree as a streamed tar (``tar_pieces``) and the safe extraction of a tar
-  stream (``extract_tar``), shared by the plugins that write or read tar archives.
+  stream (``extract_tar``), shared by the plugins that write or read tar archives; the same
+  through zstd (``write_tar_zst``, ``zst_reader``).
 
 This module is part of the public surface: plugins (built-in and third-party) import
 the names below from ``lightd.files`` and nothing from its submodules. Everything here
@@ -53,7 +54,15 @@ from .root import (
     remove_private_folder,
     sweep_private_folders,
 )
-from .tarball import BoundedTarInfo, entry_path, extract_tar, link_stays_inside, tar_pieces
+from .tarball import (
+    BoundedTarInfo,
+    entry_path,
+    extract_tar,
+    link_stays_inside,
+    tar_pieces,
+    write_tar_zst,
+    zst_reader,
+)
 from .tree import (
     CHUNK,
     MAX_DEPTH,
@@ -109,4 +118,6 @@ __all__ = [
     "rename_noreplace",
     "sweep_private_folders",
     "tar_pieces",
+    "write_tar_zst",
+    "zst_reader",
 ]

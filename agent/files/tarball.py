@@ -23,6 +23,9 @@ the data of the last ones run at once, with no ``fsync`` (the caller decides wha
 sync). ``extract_tar`` returns or raises only once every write has ended and every
 descriptor is closed.
 
+``write_tar_zst`` and ``zst_reader`` are the same through zstd (the ``tar.zst`` of backups
+and transfers): ``zstandard`` is imported only when one is used.
+
 Everything here blocks: call it from a worker thread; ``checkpoint`` is called often
 (``trio.from_thread.check_cancelled`` stops the work on cancellation).
 """
@@ -37,7 +40,7 @@ import stat
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import attrs
 
@@ -54,6 +57,8 @@ __all__ = [
     "extract_tar",
     "link_stays_inside",
     "tar_pieces",
+    "write_tar_zst",
+    "zst_reader",
 ]
 
 #: Largest GNU long-name or pax header we parse (tarfile reads them whole into memory).
@@ -526,3 +531,64 @@ def _extract_members(tf: tarfile.TarFile, tree: Root, out: _Writer, source: _For
                 out.file(rel, member, source.take)
         else:
             raise BadArchive(f"device or special file: {_show(rel.text)}")
+
+
+class _Writable(Protocol):
+    """What ``write_tar_zst`` writes to: anything with ``write(bytes)``."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def write_tar_zst(
+    root: Root,
+    out: _Writable,
+    *,
+    level: int,
+    threads: int,
+    prune: Callable[[str], bool] | None = None,
+    checkpoint: Callable[[], None] = noop,
+    progress: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Write ``tar_pieces(root, …)`` through one zstd compressor (``threads`` workers, as
+    ``zstd -T``: its output does not depend on their number) to ``out``, in writes of
+    about ``CHUNK`` bytes; the frame is finished when this returns. The frame carries its
+    content checksum, as the ``zstd`` command's do: ``zst_reader`` checks it at the end."""
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    with compressor.stream_writer(
+        out,  # type: ignore[arg-type]  # anything with write() will do
+        closefd=False,
+        write_size=CHUNK,
+    ) as writer:
+        for piece in tar_pieces(root, prune=prune, checkpoint=checkpoint, progress=progress):
+            writer.write(piece)
+
+
+class _Readable:
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+
+    def read(self, n: int = -1) -> bytes:
+        return self._read(CHUNK if n < 0 else n)
+
+
+def zst_reader(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """``read(n)`` of the data decompressed from the zstd frame read by ``read`` (pieces,
+    ``b""`` at the end), for ``extract_tar``; corrupt data is ``BadArchive``. What follows
+    the frame is left to ``read``."""
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        _Readable(read),  # type: ignore[arg-type]  # anything with read() will do
+        read_size=CHUNK,
+        closefd=False,
+    )
+
+    def decompressed(n: int) -> bytes:
+        try:
+            return reader.read(n)
+        except zstandard.ZstdError:
+            raise BadArchive("corrupt or unreadable data") from None
+
+    return decompressed

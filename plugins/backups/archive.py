@@ -1,6 +1,6 @@
 """The blocking halves of a backup and a restore (run in worker threads).
 
-Backup: ``lightd.files.tar_pieces`` walks the volume (links stored as links, never
+Backup: ``lightd.files.write_tar_zst`` walks the volume (links stored as links, never
 followed; ``ignore`` globs pruned) → one ``zstandard`` compressor (multi-threaded, like
 ``zstd -T0``) → pieces of about ``CHUNK`` bytes handed to the target, with the sha256
 of the compressed stream computed on the way. Walking, reading and compressing run in a
@@ -8,7 +8,7 @@ helper thread, hashing and handing on in the calling one (a ``_Pipe`` of at most
 ``OUT_PIECES`` pieces between them, as ``tar | zstd`` runs two processes). Nothing is
 held beyond those pieces (and the s3 target's one part), nothing is written twice.
 
-Restore: the archive is read from the target → sha256 → ``zstandard`` decompressor (the
+Restore: the archive is read from the target → sha256 → ``lightd.files.zst_reader`` (the
 calling thread) → ``_Pipe`` (``PIPE_PIECES``) → ``lightd.files.extract_tar`` (a helper
 thread) into a private staging folder beside the volume (same file
 system, so moving it in is a rename), with every entry checked (absolute, ``..``, links
@@ -45,7 +45,8 @@ from lightd.files import (
     remove_private_folder,
     rename_exchange,
     sweep_private_folders,
-    tar_pieces,
+    write_tar_zst,
+    zst_reader,
 )
 
 __all__ = [
@@ -139,8 +140,6 @@ def write_backup(
     """Archive the volume at ``folder`` into ``sink``; ``(size, sha256 hex)``. A helper
     thread walks, reads and compresses; this one (``sink`` and ``checkpoint`` may need
     the calling worker thread: ``trio.from_thread``) hashes and hands on the pieces."""
-    import zstandard  # here and below: only a backup or a restore needs it
-
     prune = ignore_matcher(ignore)
     with Root.open_volume(folder) as root:
         pipe = _Pipe(OUT_PIECES)
@@ -149,16 +148,15 @@ def write_backup(
         def archive() -> None:
             try:
                 out = _Out(pipe)
-                compressor = zstandard.ZstdCompressor(level=level, threads=threads)
-                with compressor.stream_writer(
-                    out,  # type: ignore[arg-type]  # anything with write() will do
-                    closefd=False,
-                    write_size=CHUNK,
-                ) as writer:
-                    for piece in tar_pieces(
-                        root, prune=prune, checkpoint=pipe.producer_check, progress=meter.add
-                    ):
-                        writer.write(piece)
+                write_tar_zst(
+                    root,
+                    out,
+                    level=level,
+                    threads=threads,
+                    prune=prune,
+                    checkpoint=pipe.producer_check,
+                    progress=meter.add,
+                )
                 out.flush()
                 pipe.put(b"")
             except _Stopped:
@@ -319,8 +317,6 @@ def _decompress_and_extract(
     """This thread reads, hashes and decompresses (``read`` and ``checkpoint`` may need
     the calling worker thread: ``trio.from_thread``); a helper thread extracts. The whole
     archive is read, past the tar's end too (the zstd frame's checksum, the sha256)."""
-    import zstandard
-
     pipe = _Pipe(PIPE_PIECES)
     failure: list[BaseException] = []
 
@@ -343,12 +339,8 @@ def _decompress_and_extract(
     helper.start()
     own: BaseException | None = None
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            source,  # type: ignore[arg-type]  # anything with read() will do
-            read_size=CHUNK,
-            closefd=False,
-        )
-        while piece := reader.read(CHUNK):
+        decompressed = zst_reader(source.read)
+        while piece := decompressed(CHUNK):
             checkpoint()
             pipe.put(piece)
         pipe.put(b"")
@@ -356,9 +348,7 @@ def _decompress_and_extract(
             checkpoint()
     except _Stopped:
         pass  # the extraction failed: its error is the one
-    except zstandard.ZstdError:
-        own = BadArchive("corrupt or unreadable data")
-    except BaseException as exc:  # cancelled, the target failed…
+    except BaseException as exc:  # corrupt data (BadArchive), cancelled, the target failed…
         own = exc
     if own is not None:
         pipe.fail()

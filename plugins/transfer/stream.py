@@ -1,7 +1,7 @@
 """The blocking halves of a transfer (run in worker threads): the source's archive and the
 target's staged extraction.
 
-Source: ``lightd.files.tar_pieces`` walks the volume (links stored as links, never
+Source: ``lightd.files.write_tar_zst`` walks the volume (links stored as links, never
 followed) → one ``zstandard`` compressor (multi-threaded, like ``zstd -T0``) → pieces of
 about ``CHUNK`` bytes, the sha256 of the compressed stream computed on the way. For a
 stopped server the stream is the same bytes every time it is made (same walk, same
@@ -10,7 +10,7 @@ and skips the ``skip`` bytes the target already holds, comparing their sha256 wi
 target's (``prefix``) before it sends one byte more: a volume changed in between fails
 the transfer instead of splicing two archives.
 
-Target: the pieces received are read by ``stage`` → ``zstandard`` decompressor →
+Target: the pieces received are read by ``stage`` → ``lightd.files.zst_reader`` →
 ``lightd.files.extract_tar`` into a private staging folder beside the volumes (same file
 system: becoming the volume is a rename), every entry checked (absolute, ``..``, links
 leaving the tree, devices: ``Invalid archive: <reason>``), at most ``max_total`` bytes.
@@ -34,7 +34,8 @@ from lightd.files import (
     extract_tar,
     remove_private_folder,
     sweep_private_folders,
-    tar_pieces,
+    write_tar_zst,
+    zst_reader,
 )
 
 __all__ = ["STAGING_PREFIX", "produce", "remove_staging", "stage", "sweep_staging"]
@@ -59,18 +60,11 @@ def produce(
     ``emit`` for every byte after the first ``skip`` (and, when ``skip``, first
     ``("prefix", sha256 hex of those bytes)``). Returns ``(size, sha256 hex)`` of the
     whole archive."""
-    import zstandard  # only when a transfer runs: not at every start (bench/footprint.py)
-
     out = _Hasher(emit, skip)
     with Root.open_volume(folder) as root:
-        compressor = zstandard.ZstdCompressor(level=level, threads=threads)
-        with compressor.stream_writer(
-            out,  # type: ignore[arg-type]  # anything with write() will do
-            closefd=False,
-            write_size=CHUNK,
-        ) as writer:
-            for piece in tar_pieces(root, checkpoint=checkpoint, progress=progress):
-                writer.write(piece)
+        write_tar_zst(
+            root, out, level=level, threads=threads, checkpoint=checkpoint, progress=progress
+        )
         out.finish()
     return out.offset, out.sha.hexdigest()
 
@@ -134,45 +128,28 @@ def stage(
     staging folder ``staging`` of ``parent`` (made here, or there already); the whole
     stream is read, past the archive's end too. ``BadArchive`` for a refused or corrupt
     archive; ``NoSpace`` when the disk is full."""
-    import zstandard
-
     with Root.open(parent) as top:
         with contextlib.suppress(FileExistsError):
             os.mkdir(staging, 0o700, dir_fd=top.fd)
         with Root.open_at(top.fd, staging, no_links=True, owner=owner) as tree:
-            source = _Source(read)
             try:
-                reader = zstandard.ZstdDecompressor().stream_reader(
-                    source,  # type: ignore[arg-type]  # anything with read() will do
-                    read_size=CHUNK,
-                    closefd=False,
-                )
+                decompressed = zst_reader(read)
                 extract_tar(
                     tree,
-                    reader.read,
+                    decompressed,
                     max_total=max_total,
                     max_entries=max_entries,
                     checkpoint=checkpoint,
                     tick=tick,
                 )
-                while reader.read(CHUNK):  # the tar's end marker may leave a few blocks
+                while decompressed(CHUNK):  # the tar's end marker may leave a few blocks
                     checkpoint()
-                while source.read(CHUNK):  # anything after the frame: read, not used
+                while read(CHUNK):  # anything after the frame: read, not used
                     checkpoint()
-            except zstandard.ZstdError:
-                raise BadArchive("corrupt or unreadable data") from None
             except OSError as exc:
                 if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                     raise NoSpace() from exc
                 raise
-
-
-class _Source:
-    def __init__(self, read: Callable[[int], bytes]) -> None:
-        self._read = read
-
-    def read(self, n: int = -1) -> bytes:
-        return self._read(CHUNK if n < 0 else n)
 
 
 def remove_staging(parent: Path, name: str) -> None:

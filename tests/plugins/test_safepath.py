@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from lightd.files import (
+    CHUNK,
     MAX_DEPTH,
     TEMP_PREFIX,
+    BadArchive,
     FileExists,
     FolderExists,
     InvalidPath,
@@ -23,11 +25,14 @@ from lightd.files import (
     RelPath,
     Root,
     api_status,
+    extract_tar,
     merge_tree,
     openat2_available,
     parse,
     remove_private_folder,
     sweep_private_folders,
+    write_tar_zst,
+    zst_reader,
 )
 from lightd.files import resolve as resolution
 from lightd.files.resolve import rename_noreplace
@@ -512,3 +517,62 @@ def test_private_folders_are_removed_without_following_links(tmp_path: Path) -> 
     assert sorted(p.name for p in parent.iterdir()) == ["volume-a"]
     assert (outside / "keep.txt").read_text() == "keep"
     assert sweep_private_folders(tmp_path / "nothing-here", ".lightd-x-") == 0
+
+
+def _pieces_of(data: bytes, size: int) -> Callable[[int], bytes]:
+    """``read(n)`` over ``data`` in pieces of at most ``size`` bytes, ``b""`` at the end."""
+    view = memoryview(data)
+    offset = 0
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        piece = bytes(view[offset : offset + min(n, size)])
+        offset += len(piece)
+        return piece
+
+    return read
+
+
+def test_tar_zst_round_trip_and_corrupt_data(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    (source / "world" / "region").mkdir(parents=True)
+    (source / "world" / "region" / "r.0.0.mca").write_bytes(os.urandom(300_000))
+    (source / "server.properties").write_text("motd=hi\n")
+    os.symlink("server.properties", source / "link")
+    out = bytearray()
+
+    class Sink:
+        def write(self, data: bytes) -> int:
+            out.extend(data)
+            return len(data)
+
+    with Root.open(source) as root:
+        write_tar_zst(root, Sink(), level=3, threads=2)
+    assert bytes(out[:4]) == b"\x28\xb5\x2f\xfd"  # a zstd frame
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with Root.open(dest, no_links=True) as tree:
+        extract_tar(
+            tree, zst_reader(_pieces_of(bytes(out), 7000)), max_total=1 << 30, max_entries=100
+        )
+    assert (dest / "world" / "region" / "r.0.0.mca").read_bytes() == (
+        source / "world" / "region" / "r.0.0.mca"
+    ).read_bytes()
+    assert os.readlink(dest / "link") == "server.properties"
+
+    # A flipped byte in stored (incompressible) data only the frame's checksum can tell.
+    corrupt = bytearray(out)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    (tmp_path / "again").mkdir()
+    read = zst_reader(_pieces_of(bytes(corrupt), 7000))
+
+    def extract_and_drain() -> None:
+        with Root.open(tmp_path / "again", no_links=True) as tree:
+            extract_tar(tree, read, max_total=1 << 30, max_entries=100)
+        while read(CHUNK):  # past the tar's end: the frame's end and its checksum
+            pass
+
+    with pytest.raises(BadArchive) as caught:
+        extract_and_drain()
+    assert str(caught.value) == "Invalid archive: corrupt or unreadable data"
