@@ -5,22 +5,35 @@ Measures, with OpenSSH's ``sftp -b`` as the client of both:
   2. upload (``put -r``) and download (``get -r``) of a folder of ``--files`` (2000) small
      files (1 to 16 KiB);
 against ``sshd`` (started here on a free loopback port with its own config and host key,
-``Subsystem sftp internal-sftp``, public-key login) serving the same kind of folder on the
-same disk. Each figure is the best of ``--repeat`` runs, the agent's and sshd's runs
-taking turns (which goes first alternates), so a burst of load falls on both alike; each
-run is one client process (connection and login included, on both sides). The cipher is
-whatever the client and each server agree on (printed; ``--cipher`` pins it).
+``Subsystem sftp internal-sftp``, public-key login). Each run is one client process
+(connection and login included, on both sides).
 
-Targets: throughput ratio agent/sshd >= 0.5 for each transfer; the agent's RSS growth
-during the whole run (peak minus before) < 50 MB.
+Rounds (``--repeat``, 5): a round runs each transfer on both servers back to back (which
+goes first alternates), and its ratio is agent/sshd throughput in that round; the headline
+is the median of the rounds' ratios (every round's ratio, the min and max, and the
+best-of figures are printed too). The machine may be shared and drift between rounds: a
+ratio compares two runs a few seconds apart.
+
+Both sides meet the same disk state: sshd serves the agent's volume folder itself, so
+both read the same files (seeded there once, untimed) and upload into the same folder.
+Each small-files upload goes to a new folder (``up-<round>-<side>``) and nothing is
+deleted between timed runs: ext4 makes creating files for about 30 s after many were
+deleted in the same block group costly (``recently_deleted``: each new inode skips the
+recently freed ones), a cost that fell on whichever side ran next after the bench had
+removed the previous run's 2 000 files. Before each timed run, what the last run left
+(a big file, a download) is removed and dirty pages are written out (``sync``), for both.
+The cipher is whatever the client and each server agree on (printed; ``--cipher`` pins it).
+
+Targets: median ratio agent/sshd >= 0.5 for each transfer; the agent's RSS growth during
+the whole run (peak minus before) < 50 MB. The agent's CPU seconds per run (median) are
+printed for its own trend.
 
 The agent runs as its own process (``bench.websocket.agent_process``) with
-``sftp.enabled``; the login is ``vol.<volume_id>`` with the master token. The machine may
-be shared: read the ratios, not the absolute figures.
+``sftp.enabled``; the login is ``vol.<volume_id>`` with the master token.
 
 Run::
 
-    .venv/bin/python -m bench.sftp [--size-mb 512] [--files 2000] [--repeat 3] [--json]
+    .venv/bin/python -m bench.sftp [--size-mb 512] [--files 2000] [--repeat 5] [--json]
         [--ops upload-small,download-small]
 """
 
@@ -31,6 +44,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,7 +196,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--files", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--cipher", default=None, help="pin the cipher (sftp -c)")
     parser.add_argument("--dir", default=None, help="where to put the data (default /tmp)")
     parser.add_argument(
@@ -203,8 +217,6 @@ async def main() -> None:
             make_data, local, args.size_mb, args.files
         )
         big_bytes = big.stat().st_size
-        sshd_root = work / "sshd_root"
-        sshd_root.mkdir()
         (work / "sshd").mkdir()
         sshd = Sshd(work / "sshd")
         await trio.to_thread.run_sync(sshd.start)
@@ -225,8 +237,8 @@ async def main() -> None:
                 volume_root = Path(made["path"])
                 agent_user = f"vol.{made['volume_id']}"
                 await trio.to_thread.run_sync(
-                    run_all, args, agent, sshd, port, agent_user, volume_root, sshd_root,
-                    local, big_bytes, small_bytes,
+                    run_all, args, agent, sshd, port, agent_user, volume_root, local,
+                    big_bytes, small_bytes,
                 )  # fmt: skip
         finally:
             await trio.to_thread.run_sync(sshd.stop)
@@ -234,14 +246,15 @@ async def main() -> None:
 
 def run_all(
     args: argparse.Namespace, agent: AgentProcess, sshd: Sshd, port: int, agent_user: str,
-    volume_root: Path, sshd_root: Path, local: Path, big_bytes: int, small_bytes: int,
+    volume_root: Path, local: Path, big_bytes: int, small_bytes: int,
 ) -> None:  # fmt: skip
-    # {r}: the remote folder ("" for the agent: its session's / is the volume), {l}: ours
+    # {r}: the remote folder ("" for the agent: its session's / is the volume; the volume's
+    # path for sshd), {l}: ours, {n}: a name new to this run
     ops = {
-        "upload big": ("put big.bin {r}big.bin\n", big_bytes),
+        "upload big": ("put big.bin {r}big.up\n", big_bytes),
         "download big": ("get {r}big.bin {l}/big.down\n", big_bytes),
-        "upload small": ("put -r small {r}small\n", small_bytes),
-        "download small": ("get -r {r}small {l}/small.down\n", small_bytes),
+        "upload small": ("put -r small {r}{n}\n", small_bytes),
+        "download small": ("get -r {r}small {l}/{n}\n", small_bytes),
     }
     if args.ops:
         wanted = {name.strip().replace("-", " ") for name in args.ops.split(",")}
@@ -249,49 +262,78 @@ def run_all(
         if unknown:
             raise SystemExit(f"unknown --ops: {', '.join(sorted(unknown))}")
         ops = {op: value for op, value in ops.items() if op in wanted}
-    best: dict[str, dict[str, float]] = {op: {} for op in ops}
+    # what the downloads read, the same files for both sides (untimed)
+    if "download big" in ops:
+        shutil.copyfile(local / "big.bin", volume_root / "big.bin")
+    if "download small" in ops:
+        shutil.copytree(local / "small", volume_root / "small")
+    times: dict[str, dict[str, list[float]]] = {op: {"agent": [], "sshd": []} for op in ops}
+    cpu: dict[str, list[float]] = {op: [] for op in ops}
     ciphers: dict[str, str] = {}
     with rss_peak(agent) as rss:
         for round_ in range(args.repeat):
             for op, (template, _size) in ops.items():
                 order = ["agent", "sshd"] if round_ % 2 == 0 else ["sshd", "agent"]
                 for side in order:
-                    # not timed: what the last run left, on the server and here
-                    shutil.rmtree(local / "small.down", ignore_errors=True)
+                    # not timed, the same for both: what the last run left, then sync
+                    (volume_root / "big.up").unlink(missing_ok=True)
                     (local / "big.down").unlink(missing_ok=True)
-                    if op == "upload small":
-                        shutil.rmtree(
-                            (volume_root if side == "agent" else sshd_root) / "small",
-                            ignore_errors=True,
-                        )
+                    os.sync()
+                    commands = template.format(
+                        r="" if side == "agent" else f"{volume_root}/",
+                        l=local,
+                        n=f"{op.split()[0]}-{round_}-{side}",
+                    )
                     if side == "agent":
+                        before = agent.cpu()
                         elapsed, cipher = sftp_run(
-                            port, agent_user, template.format(r="", l=local), local,
-                            password=TOKEN, key=None, cipher=args.cipher,
+                            port, agent_user, commands, local, password=TOKEN, key=None,
+                            cipher=args.cipher,
                         )  # fmt: skip
+                        cpu[op].append(agent.cpu() - before)
                     else:
                         elapsed, cipher = sftp_run(
-                            sshd.port, "root", template.format(r=f"{sshd_root}/", l=local),
-                            local, password=None, key=sshd.key, cipher=args.cipher,
+                            sshd.port, "root", commands, local, password=None, key=sshd.key,
+                            cipher=args.cipher,
                         )  # fmt: skip
                     ciphers[side] = cipher
-                    prev = best[op].get(side)
-                    best[op][side] = elapsed if prev is None else min(prev, elapsed)
+                    times[op][side].append(elapsed)
     growth_mb = (rss["peak"] - rss["before"]) / 1e6
     results: dict[str, Any] = {"ops": {}, "rss_before_mb": rss["before"] / 1e6}
     print(
         f"bench.sftp: big file {big_bytes >> 20} MiB, {args.files} small files "
-        f"({small_bytes / 1e6:.1f} MB), best of {args.repeat}; ciphers: agent "
+        f"({small_bytes / 1e6:.1f} MB), {args.repeat} rounds; ciphers: agent "
         f"{ciphers.get('agent')}, sshd {ciphers.get('sshd')}; shared machine: ratios only"
     )
-    print(f"{'transfer':<16}{'agent MB/s':>12}{'sshd MB/s':>12}{'ratio':>8}  target >= 0.5")
+    print(
+        f"{'transfer':<16}{'agent MB/s':>11}{'sshd MB/s':>10}{'ratio':>7}{'min':>6}{'max':>6}"
+        f"{'best-of':>8}{'agent cpu':>10}  target: median >= {TARGET_RATIO}"
+    )
     for op, (_template, size) in ops.items():
-        agent_rate = size / best[op]["agent"] / 1e6
-        sshd_rate = size / best[op]["sshd"] / 1e6
-        ratio = agent_rate / sshd_rate
-        results["ops"][op] = {"agent_mb_s": agent_rate, "sshd_mb_s": sshd_rate, "ratio": ratio}
+        agent_s, sshd_s = times[op]["agent"], times[op]["sshd"]
+        ratios = [s / a for a, s in zip(agent_s, sshd_s, strict=True)]  # per round
+        ratio = statistics.median(ratios)
+        best = min(sshd_s) / min(agent_s)
+        agent_rate = size / statistics.median(agent_s) / 1e6
+        sshd_rate = size / statistics.median(sshd_s) / 1e6
+        results["ops"][op] = {
+            "agent_mb_s": agent_rate,
+            "sshd_mb_s": sshd_rate,
+            "ratio": ratio,
+            "round_ratios": ratios,
+            "best_of_ratio": best,
+            "agent_cpu_s": statistics.median(cpu[op]),
+        }
         verdict = "ok" if ratio >= TARGET_RATIO else "MISSED"
-        print(f"{op:<16}{agent_rate:>12.1f}{sshd_rate:>12.1f}{ratio:>8.2f}  {verdict}")
+        print(
+            f"{op:<16}{agent_rate:>11.1f}{sshd_rate:>10.1f}{ratio:>7.2f}{min(ratios):>6.2f}"
+            f"{max(ratios):>6.2f}{best:>8.2f}{statistics.median(cpu[op]):>9.2f}s  {verdict}"
+        )
+        print(f"{'':<16}rounds: {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(
+        "(MB/s: medians of the rounds; ratio: median of the rounds' agent/sshd, min, max; "
+        "best-of: best agent run / best sshd run; agent cpu: median seconds a run)"
+    )
     verdict = "ok" if growth_mb < TARGET_RSS_MB else "MISSED"
     print(
         f"agent RSS: {rss['before'] / 1e6:.1f} MB before, peak {rss['peak'] / 1e6:.1f} MB, "

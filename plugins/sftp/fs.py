@@ -30,6 +30,9 @@ at once for the next requests; cached reads are done at once (``preadv`` with
 never answered short before the end of the file (OpenSSH's client would shrink its
 requests to that size for the rest of the transfer).
 
+Attributes are made by ``attrs_of``, not ``SFTPAttrs.from_local``, which looks up the host's
+user and group names of every entry of a listing (owners are shown as numbers).
+
 Every method not overridden here would use asyncssh's host-path default: ``map_path``
 refuses, so none can reach the host's files.
 """
@@ -82,7 +85,7 @@ from lightd.files import (
     parse,
 )
 
-__all__ = ["Handle", "Session", "VolumeSFTP", "client_path"]
+__all__ = ["Handle", "Session", "VolumeSFTP", "attrs_of", "client_path"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,44 @@ BUDGET_WAIT = 60
 #: the next open asks for a fresh one (which serves from when it arrives).
 LEASE_AGE = 1.0
 _WRITE_FLAGS = FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC
+
+
+_FILE_TYPES = {
+    stat.S_IFREG: asyncssh.FILEXFER_TYPE_REGULAR,
+    stat.S_IFDIR: asyncssh.FILEXFER_TYPE_DIRECTORY,
+    stat.S_IFLNK: asyncssh.FILEXFER_TYPE_SYMLINK,
+    stat.S_IFIFO: asyncssh.FILEXFER_TYPE_FIFO,
+    stat.S_IFSOCK: asyncssh.FILEXFER_TYPE_SOCKET,
+    stat.S_IFCHR: asyncssh.FILEXFER_TYPE_CHAR_DEVICE,
+    stat.S_IFBLK: asyncssh.FILEXFER_TYPE_BLOCK_DEVICE,
+}
+
+
+def attrs_of(st: os.stat_result) -> SFTPAttrs:
+    """``SFTPAttrs.from_local`` without its look-ups of the host's user and group names
+    (``getpwuid`` and ``getgrgid`` for every entry of a listing): owners are numbers here,
+    as ``format_user`` shows them."""
+    atime, atime_ns = divmod(st.st_atime_ns, 1_000_000_000)
+    mtime, mtime_ns = divmod(st.st_mtime_ns, 1_000_000_000)
+    ctime, ctime_ns = divmod(st.st_ctime_ns, 1_000_000_000)
+    return SFTPAttrs(
+        type=_FILE_TYPES.get(stat.S_IFMT(st.st_mode), asyncssh.FILEXFER_TYPE_UNKNOWN),
+        size=st.st_size,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        owner=str(st.st_uid),
+        group=str(st.st_gid),
+        permissions=st.st_mode,
+        atime=atime,
+        atime_ns=atime_ns,
+        crtime=mtime,
+        crtime_ns=mtime_ns,
+        mtime=mtime,
+        mtime_ns=mtime_ns,
+        ctime=ctime,
+        ctime_ns=ctime_ns,
+        nlink=st.st_nlink,
+    )
 
 
 def client_path(path: bytes) -> RelPath:
@@ -293,16 +334,16 @@ class VolumeSFTP(asyncssh.SFTPServer):
         rel = client_path(path)
         return b"/" + os.fsencode("/".join(rel.parts))
 
-    def stat(self, path: bytes) -> os.stat_result:
-        return self._now(self._root.stat, client_path(path))
+    def stat(self, path: bytes) -> SFTPAttrs:
+        return attrs_of(self._now(self._root.stat, client_path(path)))
 
-    def lstat(self, path: bytes) -> os.stat_result:
-        return self._now(partial(self._root.stat, follow=False), client_path(path))
+    def lstat(self, path: bytes) -> SFTPAttrs:
+        return attrs_of(self._now(partial(self._root.stat, follow=False), client_path(path)))
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         entries = await self._run(self._list, client_path(path))
         for name, st in entries:
-            yield SFTPName(name, attrs=SFTPAttrs.from_local(st))
+            yield SFTPName(name, attrs=attrs_of(st))
 
     def _list(self, rel: RelPath) -> list[tuple[bytes, os.stat_result]]:
         fd = self._root.open_dir(rel)
@@ -683,8 +724,8 @@ class VolumeSFTP(asyncssh.SFTPServer):
             return os.write(handle.fd, data)
         return os.pwrite(handle.fd, data, offset)
 
-    def fstat(self, file_obj: object) -> os.stat_result:
-        return self._now(os.fstat, self._handle(file_obj).fd)
+    def fstat(self, file_obj: object) -> SFTPAttrs:
+        return attrs_of(self._now(os.fstat, self._handle(file_obj).fd))
 
     async def fsync(self, file_obj: object) -> None:
         await self._run(os.fsync, self._handle(file_obj).fd)

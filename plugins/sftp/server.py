@@ -23,6 +23,22 @@ costs the trio loop some latency, not stalls.) The two sides meet at a few point
 Failed logins are counted per address (``LoginThrottle``): after ``MAX_FAILURES`` in
 ``WINDOW`` seconds, the address's logins are refused unchecked until the window passes.
 A failure is logged with the username and address, never the password.
+
+Per-packet costs (``bench.sftp``, 2 000 small files: a file is three requests, each a
+round trip, so the cost of a packet is what the server's throughput is made of), cut where
+asyncssh spends work that changes nothing:
+
+* asyncssh sends an empty ``SSH_MSG_IGNORE`` before every packet once encrypted (RFC
+  4251 §9.3.1's countermeasure against the CBC-mode attack): one encryption and one
+  ``send`` more per answer, and one more wake-up of the client. The server offers no CBC
+  cipher (``ENCRYPTION_ALGS``), so the packet protects nothing here: it is not sent
+  (``_skip_ignore_packets``, per connection);
+* asyncssh formats its debug records (arguments, each packet's name and size) before
+  the logger is asked whether DEBUG is on; with DEBUG off that work is skipped
+  (``_quiet_asyncssh_debug``; with DEBUG on, logs are as before).
+
+Together 15 to 25 % less agent CPU per small file (``bench.sftp``-style runs of 2 000
+files, both versions side by side in one run).
 """
 
 from __future__ import annotations
@@ -41,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+import asyncssh.logging
+import asyncssh.packet
 import attrs
 import trio
 from lightd import DiskBudget
@@ -57,6 +75,57 @@ MAX_FAILURES = 5
 WINDOW = 60.0
 #: Seconds a client has to log in.
 LOGIN_TIMEOUT = 30
+#: The ciphers offered: asyncssh's defaults, never a CBC mode (see the module docstring).
+ENCRYPTION_ALGS = [
+    alg.decode("ascii")
+    for alg in asyncssh.encryption.get_default_encryption_algs()
+    if not alg.endswith(b"-cbc")
+]
+_EMPTY_STRING = b"\0\0\0\0"
+
+
+def _skip_ignore_packets(conn: asyncssh.SSHServerConnection) -> None:
+    """Send no empty ``SSH_MSG_IGNORE`` on ``conn`` (asyncssh's CBC countermeasure, sent
+    before every packet; no CBC cipher is offered: ``ENCRYPTION_ALGS``). asyncssh sends it
+    through ``self.send_packet``, which this per-connection wrapper answers first."""
+    send = conn.send_packet
+
+    def send_packet(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype == asyncssh.MSG_IGNORE and args == (_EMPTY_STRING,):
+            return
+        send(pkttype, *args, handler=handler)
+
+    setattr(conn, "send_packet", send_packet)  # noqa: B010 (a method of this instance)
+
+
+_quieted = False
+
+
+def _quiet_asyncssh_debug() -> None:
+    """Skip asyncssh's formatting of debug records when DEBUG is off (``SSHLogger.debug1``
+    builds its arguments' text first, and every packet's name and size is formatted before
+    ``packet`` checks the debug level). Once per process; the records are unchanged when
+    DEBUG is on."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    logger_class = asyncssh.logging.SSHLogger
+    packet_logger = asyncssh.packet.SSHPacketLogger
+    debug1 = logger_class.debug1
+    log_packet = packet_logger._log_packet
+
+    def quiet_debug1(self: asyncssh.logging.SSHLogger, msg: str, *args: Any, **kw: Any) -> None:
+        if self.isEnabledFor(logging.DEBUG):
+            debug1(self, msg, *args, **kw)
+
+    def quiet_log_packet(self: asyncssh.packet.SSHPacketLogger, *args: Any) -> None:
+        logger = self.logger
+        if logger._debug_level >= 3 and logger.isEnabledFor(logging.DEBUG):
+            log_packet(self, *args)
+
+    setattr(logger_class, "debug1", quiet_debug1)  # noqa: B010
+    setattr(packet_logger, "_log_packet", quiet_log_packet)  # noqa: B010
 
 
 @attrs.frozen
@@ -137,6 +206,7 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        _skip_ignore_packets(conn)
         peer = conn.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "?"
         self._owner.connections.add(self)
@@ -335,11 +405,13 @@ class SshThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        _quiet_asyncssh_debug()
         server = await asyncssh.listen(
             self.host,
             self.port,
             server_factory=partial(_Connection, self),
             server_host_keys=[self.key],
+            encryption_algs=ENCRYPTION_ALGS,
             sftp_factory=self._sftp,
             allow_scp=False,
             agent_forwarding=False,

@@ -570,3 +570,40 @@ async def test_append_and_writes_at_offsets(
         assert (folder / "log.txt").read_bytes() == b"1X34"
         attrs = await client.call(lambda s: s.stat("log.txt"))
         assert attrs.size == 4
+
+
+def test_no_ignore_packets_and_no_cbc_cipher() -> None:
+    """The server offers no CBC cipher, so asyncssh's empty ``SSH_MSG_IGNORE`` before
+    every packet (a CBC countermeasure) is not sent; any other packet is."""
+    from lightd.plugins.sftp.server import ENCRYPTION_ALGS, _skip_ignore_packets
+
+    assert ENCRYPTION_ALGS
+    assert not [alg for alg in ENCRYPTION_ALGS if "cbc" in alg]
+    sent: list[tuple[int, tuple[bytes, ...]]] = []
+
+    class Conn:
+        def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
+            sent.append((pkttype, args))
+
+    conn: Any = Conn()
+    _skip_ignore_packets(conn)
+    conn.send_packet(asyncssh.MSG_IGNORE, b"\0\0\0\0")
+    conn.send_packet(asyncssh.MSG_IGNORE, b"\0\0\0\1x")
+    conn.send_packet(asyncssh.MSG_CHANNEL_DATA, b"data")
+    assert sent == [
+        (asyncssh.MSG_IGNORE, (b"\0\0\0\1x",)),
+        (asyncssh.MSG_CHANNEL_DATA, (b"data",)),
+    ]
+
+
+async def test_asyncssh_debug_records_kept_when_debug_is_on(
+    sftp_agent: RunningAgent, volume: tuple[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The debug formatting asyncssh skips with DEBUG off is still done with it on."""
+    volume_id, folder = volume
+    (folder / "a.txt").write_bytes(b"a")
+    caplog.set_level(logging.DEBUG, logger="asyncssh")
+    async with sftp_client(sftp_port(sftp_agent), f"vol.{volume_id}", MASTER) as client:
+        assert await client.call(lambda s: s.getsize("a.txt")) == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m for m in messages if "Received stat for a.txt" in m], messages[-20:]
