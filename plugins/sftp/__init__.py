@@ -106,6 +106,12 @@ class SftpConfig:
     workers: int = attrs.field(
         default=4, validator=field_check(lambda v: 1 <= v <= 64, "must be 1 to 64")
     )
+    #: [ext] Seconds of silence from a client before it is asked whether it is still there;
+    #: after ``KEEPALIVE_COUNT`` unanswered asks its session ends (a client gone without a
+    #: word, behind a NAT that dropped it, holds nothing for long). 0: never asked.
+    keepalive_interval: float = attrs.field(
+        default=30.0, validator=field_check(lambda v: 0 <= v <= 3600, "must be 0 to 3600")
+    )
 
 
 def hash_password(password: str) -> str:
@@ -396,6 +402,7 @@ class Sftp:
             stale=self.stale,
             soon=soon,
             workers=config.workers,
+            keepalive_interval=config.keepalive_interval,
         )
         tokens = self.agent.stash.get(TOKEN_SERVICE)
         stop_listening = None if tokens is None else tokens.on_revoked(self.token_revoked)

@@ -75,6 +75,8 @@ MAX_FAILURES = 5
 WINDOW = 60.0
 #: Seconds a client has to log in.
 LOGIN_TIMEOUT = 30
+#: Keep-alive asks a silent client may leave unanswered before its session ends.
+KEEPALIVE_COUNT = 3
 #: The ciphers offered: asyncssh's defaults, never a CBC mode (see the module docstring).
 ENCRYPTION_ALGS = [
     alg.decode("ascii")
@@ -277,8 +279,10 @@ class SshThread:
         stale: Callable[[str], None],
         soon: Callable[..., None],
         workers: int = 4,
+        keepalive_interval: float = 0.0,
     ) -> None:
         self.host, self.port, self.key = host, port, key
+        self.keepalive_interval = keepalive_interval
         self.read_only, self.owner, self.clock = read_only, owner, clock
         self._authenticate, self._budget, self._release = authenticate, budget, release
         self._freed, self._stale, self._soon = freed, stale, soon
@@ -418,6 +422,8 @@ class SshThread:
             x11_forwarding=False,
             line_editor=False,  # SFTP only: no terminal, one wrapper less per packet
             login_timeout=LOGIN_TIMEOUT,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_count_max=KEEPALIVE_COUNT,
             reuse_address=True,
         )
         sockets = server.sockets

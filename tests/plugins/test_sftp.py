@@ -539,6 +539,30 @@ async def test_volume_deleted_ends_sessions(
         await client.wait_closed()
 
 
+async def test_a_silent_client_is_let_go(
+    start_agent: StartAgent, make_config: Callable[..., Path]
+) -> None:
+    """A client that stops answering (gone behind a NAT, frozen) loses its session after
+    3 unanswered asks, ``keepalive_interval`` apart; one that keeps talking keeps it."""
+    running = await start_agent(
+        make_config({"sftp": {**SFTP_ON["sftp"], "keepalive_interval": 0.5}})
+    )
+    async with running.client() as api:
+        volume_id, _ = await new_volume(api)
+    port, user = sftp_port(running), f"vol.{volume_id}"
+    async with (
+        sftp_client(port, user, MASTER) as talking,
+        sftp_client(port, user, MASTER) as silent,
+    ):
+        # ``silent``'s loop runs only when called: until then it answers nothing.
+        until = trio.current_time() + 4  # 0.5 s of silence, then 3 asks: about 2 s
+        while trio.current_time() < until:
+            assert await talking.call(lambda s: s.listdir("/")) is not None
+            await trio.sleep(0.2)
+        await silent.wait_closed(within=5)
+        assert not await talking.closed()
+
+
 async def test_shutdown_with_open_session(
     sftp_agent: RunningAgent, volume: tuple[str, Path]
 ) -> None:
