@@ -12,7 +12,6 @@ import re
 import resource
 import sys
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -392,6 +391,18 @@ async def _settle_memory(agent: Agent) -> None:
     gc.enable()
 
 
+class _SettleWhenServing:
+    """``serve_agent``'s ``task_status``: once it serves, ``_settle_memory`` runs beside it
+    (a system task: cancelled when the agent ends, and no nursery around ``serve_agent``,
+    whose start-up errors must reach ``main`` as they are)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def started(self, value: object = None) -> None:
+        trio.lowlevel.spawn_system_task(_settle_memory, self.agent)
+
+
 def _raise_open_files_limit() -> None:
     """Every running server holds sockets (its attach) and big file jobs hold a descriptor
     per folder level; a service's usual soft limit of 1024 is far too low for a node."""
@@ -434,9 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 def early(config: Config) -> None:
                     fingerprint_early(config.authorization.token)
 
-                async with open_agent(path, on_config=early) as agent, trio.open_nursery() as n:
-                    await n.start(partial(serve_agent, agent, handle_signals=True))
-                    n.start_soon(_settle_memory, agent)
+                async with open_agent(path, on_config=early) as agent:
+                    settle = _SettleWhenServing(agent)
+                    await serve_agent(agent, handle_signals=True, task_status=settle)
 
             trio.run(run)
         finally:

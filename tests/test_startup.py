@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from lightd.api import tokens
 from lightd.api.app import _Rule
-from lightd.cli import main
+from lightd.cli import _SettleWhenServing, main
 from quart import url_for
 from quart.routing import QuartRule
 from quart_trio import QuartTrio
@@ -41,6 +42,30 @@ def test_a_start_that_fails_turns_the_collector_back_on(tmp_path: Path) -> None:
     assert gc.isenabled()
     assert main(["--config", str(path)]) == 2
     assert gc.isenabled()
+
+
+class _Serving:
+    async def wait_stop_requested(self) -> None:
+        await trio.sleep_forever()
+
+
+def test_once_serving_the_collector_freezes_start_up_and_turns_on() -> None:
+    gc.disable()  # as ``main`` leaves it until then
+
+    async def serve() -> tuple[bool, int]:
+        _SettleWhenServing(_Serving()).started()  # type: ignore[arg-type]
+        await trio.sleep(0.5)
+        before = (gc.isenabled(), gc.get_freeze_count())
+        await trio.sleep(1)
+        return before
+
+    try:
+        before = trio.run(serve, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert before == (False, 0)  # not during the first second
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 @pytest.mark.parametrize("rule_class", [QuartRule, _Rule])
