@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import logging
 import math
@@ -82,16 +81,18 @@ _HEALTHY = {"status": 200, "endpoint": "active"}
 
 
 _tls_lock = threading.Lock()
+_tls: list[ssl.SSLContext] = []
 
 
-@functools.cache
 def _tls_context() -> ssl.SSLContext:
     """The TLS settings of both services' clients, as httpx's default (the CA bundle,
     ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made once: each costs 40 ms and 1 MB. Made in a
     worker thread (reading the bundle releases the GIL), after the services said they are
     ready, so the agent's start does not wait for it; the lock keeps it to one."""
     with _tls_lock:
-        return httpx.create_ssl_context()
+        if not _tls:
+            _tls.append(httpx.create_ssl_context())
+        return _tls[0]
 
 
 def join_url(base: str, path: str) -> str:
